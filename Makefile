@@ -1,0 +1,48 @@
+# The README's two commands: `make serve` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+
+.PHONY: serve test lint typecheck unit bench clean system-deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Marker files: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# curl is a real client in the end-to-end tests; install it if the machine lacks it.
+system-deps:
+	@command -v curl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl; \
+	  else echo "curl is required for the end-to-end tests: apt-get install curl" >&2; exit 1; fi; }
+
+serve: $(VENV)/.installed
+	@echo "Try: curl -H Metadata:true 'http://127.0.0.1:$(PORT)/metadata/instance?api-version=2021-02-01'"
+	$(BIN)/fastimds serve --port $(PORT)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check fastimds tests bench loadtest
+	$(BIN)/ruff format --check fastimds tests bench loadtest
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-test system-deps
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+bench: $(VENV)/.installed-test
+	$(BIN)/pytest bench --benchmark-enable --benchmark-only --benchmark-autosave
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis

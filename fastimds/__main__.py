@@ -1,0 +1,5 @@
+import sys
+
+from fastimds.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The command line: `fastimds serve` and `fastimds validate`.
+
+Rules of this module:
+- Parse arguments, build frozen Settings, hand over; no serving logic here.
+- Exit codes: 0 success, 2 invalid input (bad data file or bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastimds import __version__
+from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
+from fastimds.datafile import DataError, load_vm
+
+# (flag, Limits field, type, help) for every per-request limit.
+LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--max-request-head-bytes", "max_request_head_bytes", int, "header bytes per request (431 over it)"),
+    ("--max-header-count", "max_header_count", int, "headers per request (431 over it)"),
+    ("--max-url-bytes", "max_url_bytes", int, "request-target bytes (414 over it)"),
+    ("--max-body-bytes", "max_body_bytes", int, "request body bytes (413 over it)"),
+    ("--keep-alive-timeout", "keep_alive_timeout_s", float, "seconds an idle connection is kept"),
+    ("--request-timeout", "request_timeout_s", float, "seconds a started request has to finish (408)"),
+    ("--send-stall-timeout", "send_stall_timeout_s", float, "seconds a client may stop reading"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastimds", description="Azure-compatible instance metadata server")
+    parser.add_argument("--version", action="version", version=f"fastimds {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a VM description over HTTP")
+    serve.add_argument("--data", type=Path, help="VM description file (default: the embedded sample VM)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    serve.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to bind, 0 for any (default {DEFAULT_PORT})"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
+    serve.add_argument("--backlog", type=int, help="listen() backlog")
+    for flag, field_name, kind, help_text in LIMIT_FLAGS:
+        serve.add_argument(
+            flag, dest=field_name, type=kind, help=f"{help_text} (default {getattr(Limits(), field_name)})"
+        )
+
+    validate = commands.add_parser("validate", help="check a VM description file")
+    validate.add_argument("file", type=Path)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name) for _, name, _, _ in LIMIT_FLAGS if getattr(args, name) is not None}
+    extra = {"backlog": args.backlog} if args.backlog is not None else {}
+    return Settings(
+        data_path=args.data,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        limits=Limits(**overrides),
+        **extra,
+    )
+
+
+def validate_file(path: Path) -> int:
+    try:
+        vm = load_vm(path)
+    except DataError as exc:
+        print(f"{exc.source}: invalid ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''})")
+        for problem in exc.problems:
+            print(f"  {problem}")
+        return 2
+    print(f"{vm.source}: valid")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "validate":
+        return validate_file(args.file)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"fastimds: {exc}", file=sys.stderr)
+        return 2
+    from fastimds.server import serve  # uvloop is only needed to serve
+
+    return serve(settings)

@@ -1,0 +1,76 @@
+"""Settings and limits: every tunable, with its unit and the reason for its default.
+
+Rules of this module:
+- Settings are frozen once the server starts; a worker reads them, never writes.
+- Every limit is a named constant with its unit in the name (house rule 7),
+  and `Limits` lets an operator override each one from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A real IMDS request head is ~200 bytes (method, target, Host, Metadata,
+# User-Agent, a request id). 8 KiB is what nginx allows per header buffer.
+MAX_REQUEST_HEAD_BYTES = 8 * 1024
+# Real clients send under 10 headers; 64 leaves room for proxies' additions.
+MAX_HEADER_COUNT = 64
+# The longest real target (a leaf under network/interface/N/ipv4/...) is under
+# 200 bytes; 2 KiB covers any legitimate query.
+MAX_URL_BYTES = 2 * 1024
+# GET requests carry no body; POST endpoints (scheduled events) send ~100
+# bytes of JSON. 64 KiB is generous and still cheap to discard.
+MAX_BODY_BYTES = 64 * 1024
+# Idle keep-alive connections are closed after this. Health checkers call
+# once a minute and reconnect; 15 s keeps bursts on one connection while
+# bounding what an idle VM holds.
+KEEP_ALIVE_TIMEOUT_S = 15.0
+# A request whose head or body has started must be complete within this.
+REQUEST_TIMEOUT_S = 10.0
+# A client that stops reading (transport paused) is dropped after this.
+SEND_STALL_TIMEOUT_S = 30.0
+# SIGTERM waits this long for connections to finish before aborting them.
+SHUTDOWN_GRACE_S = 5.0
+# listen() backlog; the kernel caps it at net.core.somaxconn (tuning.md).
+LISTEN_BACKLOG = 4096
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_head_bytes: int = MAX_REQUEST_HEAD_BYTES
+    max_header_count: int = MAX_HEADER_COUNT
+    max_url_bytes: int = MAX_URL_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES
+    keep_alive_timeout_s: float = KEEP_ALIVE_TIMEOUT_S
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ConfigError(f"limit {name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_path: Path | None = None  # None serves the embedded sample VM
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    workers: int = 1
+    backlog: int = LISTEN_BACKLOG
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0..65535, got {self.port}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")

@@ -1,0 +1,194 @@
+"""VM description files: parse, validate, normalise.
+
+Rules of this module:
+- Validation collects every problem, each with its JSON path, before giving
+  up; a user fixing a file should see all of them at once.
+- Nothing half-valid leaves this module: `load_vm` either returns a complete
+  normalised `VmDescription` or raises `DataError`.
+- Normalising turns every number and boolean into the string Azure would send
+  ("36", "true"), and null into "" (Azure's "missing value"). After it, the
+  instance tree holds only dicts, lists and strings.
+
+File format: a JSON object with the key "instance" (the instance document at
+the latest schema) and optional reserved keys for other endpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fastimds.versions import INSTANCE_FIELD_KIND, child_pattern
+
+# A data file larger than this is refused before parsing: a VM description is
+# a few KiB (the sample is 5 KiB), so 1 MiB leaves room and caps build cost.
+MAX_VM_FILE_BYTES = 1024 * 1024
+# Deeper nesting than this is refused: the real schema is 7 levels deep.
+MAX_NESTING_DEPTH = 32
+
+# Reserved for later endpoints; accepted with a type check now.
+RESERVED_KEYS: dict[str, type] = {
+    "id": str,
+    "callers": list,
+    "identities": dict,
+    "loadbalancer": dict,
+    "scheduledEvents": list,
+}
+TOP_LEVEL_KEYS = frozenset({"instance", "extended", *RESERVED_KEYS})
+
+EXTENDED_DEFAULTS: dict[str, str] = {"ppsType": "None", "hasCustomData": "false"}
+
+SAMPLE_NAME = "sample_vm.json"
+
+
+class DataError(Exception):
+    """A VM description that cannot be served; `problems` lists every reason."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class VmDescription:
+    """A validated, normalised VM description."""
+
+    instance: dict[str, Any]
+    extended: dict[str, Any]
+    source: str
+    reserved: dict[str, Any] = field(default_factory=dict)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return "leaf"
+
+
+_KIND_WORDS = {"object": "an object", "array": "an array", "leaf": "a string, number or boolean"}
+
+
+def _check_tree(value: Any, json_path: str, pattern: str, depth: int, problems: list[str]) -> None:
+    """Check keys, depth and the kinds of known fields below `value`."""
+    if depth > MAX_NESTING_DEPTH:
+        problems.append(f"{json_path}: nested deeper than {MAX_NESTING_DEPTH} levels")
+        return
+    expected = INSTANCE_FIELD_KIND.get(pattern)
+    actual = _kind(value)
+    if expected is not None and expected != actual:
+        problems.append(f"{json_path}: expected {_KIND_WORDS[expected]}, got {_json_type(value)}")
+        return
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not key or "/" in key:
+                problems.append(f"{json_path}: key {key!r} is empty or contains '/', so no path can reach it")
+                continue
+            _check_tree(child, f"{json_path}.{key}", child_pattern(pattern, key), depth + 1, problems)
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _check_tree(child, f"{json_path}[{index}]", child_pattern(pattern, index), depth + 1, problems)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def validate_document(doc: Any) -> list[str]:
+    """Every problem with a parsed VM description, each naming its JSON path."""
+    if not isinstance(doc, dict):
+        return [f"$: expected an object with the key 'instance', got {_json_type(doc)}"]
+    problems: list[str] = []
+    for key in sorted(set(doc) - TOP_LEVEL_KEYS):
+        allowed = ", ".join(sorted(TOP_LEVEL_KEYS))
+        problems.append(f"$.{key}: unknown top-level key (allowed: {allowed})")
+    for key, expected_type in RESERVED_KEYS.items():
+        if key in doc and not isinstance(doc[key], expected_type):
+            problems.append(f"$.{key}: expected {_KIND_WORDS[_kind(expected_type())]}, got {_json_type(doc[key])}")
+
+    instance = doc.get("instance")
+    if instance is None:
+        problems.append("$.instance: required key is missing")
+    elif not isinstance(instance, dict):
+        problems.append(f"$.instance: expected an object, got {_json_type(instance)}")
+    else:
+        for section in ("compute", "network"):
+            if section not in instance:
+                problems.append(f"$.instance.{section}: required key is missing")
+        _check_tree(instance, "$.instance", "", 1, problems)
+
+    extended = doc.get("extended")
+    if extended is not None:
+        if not isinstance(extended, dict) or set(extended) - {"compute"}:
+            problems.append("$.extended: expected an object whose only key is 'compute'")
+        elif not isinstance(extended.get("compute", {}), dict):
+            problems.append(f"$.extended.compute: expected an object, got {_json_type(extended['compute'])}")
+        else:
+            for key, value in extended.get("compute", {}).items():
+                if _kind(value) != "leaf":
+                    problems.append(f"$.extended.compute.{key}: expected {_KIND_WORDS['leaf']}")
+    return problems
+
+
+def normalise(value: Any) -> Any:
+    """Serve every primitive as a string, as Azure does."""
+    if isinstance(value, dict):
+        return {key: normalise(child) for key, child in value.items()}
+    if isinstance(value, list):
+        return [normalise(child) for child in value]
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def parse_vm(raw: bytes, source: str) -> VmDescription:
+    """Parse, validate and normalise one VM description, or raise DataError."""
+    if len(raw) > MAX_VM_FILE_BYTES:
+        raise DataError(source, [f"$: file is {len(raw)} bytes, over the {MAX_VM_FILE_BYTES}-byte limit"])
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DataError(source, [f"$: not valid JSON: {exc}"]) from None
+    problems = validate_document(doc)
+    if problems:
+        raise DataError(source, problems)
+    extended_compute = dict(EXTENDED_DEFAULTS)
+    extended_compute.update(doc.get("extended", {}).get("compute", {}))
+    return VmDescription(
+        instance=normalise(doc["instance"]),
+        extended={"compute": normalise(extended_compute)},
+        source=source,
+        reserved={key: doc[key] for key in RESERVED_KEYS if key in doc},
+    )
+
+
+def load_vm(path: Path | None) -> VmDescription:
+    """Load a VM description file; None loads the embedded sample VM."""
+    if path is None:
+        raw = importlib.resources.files("fastimds").joinpath(SAMPLE_NAME).read_bytes()
+        return parse_vm(raw, f"<embedded {SAMPLE_NAME}>")
+    try:
+        with open(path, "rb") as handle:
+            # Read one byte past the limit so an oversized file is named as such.
+            raw = handle.read(MAX_VM_FILE_BYTES + 1)
+    except OSError as exc:
+        raise DataError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    return parse_vm(raw, str(path))

@@ -1,0 +1,294 @@
+"""The HTTP/1.1 protocol: parse with httptools, look up, write finished bytes.
+
+Rules of this module:
+- Dumb transport: this module parses and writes; what to answer is decided
+  by `routing.resolve`, which returns a pre-rendered Reply. Nothing is
+  formatted or encoded here per request.
+- Pipelined requests are answered inline, in order, and every reply produced
+  by one read goes out in one `transport.write` (house rule 5). Reads larger
+  than `FEED_SLICE_BYTES` are fed in slices, and feeding stops while the
+  transport is paused, so a client that never reads holds at most one slice
+  of replies plus the unread input, not an unbounded queue.
+- Limits are checked where the bytes arrive: the URL in `on_url`, header
+  count and size in `on_header` (plus a cap on an unfinished head between
+  reads), the body in `on_body`. Breaking one gets its status and a close.
+- Deadlines, not timers (house rule 6): each connection stores when it must
+  next make progress; `ServerState.tick` sweeps them once a second and also
+  refreshes the Date block, so no request reads the clock.
+- Any bytes either parse or get a 400 and a close; no input raises out of
+  `data_received`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import httptools
+
+from fastimds.config import Limits
+from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply, date_block
+from fastimds.routing import resolve
+from fastimds.store import SnapshotStore
+
+# Reads larger than this are fed to the parser in slices of this size, so one
+# read of tiny pipelined requests cannot produce an unbounded reply batch. A
+# normal request (~200 bytes) or a 16-deep pipeline (~3 KiB) is one slice.
+FEED_SLICE_BYTES = 8 * 1024
+
+_MALFORMED = ERRORS["malformed"]
+_HEAD_TOO_LARGE = ERRORS["head_too_large"]
+_URI_TOO_LONG = ERRORS["uri_too_long"]
+_BODY_TOO_LARGE = ERRORS["body_too_large"]
+_REQUEST_TIMEOUT = ERRORS["request_timeout"]
+
+# `head_pending` value meaning "this head began during the current feed":
+# its bytes are not counted until the next read, so bytes of earlier
+# pipelined requests in the same read are never charged to it.
+_BEGAN_THIS_FEED = -1
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the reply is on the protocol."""
+
+
+class ServerState:
+    """What every connection of one worker shares."""
+
+    __slots__ = ("store", "limits", "connections", "date_block", "now", "draining")
+
+    def __init__(self, store: SnapshotStore, limits: Limits, now: float, unix_time: float) -> None:
+        self.store = store
+        self.limits = limits
+        self.connections: set[HttpProtocol] = set()
+        self.date_block = date_block(unix_time)
+        self.now = now  # loop.time() as of the last tick
+        self.draining = False  # set by shutdown: every reply closes its connection
+
+    def tick(self, now: float, unix_time: float) -> None:
+        """Once a second: refresh the Date block, enforce deadlines."""
+        self.now = now
+        self.date_block = date_block(unix_time)
+        for connection in list(self.connections):
+            connection.check_deadlines(now)
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        # ---- per connection ----
+        "state",
+        "limits",
+        "transport",
+        "write",
+        "parser",
+        "out",
+        "closing",
+        "write_paused",
+        "backlog",
+        "deadline",
+        # ---- per request ----
+        "in_request",
+        "head_done",
+        "head_pending",
+        "url",
+        "head_bytes",
+        "header_count",
+        "metadata_ok",
+        "forwarded",
+        "keep_alive_asked",
+        "body_bytes",
+        "reject",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.limits = state.limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.out: list[bytes] = []
+        self.closing = False
+        self.write_paused = False
+        self.backlog = b""  # unread input held while the transport is paused
+        self.deadline = 0.0  # when this connection must next have progressed
+        self.in_request = False
+        self.head_done = False
+        self.head_pending = 0
+        self.reject: Reply | None = None
+        self._reset_request()
+
+    # ---- asyncio callbacks ----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
+        self.state.connections.add(self)
+        self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.backlog = b""
+        self.state.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.backlog or len(data) > FEED_SLICE_BYTES:
+            self.backlog += data
+            self._feed_backlog()
+            return
+        self._feed(data)
+        self._flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.deadline = self.state.now + self.limits.send_stall_timeout_s
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.closing:
+            return
+        self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+        self.transport.resume_reading()
+        if self.backlog:
+            self._feed_backlog()
+
+    # ---- feeding the parser ----
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
+            return
+        except httptools.HttpParserUpgrade:
+            # Requests before the upgrade were answered; we speak nothing else.
+            self.closing = True
+            return
+        except httptools.HttpParserError:
+            self._respond(_MALFORMED, head_only=False, keep_alive=False)
+            return
+        if not self.in_request:
+            self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+        elif not self.head_done:
+            self._charge_unfinished_head(len(data))
+
+    def _charge_unfinished_head(self, size: int) -> None:
+        # httptools buffers a header until it is complete, so a head that never
+        # ends must be capped here, between reads, not only in on_header.
+        if self.head_pending == _BEGAN_THIS_FEED:
+            self.head_pending = 0
+            return
+        self.head_pending += size
+        if self.head_pending > self.limits.max_request_head_bytes + self.limits.max_url_bytes:
+            self._respond(_HEAD_TOO_LARGE, head_only=False, keep_alive=False)
+
+    def _feed_backlog(self) -> None:
+        while self.backlog and not self.closing and not self.write_paused:
+            piece, self.backlog = self.backlog[:FEED_SLICE_BYTES], self.backlog[FEED_SLICE_BYTES:]
+            self._feed(piece)
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        if out:
+            self.write(b"".join(out))
+            out.clear()
+        if self.closing:
+            self.backlog = b""
+            self.transport.close()
+
+    def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
+        out = self.out
+        out.append(reply.head)
+        if not keep_alive:
+            out.append(CONNECTION_CLOSE)
+            self.closing = True
+        elif self.keep_alive_asked:
+            out.append(CONNECTION_KEEP_ALIVE)  # HTTP/1.0 keep-alive must be confirmed
+        out.append(self.state.date_block)
+        if not head_only:
+            out.append(reply.body)
+
+    # ---- httptools callbacks (only the ones we need: house rule 4) ----
+
+    def _reset_request(self) -> None:
+        self.url = b""
+        self.head_bytes = 0
+        self.header_count = 0
+        self.metadata_ok = False
+        self.forwarded = False
+        self.keep_alive_asked = False
+        self.body_bytes = 0
+
+    def on_message_begin(self) -> None:
+        self.in_request = True
+        # Fixed when the request starts, so trickling bytes cannot extend it.
+        self.deadline = self.state.now + self.limits.request_timeout_s
+        self.head_done = False
+        self.head_pending = _BEGAN_THIS_FEED
+
+    def on_url(self, url: bytes) -> None:
+        # httptools may deliver the URL in pieces when it spans reads.
+        if self.url:
+            url = self.url + url
+        self.url = url
+        if len(url) > self.limits.max_url_bytes:
+            self.reject = _URI_TOO_LONG
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        self.head_bytes += len(name) + len(value) + 4
+        if self.header_count > self.limits.max_header_count or self.head_bytes > self.limits.max_request_head_bytes:
+            self.reject = _HEAD_TOO_LARGE
+            raise _Reject
+        # Compare lengths first: most headers are none of these three.
+        size = len(name)
+        if size == 8:
+            if name.lower() == b"metadata":
+                self.metadata_ok = value.lower() == b"true"
+        elif size == 15:
+            if name.lower() == b"x-forwarded-for":
+                self.forwarded = True
+        elif size == 10 and name.lower() == b"connection":
+            self.keep_alive_asked = b"keep-alive" in value.lower()
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.limits.max_body_bytes:
+            self.reject = _BODY_TOO_LARGE
+            raise _Reject
+
+    def on_message_complete(self) -> None:
+        if self.closing:
+            return  # a request after one that closed the connection is not answered
+        self.in_request = False
+        state = self.state
+        method = self.parser.get_method()
+        reply = resolve(state.store.current, method, self.url, self.metadata_ok, self.forwarded)
+        keep_alive = self.parser.should_keep_alive() and not reply.close and not state.draining
+        self._respond(reply, method == b"HEAD", keep_alive)
+        self._reset_request()
+
+    # ---- deadlines and shutdown ----
+
+    def check_deadlines(self, now: float) -> None:
+        if self.closing or now < self.deadline:
+            return
+        if self.write_paused:
+            self.transport.abort()  # the client stopped reading; drop what it did not take
+        elif self.in_request:
+            self._respond(_REQUEST_TIMEOUT, head_only=False, keep_alive=False)
+            self._flush()
+        else:
+            self.closing = True
+            self.transport.close()  # idle keep-alive
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise the pending reply closes (state.draining)."""
+        if not self.in_request and not self.backlog and not self.closing:
+            self.closing = True
+            self.transport.close()

@@ -1,0 +1,159 @@
+"""Pure byte builders: every reply the server sends is made here, ahead of time.
+
+Rules of this module:
+- Functions here turn values into finished wire bytes and nothing else: no
+  I/O, no clock, no asyncio. They run when a snapshot is built or at import,
+  never per request (the one exception is `method_not_allowed`, an error path
+  that echoes the request).
+- A `Reply` is everything but the two per-response parts: the optional
+  `Connection` header and the `Date` line, which the protocol adds from
+  constants it refreshes once a second (see `date_block`).
+- JSON is compact and key-sorted, as real IMDS answers; values are already
+  strings when they reach here (fastimds.datafile normalises them).
+- Every error body is JSON, because credential chains treat a non-JSON answer
+  as "this is not IMDS" (spec §3.1).
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from typing import Any
+
+import orjson
+
+from fastimds import __version__
+from fastimds.versions import API_VERSIONS, NEWEST_VERSIONS
+
+# Clients probe for "IMDS/" in Server (MSAL.NET) or "imds" (MSAL Python).
+SERVER_HEADER = f"Server: IMDS/fastimds-{__version__}\r\n".encode()
+
+CONTENT_TYPE_JSON = b"application/json; charset=utf-8"
+CONTENT_TYPE_TEXT = b"text/plain; charset=utf-8"
+
+STATUS_LINES: dict[int, bytes] = {
+    code: f"HTTP/1.1 {code} {reason}\r\n".encode()
+    for code, reason in (
+        (200, "OK"),
+        (304, "Not Modified"),
+        (400, "Bad Request"),
+        (404, "Not Found"),
+        (405, "Method Not Allowed"),
+        (408, "Request Timeout"),
+        (410, "Gone"),
+        (413, "Payload Too Large"),
+        (414, "URI Too Long"),
+        (429, "Too Many Requests"),
+        (431, "Request Header Fields Too Large"),
+        (500, "Internal Server Error"),
+        (503, "Service Unavailable"),
+    )
+}
+
+CONNECTION_CLOSE = b"Connection: close\r\n"
+CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+
+JSON_OPTIONS = orjson.OPT_SORT_KEYS
+
+
+class Reply:
+    """A finished response, but for its Connection header and Date line.
+
+    `head` is the status line and fixed headers (each ending in CRLF, without
+    the blank line); `body` is sent after the Date block except for HEAD.
+    `close` forces the connection closed after this reply (used by replies to
+    requests whose framing can no longer be trusted).
+    """
+
+    __slots__ = ("status", "head", "body", "close")
+
+    def __init__(self, status: int, head: bytes, body: bytes, close: bool = False) -> None:
+        self.status = status
+        self.head = head
+        self.body = body
+        self.close = close
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.body[:60]!r}{', close' if self.close else ''})"
+
+
+def make_reply(
+    status: int,
+    body: bytes,
+    content_type: bytes = CONTENT_TYPE_JSON,
+    extra_headers: bytes = b"",
+    close: bool = False,
+) -> Reply:
+    head = b"".join(
+        (
+            STATUS_LINES[status],
+            SERVER_HEADER,
+            b"Content-Type: ",
+            content_type,
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            extra_headers,
+        )
+    )
+    return Reply(status, head, body, close)
+
+
+def json_body(value: Any) -> bytes:
+    return orjson.dumps(value, option=JSON_OPTIONS)
+
+
+def json_reply(status: int, value: Any, extra_headers: bytes = b"", close: bool = False) -> Reply:
+    return make_reply(status, json_body(value), CONTENT_TYPE_JSON, extra_headers, close)
+
+
+def text_reply(text: str) -> Reply:
+    return make_reply(200, text.encode(), CONTENT_TYPE_TEXT)
+
+
+def error_reply(status: int, message: str, close: bool = False, extra: dict[str, Any] | None = None) -> Reply:
+    return json_reply(status, {"error": message, **(extra or {})}, close=close)
+
+
+def render_listing(children: list[tuple[str, bool]]) -> str:
+    """The text view of a container: one child per line, "/" on containers.
+
+    No trailing newline, like a leaf's text value, so `$(curl ...)` and line
+    readers see the same thing. Array children are listed by index.
+    """
+    return "\n".join(name + "/" if is_container else name for name, is_container in children)
+
+
+def date_block(unix_time: float) -> bytes:
+    """The Date header plus the blank line that ends a response head."""
+    return b"Date: " + formatdate(unix_time, usegmt=True).encode() + b"\r\n\r\n"
+
+
+def method_not_allowed(path: str, method: str, allow: bytes) -> Reply:
+    # Wording from the Azure docs' error table (spec §3.5).
+    message = f'Http method isn\'t allowed: Path = "{path}", Method = "{method}"'
+    return json_reply(405, {"error": message}, extra_headers=b"Allow: " + allow + b"\r\n")
+
+
+BAD_API_VERSION_MESSAGE = (
+    "Bad request. api-version is invalid or was not specified in the request. "
+    "For more information refer to aka.ms/azureimds"
+)
+
+# Request-time failures, one pre-rendered reply per kind (house rule 10).
+ERRORS: dict[str, Reply] = {
+    "missing_metadata_header": error_reply(400, "Bad request. Required metadata header not specified"),
+    "forwarded": error_reply(400, "Bad request. Requests with X-Forwarded-For are not accepted"),
+    "bad_api_version": error_reply(400, BAD_API_VERSION_MESSAGE, extra={"newest-versions": list(NEWEST_VERSIONS)}),
+    "duplicate_parameter": error_reply(400, "Bad request. Duplicate query parameter names are not allowed"),
+    "bad_format": error_reply(400, "Bad request. format must be json or text"),
+    "bad_extended": error_reply(400, "Bad request. extended must be true or false"),
+    "leaf_needs_text": error_reply(400, "Bad request. Leaf nodes can only be requested with format=text"),
+    "not_found": error_reply(404, "Not found"),
+    "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True),
+    "head_too_large": error_reply(431, "Request header fields too large", close=True),
+    "uri_too_long": error_reply(414, "Request-URI too long", close=True),
+    "body_too_large": error_reply(413, "Request body too large", close=True),
+    "request_timeout": error_reply(408, "Request not completed in time", close=True),
+}
+
+VERSIONS_REPLY = json_reply(200, {"apiVersions": list(API_VERSIONS)})

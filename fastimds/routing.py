@@ -1,0 +1,110 @@
+"""resolve(): one request in, one finished reply out.
+
+Rules of this module:
+- Pure: no I/O, no asyncio, no clock. The protocol hands over the method, the
+  raw request target and two header facts; this returns a pre-rendered Reply.
+- Failures are replies, not exceptions (house rule 10).
+- Checks run in a fixed order, because clients depend on it (spec §3.3): the
+  Metadata header, X-Forwarded-For, query syntax (duplicates), the category,
+  the method, api-version, then format/extended, then the path walk, and
+  only last the leaf-needs-text rule. MSAL's region discovery calls a leaf
+  without api-version and expects the api-version 400, not the leaf 400.
+- The fast path is one dict lookup of the raw target in the snapshot's memo;
+  only GET/HEAD with a good Metadata header and no X-Forwarded-For use it,
+  because only then does the target alone decide the reply.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, unquote
+
+from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
+from fastimds.snapshot import Snapshot, newest_view
+from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_VERSIONS
+
+ALLOW_GET_HEAD = b"GET, HEAD"
+READ_METHODS = frozenset({b"GET", b"HEAD"})
+
+_MISSING_HEADER = ERRORS["missing_metadata_header"]
+_FORWARDED = ERRORS["forwarded"]
+_NOT_FOUND = ERRORS["not_found"]
+_BAD_VERSION = ERRORS["bad_api_version"]
+
+
+def resolve(snapshot: Snapshot, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
+    """The reply to one request against one snapshot."""
+    if metadata_ok and not forwarded and method in READ_METHODS:
+        reply = snapshot.url_replies.get(target)
+        if reply is None:
+            reply = _resolve(snapshot, method, target, metadata_ok, forwarded)
+            snapshot.remember(target, reply)
+        return reply
+    return _resolve(snapshot, method, target, metadata_ok, forwarded)
+
+
+def _resolve(snapshot: Snapshot, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
+    if not metadata_ok:
+        return _MISSING_HEADER
+    if forwarded:
+        return _FORWARDED
+    raw_path, _, raw_query = target.decode("latin-1").partition("?")
+    raw_path = raw_path.partition("#")[0]
+    params = parse_qsl(raw_query.partition("#")[0], keep_blank_values=True)
+    query = dict(params)
+    if len(query) != len(params):
+        return ERRORS["duplicate_parameter"]
+
+    segments = [unquote(segment) for segment in raw_path.split("/")]
+    if segments[-1] == "" and len(segments) > 2:
+        segments.pop()  # a trailing "/" is ignored
+    # segments[0] is "" (the path starts with "/"); "/metadata" is case-insensitive.
+    if len(segments) < 3 or segments[0] != "" or segments[1].lower() != "metadata":
+        return _NOT_FOUND
+    category, route = segments[2], segments[3:]
+
+    if category == "versions" and not route:
+        if method not in READ_METHODS:
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
+        return VERSIONS_REPLY
+    if category == "instance":
+        if method not in READ_METHODS:
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
+        return _resolve_instance(snapshot, route, query)
+    return _NOT_FOUND
+
+
+def _resolve_instance(snapshot: Snapshot, route: list[str], query: dict[str, str]) -> Reply:
+    version = query.get("api-version")
+    if version not in INSTANCE_VERSIONS:
+        return _BAD_VERSION
+    text = _wants_text(query.get("format"))
+    if text is None:
+        return ERRORS["bad_format"]
+    extended = query.get("extended", "false").lower()
+    if extended not in ("true", "false"):
+        return ERRORS["bad_extended"]
+
+    if not route and extended == "true" and version >= EXTENDED_FIRST_VERSION:
+        view = newest_view(snapshot.extended_views, version)
+        return view.text if text else view.json
+
+    node = snapshot.root
+    for segment in route:
+        child = node.children.get(segment)
+        if child is None or child.since > version:
+            return _NOT_FOUND
+        node = child
+    view = node.view_at(version)
+    return view.text if text else view.json
+
+
+def _wants_text(fmt: str | None) -> bool | None:
+    """True for text, False for JSON (the default), None for anything else."""
+    if fmt is None:
+        return False
+    fmt = fmt.lower()
+    if fmt == "json":
+        return False
+    if fmt == "text":
+        return True
+    return None
