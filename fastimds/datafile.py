@@ -87,8 +87,9 @@ def _check_tree(value: Any, json_path: str, pattern: str, depth: int, problems: 
         return
     if isinstance(value, dict):
         for key, child in value.items():
-            if not key or "/" in key:
-                problems.append(f"{json_path}: key {key!r} is empty or contains '/', so no path can reach it")
+            if not key or "/" in key or not key.isprintable():
+                # "/" would split its path; a control character would split its text listing.
+                problems.append(f"{json_path}: key {key!r} is empty or contains '/' or a control character")
                 continue
             _check_tree(child, f"{json_path}.{key}", child_pattern(pattern, key), depth + 1, problems)
     elif isinstance(value, list):

@@ -157,15 +157,15 @@ class HttpProtocol(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
-            return
         except httptools.HttpParserUpgrade:
             # Requests before the upgrade were answered; we speak nothing else.
             self.closing = True
             return
         except httptools.HttpParserError:
-            self._respond(_MALFORMED, head_only=False, keep_alive=False)
+            # Also raised for bytes after a reply that closed the connection
+            # (llhttp refuses data after `Connection: close`): those get nothing.
+            if not self.closing:
+                self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
             return
         if not self.in_request:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s

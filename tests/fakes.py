@@ -1,0 +1,130 @@
+"""Sans-socket test doubles: a recording transport and a response splitter.
+
+Time is pinned: connections are created with `now=0.0` and tests move the
+clock only through `ServerState.tick`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastimds.config import Limits
+from fastimds.datafile import VmDescription, load_vm
+from fastimds.protocol import HttpProtocol, ServerState
+from fastimds.store import SnapshotStore
+
+PINNED_UNIX_TIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+PINNED_DATE = b"Tue, 14 Nov 2023 22:13:20 GMT"
+
+_SAMPLE: VmDescription | None = None
+
+
+def sample_vm() -> VmDescription:
+    global _SAMPLE  # noqa: PLW0603 - parse the embedded sample once per test session
+    if _SAMPLE is None:
+        _SAMPLE = load_vm(None)
+    return _SAMPLE
+
+
+class FakeTransport(asyncio.Transport):
+    """Records writes, closes and read pauses instead of touching a socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.aborted = False
+        self.reading = True
+        self.pause_count = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pause_count += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.writes)
+
+
+def make_connection(
+    limits: Limits | None = None, store: SnapshotStore | None = None
+) -> tuple[HttpProtocol, FakeTransport, ServerState]:
+    state = ServerState(store or SnapshotStore(sample_vm()), limits or Limits(), now=0.0, unix_time=PINNED_UNIX_TIME)
+    protocol = HttpProtocol(state)
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport, state
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def json(self) -> Any:
+        import orjson
+
+        return orjson.loads(self.body)
+
+
+def split_responses(data: bytes, head_only: tuple[bool, ...] = ()) -> list[Response]:
+    """Cut a byte stream of HTTP/1.1 responses into Response objects.
+
+    `head_only[i]` says response i answers a HEAD (no body despite
+    Content-Length). Raises if the stream does not frame exactly.
+    """
+    responses: list[Response] = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, f"unterminated response head: {data[:200]!r}"
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        version, code, _reason = status_line.split(" ", 2)
+        assert version == "HTTP/1.1", status_line
+        headers: dict[str, str] = {}
+        for line in header_lines:
+            name, _, value = line.partition(": ")
+            assert name.lower() not in headers, f"duplicate header {name}"
+            headers[name.lower()] = value
+        length = int(headers["content-length"])
+        if len(responses) < len(head_only) and head_only[len(responses)]:
+            length = 0
+        assert len(rest) >= length, "body shorter than Content-Length"
+        responses.append(Response(int(code), headers, rest[:length]))
+        data = rest[length:]
+    return responses
+
+
+def request(
+    target: str = "/metadata/instance?api-version=2021-02-01",
+    method: str = "GET",
+    headers: tuple[tuple[str, str], ...] = (("Metadata", "true"),),
+    version: str = "1.1",
+    body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {target} HTTP/{version}", "Host: 169.254.169.254", *(f"{n}: {v}" for n, v in headers)]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

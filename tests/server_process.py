@@ -1,0 +1,255 @@
+"""Run the real `fastimds serve` process for end-to-end tests.
+
+Rules of this module:
+- Nothing here may hang: the ready line is awaited with a deadline, stopping
+  waits with a timeout and then kills the whole process group, and every
+  socket helper has a timeout.
+- stdout is a pipe (the server prints exactly one ready line there); stderr
+  goes to a file, so log lines can be read at any time without a reader
+  thread and without the server ever blocking on a full pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+SOCKET_TIMEOUT_S = 5.0
+
+READY_LINE = re.compile(
+    r"^fastimds listening on http://127\.0\.0\.1:(?P<port>\d+) workers=(?P<workers>\d+) "
+    r"vmId=(?P<vm_id>\S*) data=(?P<data>.*)$"
+)
+
+
+class ServerStartError(Exception):
+    """The server exited or stayed silent instead of printing its ready line."""
+
+
+class ServerProcess:
+    """A running `fastimds serve`; see `running_server`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stderr_path: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr_path
+        self.ready_line = ""
+        self.port = 0
+        self.workers = 0
+        self.vm_id = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, target: str) -> str:
+        return self.base_url + target
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Read the one ready line from stdout, or raise within `timeout`."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        buffer = b""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerStartError(f"no ready line within {timeout} s; stderr:\n{self.stderr_text()}")
+                if not selector.select(remaining):
+                    continue
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    self.proc.wait(timeout=STOP_TIMEOUT_S)
+                    raise ServerStartError(
+                        f"server exited with {self.proc.returncode} before its ready line "
+                        f"(stdout {buffer!r}); stderr:\n{self.stderr_text()}"
+                    )
+                buffer += chunk
+        line, _, rest = buffer.partition(b"\n")
+        if rest:
+            raise ServerStartError(f"more than one line on stdout: {buffer!r}")
+        self.ready_line = line.decode()
+        match = READY_LINE.match(self.ready_line)
+        if match is None:
+            raise ServerStartError(f"unexpected ready line: {self.ready_line!r}")
+        self.port = int(match["port"])
+        self.workers = int(match["workers"])
+        self.vm_id = match["vm_id"]
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, wait up to `timeout`, then kill the process group; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """Wait for the process to exit; on timeout kill its group and raise TimeoutExpired."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            raise
+
+    def kill_group(self) -> None:
+        # The server runs in its own session (start_new_session), so its process
+        # group holds exactly the supervisor and the workers it forked.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def child_pids(self) -> list[int]:
+        """Pids whose parent is the server process (the workers, with --workers N)."""
+        children = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # exited while scanning
+            # Field 2 (comm) may contain spaces; fields after its closing ")" are fixed.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == self.proc.pid:
+                children.append(int(entry))
+        return sorted(children)
+
+
+def serve_command(extra_args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "fastimds", "serve", "--port", "0", *extra_args]
+
+
+@contextlib.contextmanager
+def running_server(*extra_args: str, ready_timeout: float = READY_TIMEOUT_S) -> Iterator[ServerProcess]:
+    """Start `fastimds serve --port 0 EXTRA_ARGS`, wait for its ready line, stop it on exit."""
+    log_dir = Path(tempfile.mkdtemp(prefix="fastimds-e2e-"))
+    stderr_path = log_dir / "stderr.log"
+    try:
+        with open(stderr_path, "wb") as stderr_file:
+            proc = subprocess.Popen(
+                serve_command(extra_args),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr_file,
+                start_new_session=True,
+            )
+        server = ServerProcess(proc, stderr_path)
+        try:
+            server.wait_ready(ready_timeout)
+            yield server
+        finally:
+            try:
+                if proc.poll() is None:
+                    server.stop()
+            except subprocess.TimeoutExpired:
+                pass  # stop() already killed the group
+            finally:
+                if proc.poll() is None:
+                    server.kill_group()
+                assert proc.stdout is not None
+                proc.stdout.close()
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+# ---- raw HTTP over a socket ----
+
+
+def connect(port: int, timeout: float = SOCKET_TIMEOUT_S) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+class RawResponse:
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes, raw_head: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.raw_head = raw_head
+
+    def header(self, name: str) -> str | None:
+        values = [value for key, value in self.headers if key.lower() == name.lower()]
+        assert len(values) <= 1, f"header {name} repeated: {values}"
+        return values[0] if values else None
+
+    def __repr__(self) -> str:
+        return f"RawResponse({self.status}, {self.headers}, {self.body[:80]!r})"
+
+
+class RawReader:
+    """Reads HTTP/1.1 responses (Content-Length framed) off a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def read_response(self, head_only: bool = False) -> RawResponse:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise ConnectionError(f"connection closed inside a response head: {self.buffer!r}")
+        raw_head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status_line, *header_lines = raw_head.decode("latin-1").split("\r\n")
+        version, status, reason = status_line.split(" ", 2)
+        assert version == "HTTP/1.1", status_line
+        headers = []
+        for line in header_lines:
+            name, sep, value = line.partition(":")
+            assert sep, f"bad header line {line!r}"
+            headers.append((name, value.strip()))
+        response = RawResponse(int(status), reason, headers, b"", raw_head)
+        if head_only:
+            return response
+        length = int(response.header("Content-Length") or 0)
+        while len(self.buffer) < length:
+            if not self._fill():
+                raise ConnectionError(f"connection closed inside a body: {self.buffer!r}")
+        response.body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return response
+
+    def at_eof(self) -> bool:
+        """True when the server closed the connection with nothing more to read."""
+        if self.buffer:
+            return False
+        return self.sock.recv(65536) == b""
+
+
+def exchange(port: int, request: bytes, head_only: bool = False) -> RawResponse:
+    """One request on a fresh connection."""
+    with connect(port) as sock:
+        sock.sendall(request)
+        return RawReader(sock).read_response(head_only)
+
+
+def get_request(target: str, *headers: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
