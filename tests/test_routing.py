@@ -97,7 +97,7 @@ TABLE: list[tuple[str, int, Any]] = [
     (f"/METADATA/instance/compute/vmId?{V}&format=text", 200, COMPUTE["vmId"]),
     (f"/metadata/Instance?{V}", 404, NOT_FOUND),
     # percent-encoded targets
-    (f"/metadata/instance/compute/%76mId?api-version%3D2021-02-01&format=text", 400, BAD_VERSION),
+    ("/metadata/instance/compute/%76mId?api-version%3D2021-02-01&format=text", 400, BAD_VERSION),
     (f"/metadata/instance/compute/%76mId?{V}&format=text", 200, COMPUTE["vmId"]),
     # version gating: newer fields are absent and 404 at older versions
     ("/metadata/instance/compute/physicalZone?api-version=2023-07-01&format=text", 404, NOT_FOUND),
@@ -175,10 +175,9 @@ def test_extended_values_come_from_the_data_file() -> None:
 
 def test_the_oldest_instance_version_shows_only_the_first_fields(snapshot: Snapshot) -> None:
     _, body, _ = get(snapshot, "/metadata/instance?api-version=2017-04-02")
-    assert sorted(body["compute"]) == sorted(
-        ["location", "name", "offer", "osType", "platformFaultDomain", "platformUpdateDomain"]
-        + ["publisher", "sku", "version", "vmId", "vmSize"]
-    )
+    first_fields = ["location", "name", "offer", "osType", "platformFaultDomain", "platformUpdateDomain"]
+    first_fields += ["publisher", "sku", "version", "vmId", "vmSize"]
+    assert sorted(body["compute"]) == sorted(first_fields)
     assert body["network"] == SAMPLE["network"]
 
 

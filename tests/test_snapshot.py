@@ -36,9 +36,7 @@ LEAVES = st.one_of(
 def trees(depth: int = 3) -> st.SearchStrategy[Any]:
     return st.recursive(
         LEAVES,
-        lambda children: st.one_of(
-            st.lists(children, max_size=3), st.dictionaries(KEYS, children, max_size=4)
-        ),
+        lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(KEYS, children, max_size=4)),
         max_leaves=12,
     )
 
@@ -53,7 +51,9 @@ def vm_documents(draw: st.DrawFn) -> dict[str, Any]:
 
 
 # Compute keys with a fixed shape in the schema; random trees avoid them.
-INSTANCE_COMPUTE_KINDS = {path.split(".")[1].split("[")[0] for path in INSTANCE_FIELD_SINCE if path.startswith("compute.")}
+INSTANCE_COMPUTE_KINDS = {
+    path.split(".")[1].split("[")[0] for path in INSTANCE_FIELD_SINCE if path.startswith("compute.")
+}
 
 
 def reference_gate(value: Any, pattern: str, version: str) -> Any:

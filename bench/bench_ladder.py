@@ -1,0 +1,88 @@
+"""The micro ladder: one layer per rung, so a regression points at its layer.
+
+Run with `make bench` (pytest-benchmark; results saved under .benchmarks/ and
+comparable with `pytest-benchmark compare`). Under `make test` each rung runs
+once as a smoke test (benchmarks are disabled there).
+
+Rungs, cheapest first:
+  1. constant write     - append a finished Reply to the out list and flush it
+  2. snapshot lookup    - resolve() of a repeated target (memo hit)
+  3. resolve, cold      - resolve() that walks the tree (memo miss)
+  4. parse + resolve    - one request through the protocol, fake transport
+  5. pipelined x16      - 16 requests in one read, one write
+  6. build + publish    - a new snapshot of the sample VM, swapped in
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastimds.render import VERSIONS_REPLY
+from fastimds.routing import resolve
+from fastimds.snapshot import build_snapshot
+from fastimds.store import SnapshotStore
+from tests.fakes import make_connection, request, sample_vm
+
+TEXT_LEAF = "/metadata/instance/compute/vmId?api-version=2017-04-02&format=text"
+WHOLE_DOCUMENT = "/metadata/instance?api-version=2021-02-01"
+
+
+def _discarding_connection() -> Any:
+    protocol, _transport, _state = make_connection()
+    protocol.write = lambda _data: None  # measure the server, not the recorder
+    return protocol
+
+
+def test_rung1_constant_write(benchmark: Any) -> None:
+    protocol = _discarding_connection()
+
+    def write_constant() -> None:
+        protocol._respond(VERSIONS_REPLY, head_only=False, keep_alive=True)
+        protocol._flush()
+
+    benchmark(write_constant)
+
+
+def test_rung2_snapshot_lookup(benchmark: Any) -> None:
+    snapshot = build_snapshot(sample_vm(), generation=1)
+    target = TEXT_LEAF.encode()
+    resolve(snapshot, b"GET", target, True, False)
+    reply = benchmark(resolve, snapshot, b"GET", target, True, False)
+    assert reply.status == 200
+
+
+def test_rung3_resolve_cold(benchmark: Any) -> None:
+    snapshot = build_snapshot(sample_vm(), generation=1)
+    target = b"/metadata/instance/network/interface/1/ipv4/ipAddress/0/privateIpAddress"
+    target += b"?api-version=2021-02-01&format=text"
+
+    def cold() -> Any:
+        snapshot.url_replies.clear()
+        return resolve(snapshot, b"GET", target, True, False)
+
+    assert benchmark(cold).body == b"10.0.1.4"
+
+
+def test_rung4_parse_and_resolve_text_leaf(benchmark: Any) -> None:
+    protocol = _discarding_connection()
+    data = request(TEXT_LEAF)
+    benchmark(protocol.data_received, data)
+
+
+def test_rung4_parse_and_resolve_whole_document(benchmark: Any) -> None:
+    protocol = _discarding_connection()
+    data = request(WHOLE_DOCUMENT)
+    benchmark(protocol.data_received, data)
+
+
+def test_rung5_pipelined_16(benchmark: Any) -> None:
+    protocol = _discarding_connection()
+    data = request(TEXT_LEAF) * 16
+    benchmark(protocol.data_received, data)
+
+
+def test_rung6_build_and_publish(benchmark: Any) -> None:
+    store = SnapshotStore(sample_vm())
+    vm = sample_vm()
+    snapshot = benchmark(store.publish, vm)
+    assert store.current is snapshot
