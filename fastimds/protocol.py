@@ -27,7 +27,7 @@ from typing import cast
 import httptools
 
 from fastimds.config import Limits
-from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply, date_block
+from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
 from fastimds.routing import resolve
 from fastimds.store import SnapshotStore
 
@@ -96,6 +96,7 @@ class HttpProtocol(asyncio.Protocol):
         "metadata_ok",
         "forwarded",
         "keep_alive_asked",
+        "upgrade_asked",
         "body_bytes",
         "reject",
     )
@@ -218,6 +219,7 @@ class HttpProtocol(asyncio.Protocol):
         self.metadata_ok = False
         self.forwarded = False
         self.keep_alive_asked = False
+        self.upgrade_asked = False
         self.body_bytes = 0
 
     def on_message_begin(self) -> None:
@@ -250,8 +252,17 @@ class HttpProtocol(asyncio.Protocol):
         elif size == 15:
             if name.lower() == b"x-forwarded-for":
                 self.forwarded = True
-        elif size == 10 and name.lower() == b"connection":
-            self.keep_alive_asked = b"keep-alive" in value.lower()
+        elif size == 10:
+            if name.lower() == b"connection":
+                self.keep_alive_asked = b"keep-alive" in value.lower()
+        elif size == 7:
+            # We never switch protocols, and httptools stops parsing after an
+            # upgrade request, so its reply must announce the close.
+            if name.lower() == b"upgrade":
+                self.upgrade_asked = True
+        elif size == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+            # Let a client that waits for it send its body (the limit still applies).
+            self.out.append(CONTINUE)
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -269,7 +280,13 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         method = self.parser.get_method()
         reply = resolve(state.store.current, method, self.url, self.metadata_ok, self.forwarded)
-        keep_alive = self.parser.should_keep_alive() and not reply.close and not state.draining
+        keep_alive = (
+            self.parser.should_keep_alive()
+            and not reply.close
+            and not state.draining
+            and not self.upgrade_asked
+            and method != b"CONNECT"
+        )
         self._respond(reply, method == b"HEAD", keep_alive)
         self._reset_request()
 

@@ -50,6 +50,7 @@ STATUS_LINES: dict[int, bytes] = {
 }
 
 CONNECTION_CLOSE = b"Connection: close\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 
 JSON_OPTIONS = orjson.OPT_SORT_KEYS

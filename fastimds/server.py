@@ -16,6 +16,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import select
@@ -24,6 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import uvloop
 
@@ -116,7 +118,10 @@ async def _run_worker(settings: Settings, vm: VmDescription, sock: socket.socket
 
 
 def serve(settings: Settings) -> int:
-    """Run the server until SIGTERM; returns the process exit code."""
+    """Run the server until SIGTERM; returns the process exit code.
+
+    0: stopped by a signal; 1: could not listen or workers failed; 2: bad data.
+    """
     try:
         vm = load_vm(settings.data_path)
     except DataError as exc:
@@ -124,94 +129,136 @@ def serve(settings: Settings) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    if settings.workers == 1:
+    try:
+        # Bound without SO_REUSEPORT first: fails if anything serves the port
+        # (a second fastimds included) and resolves port 0.
         sock = make_listen_socket(settings.host, settings.port, reuse_port=False)
-        port = sock.getsockname()[1]
+    except OSError as exc:
+        print(f"fastimds: cannot listen on {_url(settings.host, settings.port)}: {exc.strerror}", file=sys.stderr)
+        return 1
+    port = sock.getsockname()[1]
+    if settings.workers == 1:
         uvloop.run(_run_worker(settings, vm, sock, lambda: _announce(settings, port, vm)))
         return 0
-    return _supervise(settings, vm)
+    sock.close()
+    return Supervisor(replace(settings, port=port), vm).run()
 
 
 def _announce(settings: Settings, port: int, vm: VmDescription) -> None:
     print(_ready_line(settings, port, vm), flush=True)
 
 
-def _supervise(settings: Settings, vm: VmDescription) -> int:
-    # Bound, never listened on: it reserves the port (resolving port 0) until
-    # the workers have bound their own SO_REUSEPORT sockets to it.
-    placeholder = make_listen_socket(settings.host, settings.port, reuse_port=True)
-    port = placeholder.getsockname()[1]
-    ready_read, ready_write = os.pipe()
-    workers: dict[int, float] = {}  # pid -> start time
+_FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
-    def spawn() -> None:
+
+class Supervisor:
+    """Forks the workers, forwards signals to them, restarts the ones that die."""
+
+    def __init__(self, settings: Settings, vm: VmDescription) -> None:
+        self.settings = settings
+        self.vm = vm  # the newest good data: what a restarted worker starts with
+        self.workers: dict[int, float] = {}  # pid -> start time
+        self.stopping = False
+        self.ready_read, self.ready_write = os.pipe()
+        os.set_blocking(self.ready_write, False)
+
+    def run(self) -> int:
+        # Handlers go in before any fork, so no signal can kill the supervisor
+        # and orphan workers that are already serving.
+        for signum in _FORWARDED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        # Reserves the port for the workers' SO_REUSEPORT group until they have bound it.
+        placeholder = make_listen_socket(self.settings.host, self.settings.port, reuse_port=True)
+        try:
+            for _ in range(self.settings.workers):
+                self._spawn(placeholder)
+            ready = self._wait_ready(self.settings.workers)
+        finally:
+            placeholder.close()
+        if ready:
+            print(_ready_line(self.settings, self.settings.port, self.vm), flush=True)
+        elif not self.stopping:
+            log_event("workers_not_ready", timeout_s=WORKER_START_TIMEOUT_S)
+            self._signal_workers(signal.SIGKILL)
+        code = self._reap()
+        return code if ready or self.stopping else 1
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            # Workers re-read the file themselves; the supervisor re-reads it too,
+            # so a worker restarted later starts from the newest good data.
+            with contextlib.suppress(DataError):
+                self.vm = load_vm(self.settings.data_path)
+        else:
+            self.stopping = True
+            signum = signal.SIGTERM
+        self._signal_workers(signum)
+
+    def _signal_workers(self, signum: int) -> None:
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _spawn(self, placeholder: socket.socket | None = None) -> None:
+        # Block forwarded signals across fork: the child must not run the
+        # supervisor's handler, and the parent handles them after, with the
+        # new pid known.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED_SIGNALS)
         pid = os.fork()
         if pid:
-            workers[pid] = time.monotonic()
+            self.workers[pid] = time.monotonic()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)
             return
         code = 1
         try:
-            os.close(ready_read)
-            placeholder.close()
-            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, signal.SIG_DFL)
-            sock = make_listen_socket(settings.host, port, reuse_port=True)
-            uvloop.run(_run_worker(settings, vm, sock, lambda: _report_ready(ready_write)))
+            # Until its loop installs handlers, a new worker ignores SIGHUP (it
+            # starts from the newest data anyway) and dies on SIGTERM.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)
+            os.close(self.ready_read)
+            if placeholder is not None:
+                placeholder.close()
+            sock = make_listen_socket(self.settings.host, self.settings.port, reuse_port=True)
+            uvloop.run(_run_worker(self.settings, self.vm, sock, lambda: _report_ready(self.ready_write)))
             code = 0
         except BaseException as exc:  # a worker must report, then exit
             log_event("worker_crashed", error=repr(exc))
         finally:
             os._exit(code)
 
-    for _ in range(settings.workers):
-        spawn()
-    if not _wait_ready(ready_read, settings.workers):
-        log_event("workers_not_ready", timeout_s=WORKER_START_TIMEOUT_S)
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        return 1
-    placeholder.close()
-    print(_ready_line(settings, port, vm), flush=True)
+    def _wait_ready(self, count: int) -> bool:
+        give_up_at = time.monotonic() + WORKER_START_TIMEOUT_S
+        seen = 0
+        while seen < count and not self.stopping:
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:
+                return False
+            if select.select([self.ready_read], [], [], min(remaining, 0.1))[0]:
+                seen += len(os.read(self.ready_read, count - seen))
+        return seen >= count
 
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if signum != signal.SIGHUP:
-            stopping = True
-            signum = signal.SIGTERM
-        for pid in list(workers):
-            os.kill(pid, signum)
-
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-
-    quick_deaths = 0
-    while workers:
-        pid, status = os.wait()
-        started = workers.pop(pid, None)
-        if started is None or stopping:
-            continue
-        log_event("worker_exited", worker_pid=pid, status=os.waitstatus_to_exitcode(status))
-        quick_deaths = quick_deaths + 1 if time.monotonic() - started < CRASH_LOOP_WINDOW_S else 0
-        if quick_deaths >= CRASH_LOOP_LIMIT:
-            log_event("crash_loop", restarts=quick_deaths)
-            forward(signal.SIGTERM, None)
-            continue
-        spawn()
-    return 1 if quick_deaths >= CRASH_LOOP_LIMIT else 0
+    def _reap(self) -> int:
+        """Wait for every worker; restart those that die while not stopping."""
+        quick_deaths = 0
+        while self.workers:
+            pid, status = os.wait()
+            started = self.workers.pop(pid, None)
+            if started is None or self.stopping:
+                continue
+            log_event("worker_exited", worker_pid=pid, status=os.waitstatus_to_exitcode(status))
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < CRASH_LOOP_WINDOW_S else 0
+            if quick_deaths >= CRASH_LOOP_LIMIT:
+                log_event("crash_loop", restarts=quick_deaths)
+                self.stopping = True
+                self._signal_workers(signal.SIGTERM)
+                continue
+            self._spawn()
+        return 1 if quick_deaths >= CRASH_LOOP_LIMIT else 0
 
 
 def _report_ready(ready_write: int) -> None:
-    os.write(ready_write, b"!")
-
-
-def _wait_ready(ready_read: int, count: int) -> bool:
-    give_up_at = time.monotonic() + WORKER_START_TIMEOUT_S
-    seen = 0
-    while seen < count:
-        remaining = give_up_at - time.monotonic()
-        if remaining <= 0 or not select.select([ready_read], [], [], remaining)[0]:
-            return False
-        seen += len(os.read(ready_read, count - seen))
-    return True
+    # A worker restarted after startup has nobody reading; never block on it.
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):
+        os.write(ready_write, b"!")

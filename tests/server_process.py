@@ -115,8 +115,12 @@ class ServerProcess:
             raise
 
     def kill_group(self) -> None:
-        # The server runs in its own session (start_new_session), so its process
-        # group holds exactly the supervisor and the workers it forked.
+        """SIGKILL the server's process group: the supervisor and every worker it forked.
+
+        The server runs in its own session (start_new_session), so the group id
+        is the server's pid and the group outlives a supervisor that died
+        before its workers; an empty group is a no-op.
+        """
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=STOP_TIMEOUT_S)
@@ -139,12 +143,21 @@ class ServerProcess:
 
 
 def serve_command(extra_args: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "fastimds", "serve", "--port", "0", *extra_args]
+    """`fastimds serve`, on an ephemeral port unless EXTRA_ARGS name one."""
+    port = [] if "--port" in extra_args else ["--port", "0"]
+    return [sys.executable, "-m", "fastimds", "serve", *port, *extra_args]
 
 
 @contextlib.contextmanager
-def running_server(*extra_args: str, ready_timeout: float = READY_TIMEOUT_S) -> Iterator[ServerProcess]:
-    """Start `fastimds serve --port 0 EXTRA_ARGS`, wait for its ready line, stop it on exit."""
+def running_server(
+    *extra_args: str, wait_ready: bool = True, ready_timeout: float = READY_TIMEOUT_S
+) -> Iterator[ServerProcess]:
+    """Start `fastimds serve --port 0 EXTRA_ARGS`, wait for its ready line, stop it on exit.
+
+    On exit whatever is left of the server's process group is killed, so even
+    a supervisor that died and orphaned its workers leaves nothing running.
+    With `wait_ready=False` the server is yielded as soon as it is spawned.
+    """
     log_dir = Path(tempfile.mkdtemp(prefix="fastimds-e2e-"))
     stderr_path = log_dir / "stderr.log"
     try:
@@ -158,7 +171,8 @@ def running_server(*extra_args: str, ready_timeout: float = READY_TIMEOUT_S) -> 
             )
         server = ServerProcess(proc, stderr_path)
         try:
-            server.wait_ready(ready_timeout)
+            if wait_ready:
+                server.wait_ready(ready_timeout)
             yield server
         finally:
             try:
@@ -167,8 +181,7 @@ def running_server(*extra_args: str, ready_timeout: float = READY_TIMEOUT_S) -> 
             except subprocess.TimeoutExpired:
                 pass  # stop() already killed the group
             finally:
-                if proc.poll() is None:
-                    server.kill_group()
+                server.kill_group()
                 assert proc.stdout is not None
                 proc.stdout.close()
     finally:

@@ -7,7 +7,9 @@ will send (pipelining, garbage, oversized heads, half-sent requests).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import http.client
 import json
 import os
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,12 @@ from fastimds.datafile import load_vm
 from tests.server_process import (
     RawReader,
     ServerProcess,
+    ServerStartError,
     connect,
     exchange,
     get_request,
     running_server,
+    serve_command,
 )
 
 API = "2021-02-01"
@@ -348,7 +353,17 @@ def test_curl_shell_usage(server: ServerProcess) -> None:
 
 def test_curl_http_1_0_gets_connection_close(server: ServerProcess) -> None:
     result = subprocess.run(
-        ["/usr/bin/curl", "-s", "-i", "--http1.0", "--max-time", "10", "-H", "Metadata: true", server.url(LOCATION_TEXT)],
+        [
+            "/usr/bin/curl",
+            "-s",
+            "-i",
+            "--http1.0",
+            "--max-time",
+            "10",
+            "-H",
+            "Metadata: true",
+            server.url(LOCATION_TEXT),
+        ],
         capture_output=True,
         timeout=15,
         env=client_env(),
@@ -439,6 +454,37 @@ def test_too_many_headers_is_431(server: ServerProcess) -> None:
         assert reader.at_eof()
 
 
+# What curl --http2 sends on plain http:// (an h2c upgrade offer).
+H2C_UPGRADE_HEADERS = (
+    "Connection: Upgrade, HTTP2-Settings",
+    "Upgrade: h2c",
+    "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+)
+
+
+def test_h2c_upgrade_offer_gets_an_announced_close_or_a_usable_connection(server: ServerProcess) -> None:
+    # The server may ignore the offer (RFC 9110 §7.8) and keep the connection, or
+    # close it; but a close right after a reply that promised keep-alive makes a
+    # client reuse a dead connection (curl logs "Connection 0 seems to be dead").
+    with connect(server.port) as sock:
+        sock.sendall(get_request(LOCATION_TEXT, "Metadata: true", *H2C_UPGRADE_HEADERS))
+        reader = RawReader(sock)
+        response = reader.read_response()
+        assert (response.status, response.body) == (200, LOCATION.encode())
+        sock.settimeout(1)
+        try:
+            closed = reader.at_eof()
+        except TimeoutError:
+            closed = False
+        if closed:
+            assert response.header("Connection") == "close", (
+                f"the server closed the connection after a reply without Connection: close: {response.raw_head!r}"
+            )
+        else:
+            sock.sendall(get_request(LOCATION_TEXT, "Metadata: true"))
+            assert reader.read_response().body == LOCATION.encode()
+
+
 def test_body_over_limit_is_413(limits_server: ServerProcess) -> None:
     body = b"x" * 200
     request = get_request(INSTANCE_JSON, "Metadata: true", f"Content-Length: {len(body)}", method="POST") + body
@@ -527,7 +573,7 @@ def test_two_workers_share_the_port() -> None:
         ready = {record["pid"] for record in log_events(server, "worker_ready")}
         assert ready == set(children)
         assert server.stop() == 0
-        assert all(not Path(f"/proc/{child}").exists() or _is_zombie_or_gone(child) for child in children)
+        assert all(_is_zombie_or_gone(child) for child in children)
 
 
 def _is_zombie_or_gone(pid: int) -> bool:
@@ -536,6 +582,112 @@ def _is_zombie_or_gone(pid: int) -> bool:
     except OSError:
         return True
     return stat[stat.rindex(")") + 2] == "Z"
+
+
+def _kill_worker_and_wait_for_replacement(server: ServerProcess) -> tuple[int, int]:
+    """SIGKILL one worker; wait until the supervisor has a ready replacement. Returns (killed, replacement)."""
+    before = server.child_pids()
+    killed = before[0]
+    os.kill(killed, signal.SIGKILL)
+
+    def replaced() -> bool:
+        children = server.child_pids()
+        return len(children) == len(before) and killed not in children
+
+    assert poll_until(replaced), f"worker {killed} was not replaced: {server.child_pids()}"
+    [replacement] = set(server.child_pids()) - set(before)
+    assert poll_until(lambda: replacement in {record["pid"] for record in log_events(server, "worker_ready")})
+    return killed, replacement
+
+
+def test_killed_worker_is_replaced() -> None:
+    with running_server("--workers", "2") as server:
+        assert len(server.child_pids()) == 2
+        killed, _ = _kill_worker_and_wait_for_replacement(server)
+        [exited] = log_events(server, "worker_exited")
+        assert (exited["worker_pid"], exited["status"]) == (killed, -signal.SIGKILL)
+        for _ in range(40):
+            assert fresh_get(server.port, LOCATION_TEXT) == (200, LOCATION.encode())
+        assert server.stop() == 0
+
+
+def test_second_server_cannot_share_a_port_in_use(tmp_path: Path) -> None:
+    # SO_REUSEPORT lets any socket of the same user join the port; a second
+    # fastimds must still refuse a port that another server is serving.
+    other = tmp_path / "other.json"
+    _write_vm(other, "northeurope")
+    with (
+        running_server("--workers", "2") as first,
+        running_server("--workers", "2", "--port", str(first.port), "--data", str(other), wait_ready=False) as second,
+    ):
+        try:
+            second.wait_ready()
+        except ServerStartError:
+            assert second.proc.poll() not in (None, 0)
+            return
+        served = Counter(fresh_get(first.port, LOCATION_TEXT)[1] for _ in range(40))
+        pytest.fail(
+            f"a second server started on port {first.port}, which the first is serving; "
+            f"40 connections to it were split between the two servers' data: {dict(served)}"
+        )
+
+
+def _full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is already full, so the next write to it blocks until it is read."""
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(write_fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_fd, b"#" * 4096)
+    os.set_blocking(write_fd, True)
+    return read_fd, write_fd
+
+
+def _drain(read_fd: int) -> None:
+    """Read what a pipe holds now, without blocking."""
+    os.set_blocking(read_fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while os.read(read_fd, 65536):
+            pass
+
+
+def test_sigterm_before_the_ready_line_leaves_no_worker(tmp_path: Path) -> None:
+    # The supervisor's stdout is a full pipe (a backed-up log collector), so
+    # it is stuck printing its ready line after every worker reported ready.
+    # SIGTERM then must still stop the workers, not orphan them.
+    read_fd, write_fd = _full_pipe()
+    stderr_path = tmp_path / "stderr.log"
+    try:
+        with open(stderr_path, "wb") as stderr_file:
+            proc = subprocess.Popen(
+                serve_command(["--workers", "2"]),
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=stderr_file,
+                start_new_session=True,
+            )
+        os.close(write_fd)
+        server = ServerProcess(proc, stderr_path)
+        try:
+            assert poll_until(lambda: len(log_events(server, "worker_ready")) == 2, timeout=15)
+            workers = server.child_pids()
+            assert len(workers) == 2
+            time.sleep(0.2)  # the supervisor reaches its (blocked) ready line
+            server.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            _drain(read_fd)
+            code = server.wait_exit(timeout=10)
+            poll_until(lambda: all(_is_zombie_or_gone(pid) for pid in workers), timeout=3)
+            survivors = [pid for pid in workers if not _is_zombie_or_gone(pid)]
+            assert not survivors, (
+                f"the supervisor exited with {code} on SIGTERM before its ready line and left its workers "
+                f"{survivors} running (orphaned, still serving the port)"
+            )
+        finally:
+            server.kill_group()
+    finally:
+        os.close(read_fd)
 
 
 # ---- SIGHUP reload ----
@@ -610,6 +762,21 @@ def test_sighup_reload_reaches_every_worker(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_replacement_worker_serves_reloaded_data(tmp_path: Path) -> None:
+    data = tmp_path / "vm.json"
+    _write_vm(data, LOCATION)
+    with running_server("--data", str(data), "--workers", "2") as server:
+        _write_vm(data, "northeurope")
+        server.send_signal(signal.SIGHUP)
+        assert poll_until(lambda: len(log_events(server, "reload_published")) == 2)
+        _kill_worker_and_wait_for_replacement(server)
+        served = Counter(_location(server.port) for _ in range(40))
+        assert served == {b"northeurope": 40}, (
+            f"after a worker was replaced, 40 connections were served {dict(served)}: "
+            "the replacement serves the data loaded at startup, not the data published by the last SIGHUP"
+        )
+
+
 # ---- SIGTERM ----
 
 
@@ -663,7 +830,7 @@ def test_validate_accepts_the_sample() -> None:
 
 
 def _bad_document() -> dict[str, Any]:
-    document = json.loads(SAMPLE_PATH.read_bytes())
+    document: dict[str, Any] = json.loads(SAMPLE_PATH.read_bytes())
     document["bogus"] = 1
     document["instance"]["compute"]["tagsList"] = {"name": "a", "value": "b"}
     del document["instance"]["network"]

@@ -332,12 +332,31 @@ def test_published_snapshot_is_seen_by_the_next_request_on_the_same_connection()
     assert [r.body for r in split_responses(transport.output)] == [b"westeurope", b"eastus"]
 
 
-def test_upgrade_requests_are_not_switched() -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        request(headers=(("Metadata", "true"), ("Connection", "Upgrade"), ("Upgrade", "websocket"))) + b"\x81\x05hi",
+        request(headers=(("Metadata", "true"), ("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"))),
+        request("127.0.0.1:443", method="CONNECT"),
+    ],
+)
+def test_upgrade_requests_are_answered_and_the_close_announced(data: bytes) -> None:
     protocol, transport, _ = make_connection()
-    upgrade = request(headers=(("Metadata", "true"), ("Connection", "Upgrade"), ("Upgrade", "websocket")))
-    protocol.data_received(upgrade + b"\x81\x05hello")
+    protocol.data_received(data)
+    (response,) = split_responses(transport.output)
+    assert response.status != 101
+    assert response.headers["connection"] == "close"
     assert transport.closed
-    assert b"101" not in transport.output.split(b"\r\n", 1)[0]
+
+
+def test_expect_100_continue_gets_an_interim_response() -> None:
+    protocol, transport, _ = make_connection(Limits(max_body_bytes=100))
+    head = request(method="POST", headers=(("Metadata", "true"), ("Expect", "100-continue"), ("Content-Length", "5")))
+    protocol.data_received(head)
+    assert transport.output == b"HTTP/1.1 100 Continue\r\n\r\n"
+    protocol.data_received(b"hello")
+    (final,) = split_responses(transport.output[len(b"HTTP/1.1 100 Continue\r\n\r\n") :])
+    assert final.status == 405
 
 
 def test_connection_lost_unregisters_and_ignores_late_data() -> None:
