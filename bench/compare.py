@@ -309,7 +309,7 @@ def wrk_script(workdir: Path, scenario: Scenario) -> Path:
 
 @dataclass(frozen=True)
 class Load:
-    duration: float
+    duration: int
     connections: int
     cores: str | None
 
@@ -498,7 +498,7 @@ def running(servers: list[Server], workdir: Path) -> Iterator[list[Server]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=10, help="whole seconds per wrk run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--scenarios", nargs="*", default=[s.name for s in SCENARIOS])
     parser.add_argument("--servers", nargs="*", help="only these servers (default: all)")
