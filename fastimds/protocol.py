@@ -17,6 +17,13 @@ Rules of this module:
   refreshes the Date block, so no request reads the clock.
 - Any bytes either parse or get a 400 and a close; no input raises out of
   `data_received`.
+- Known requests skip the parser. A read that starts between requests and
+  ends with a blank line is split at blank lines; when every piece is a
+  request head this snapshot has already answered (`request_replies`), the
+  remembered replies are written without parsing. Only heads of body-less
+  GET/HEAD requests, parsed whole in one read, are remembered: for them the
+  bytes alone decide the reply. Anything else takes the parser. Measured in
+  tuning.md ("request memo").
 """
 
 from __future__ import annotations
@@ -29,12 +36,25 @@ import httptools
 from fastimds.config import Limits
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
 from fastimds.routing import resolve
+from fastimds.snapshot import RequestReply
 from fastimds.store import SnapshotStore
 
 # Reads larger than this are fed to the parser in slices of this size, so one
 # read of tiny pipelined requests cannot produce an unbounded reply batch. A
 # normal request (~200 bytes) or a 16-deep pipeline (~3 KiB) is one slice.
 FEED_SLICE_BYTES = 8 * 1024
+
+END_OF_HEAD = b"\r\n\r\n"
+
+# Header names whose presence makes a request's bytes unfit to remember:
+# a body may follow them, or a 100 Continue must precede the reply.
+_BODY_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+# Lengths of every header name on_header looks at, so that most names are
+# passed over after one set lookup.
+_WATCHED_HEADER_SIZES = frozenset({len(name) for name in (b"metadata", b"x-forwarded-for", b"connection", b"upgrade")})
+_WATCHED_HEADER_SIZES |= {len(name) for name in _BODY_FRAMING_HEADERS}
+
+_REMEMBERED_METHODS = frozenset({b"GET", b"HEAD"})
 
 _MALFORMED = ERRORS["malformed"]
 _HEAD_TOO_LARGE = ERRORS["head_too_large"]
@@ -86,6 +106,7 @@ class HttpProtocol(asyncio.Protocol):
         "write_paused",
         "backlog",
         "deadline",
+        "captured",
         # ---- per request ----
         "in_request",
         "head_done",
@@ -97,6 +118,7 @@ class HttpProtocol(asyncio.Protocol):
         "forwarded",
         "keep_alive_asked",
         "upgrade_asked",
+        "plain",
         "body_bytes",
         "reject",
     )
@@ -110,6 +132,8 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.backlog = b""  # unread input held while the transport is paused
         self.deadline = 0.0  # when this connection must next have progressed
+        # Replies of the current read, in order, while it may still be remembered.
+        self.captured: list[RequestReply] | None = None
         self.in_request = False
         self.head_done = False
         self.head_pending = 0
@@ -136,8 +160,56 @@ class HttpProtocol(asyncio.Protocol):
             self.backlog += data
             self._feed_backlog()
             return
-        self._feed(data)
+        if self.in_request or self.state.draining or not data.endswith(END_OF_HEAD):
+            self._feed(data)
+        elif not self._answer_known(data):
+            self._feed_and_remember(data)
         self._flush()
+
+    def _answer_known(self, data: bytes) -> bool:
+        """Answer a read of known request heads from the memo; False if any is new."""
+        known = self.state.store.current.request_replies
+        heads = data[:-4].split(END_OF_HEAD)
+        if len(heads) == 1:
+            reply = known.get(heads[0])
+            if reply is None:
+                return False
+            replies: list[RequestReply] | tuple[RequestReply] = (reply,)
+        else:
+            replies = []
+            for head in heads:
+                reply = known.get(head)
+                if reply is None:
+                    return False
+                replies.append(reply)
+        out = self.out
+        date = self.state.date_block
+        for head, body, closes in replies:
+            out.append(head)
+            out.append(date)
+            out.append(body)
+            if closes:
+                self.closing = True
+                break  # the parser would refuse what follows a close
+        self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+        return True
+
+    def _feed_and_remember(self, data: bytes) -> None:
+        """Parse a read that starts between requests; remember its replies if it may be."""
+        snapshot = self.state.store.current
+        self.captured = []
+        self._feed(data)
+        captured, self.captured = self.captured, None
+        if captured is None or self.in_request:
+            return
+        if self.closing and not (captured and captured[-1][2]):
+            return  # closed by an error reply, which is never remembered
+        heads = data[:-4].split(END_OF_HEAD)
+        # One reply per blank-line-separated piece proves the pieces are exactly
+        # the request heads (a head cannot contain a blank line).
+        if len(heads) == len(captured):
+            for head, reply in zip(heads, captured, strict=True):
+                snapshot.remember_request(head, reply)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -220,6 +292,7 @@ class HttpProtocol(asyncio.Protocol):
         self.forwarded = False
         self.keep_alive_asked = False
         self.upgrade_asked = False
+        self.plain = True  # no body framing: the head alone decides the reply
         self.body_bytes = 0
 
     def on_message_begin(self) -> None:
@@ -244,25 +317,24 @@ class HttpProtocol(asyncio.Protocol):
         if self.header_count > self.limits.max_header_count or self.head_bytes > self.limits.max_request_head_bytes:
             self.reject = _HEAD_TOO_LARGE
             raise _Reject
-        # Compare lengths first: most headers are none of these three.
-        size = len(name)
-        if size == 8:
-            if name.lower() == b"metadata":
-                self.metadata_ok = value.lower() == b"true"
-        elif size == 15:
-            if name.lower() == b"x-forwarded-for":
-                self.forwarded = True
-        elif size == 10:
-            if name.lower() == b"connection":
-                self.keep_alive_asked = b"keep-alive" in value.lower()
-        elif size == 7:
+        if len(name) not in _WATCHED_HEADER_SIZES:
+            return
+        name = name.lower()
+        if name == b"metadata":
+            self.metadata_ok = value.lower() == b"true"
+        elif name == b"x-forwarded-for":
+            self.forwarded = True
+        elif name == b"connection":
+            self.keep_alive_asked = b"keep-alive" in value.lower()
+        elif name == b"upgrade":
             # We never switch protocols, and httptools stops parsing after an
             # upgrade request, so its reply must announce the close.
-            if name.lower() == b"upgrade":
-                self.upgrade_asked = True
-        elif size == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-            # Let a client that waits for it send its body (the limit still applies).
-            self.out.append(CONTINUE)
+            self.upgrade_asked = True
+        elif name in _BODY_FRAMING_HEADERS:
+            self.plain = False
+            if name == b"expect" and value.lower() == b"100-continue":
+                # Let a client that waits for it send its body (the limit still applies).
+                self.out.append(CONTINUE)
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -280,14 +352,30 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         method = self.parser.get_method()
         reply = resolve(state.store.current, method, self.url, self.metadata_ok, self.forwarded)
-        keep_alive = (
+        if (
             self.parser.should_keep_alive()
             and not reply.close
             and not state.draining
             and not self.upgrade_asked
             and method != b"CONNECT"
-        )
-        self._respond(reply, method == b"HEAD", keep_alive)
+        ):
+            # HTTP/1.0 keep-alive must be confirmed; HTTP/1.1's is implicit.
+            connection = CONNECTION_KEEP_ALIVE if self.keep_alive_asked else b""
+            closes = False
+        else:
+            connection = CONNECTION_CLOSE
+            closes = self.closing = True
+        body = b"" if method == b"HEAD" else reply.body
+        out = self.out
+        out.append(reply.head)
+        out.append(connection)
+        out.append(state.date_block)
+        out.append(body)
+        if self.captured is not None:
+            if self.plain and method in _REMEMBERED_METHODS:
+                self.captured.append((reply.head + connection, body, closes))
+            else:
+                self.captured = None
         self._reset_request()
 
     # ---- deadlines and shutdown ----

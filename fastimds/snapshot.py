@@ -4,10 +4,12 @@ Rules of this module:
 - `build_snapshot` does all the expensive work (version gating, JSON and text
   rendering, header blocks) before anyone can see the snapshot; a build that
   fails raises and publishes nothing.
-- A built snapshot's tree never changes. The one mutable part is
-  `url_replies`, a memo from raw request-target bytes to a reply that the
-  router fills on first use; it is bounded by `MAX_MEMO_ENTRIES`, so unique
-  junk URLs cannot grow memory, and it dies with the snapshot on swap.
+- A built snapshot's tree never changes. Its two mutable parts are memos
+  filled on first use and bounded, so unique junk requests cannot grow
+  memory, and both die with the snapshot on swap:
+  `url_replies` (request target -> Reply, filled by the router) and
+  `request_replies` (a whole request head's bytes -> the finished reply,
+  filled by the protocol; see `RequestReply`).
 - Version gating is precomputed per node: each node keeps one view per
   api-version at which something in its subtree appeared, so a request at any
   version is a walk plus a short scan, and identical views share one reply.
@@ -25,6 +27,13 @@ from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INST
 # paths; a client uses a handful of spellings (api-version, format) of a few
 # of them. 4096 entries of ~200 bytes is under 1 MiB per VM.
 MAX_MEMO_ENTRIES = 4096
+# Whole request heads remembered per snapshot, and the longest one kept: a
+# real client sends a handful of distinct heads of ~100-300 bytes.
+MAX_REQUEST_MEMO_ENTRIES = 1024
+MAX_REQUEST_MEMO_KEY_BYTES = 1024
+
+# (head with its Connection header, body or b"" for HEAD, closes the connection)
+RequestReply = tuple[bytes, bytes, bool]
 
 
 class View:
@@ -65,7 +74,7 @@ def newest_view(views: tuple[View, ...], version: str) -> View:
 class Snapshot:
     """One published version of one VM."""
 
-    __slots__ = ("generation", "vm", "root", "extended_views", "url_replies")
+    __slots__ = ("generation", "vm", "root", "extended_views", "url_replies", "request_replies")
 
     def __init__(self, generation: int, vm: VmDescription, root: Node, extended_views: tuple[View, ...]) -> None:
         self.generation = generation
@@ -74,10 +83,15 @@ class Snapshot:
         # Views of the whole document with `extended=true`, from EXTENDED_FIRST_VERSION on.
         self.extended_views = extended_views
         self.url_replies: dict[bytes, Reply] = {}
+        self.request_replies: dict[bytes, RequestReply] = {}
 
     def remember(self, url: bytes, reply: Reply) -> None:
         if len(self.url_replies) < MAX_MEMO_ENTRIES:
             self.url_replies[url] = reply
+
+    def remember_request(self, head: bytes, reply: RequestReply) -> None:
+        if len(self.request_replies) < MAX_REQUEST_MEMO_ENTRIES and len(head) <= MAX_REQUEST_MEMO_KEY_BYTES:
+            self.request_replies[head] = reply
 
 
 def _build_tree(value: Any, pattern: str, since: str) -> Node:
