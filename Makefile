@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: serve test lint typecheck unit bench clean system-deps
+.PHONY: serve test lint typecheck unit bench bench-tools bench-compare loadtest clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,27 @@ unit: $(VENV)/.installed-test system-deps
 
 test: lint typecheck unit
 
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+# The micro ladder (pytest-benchmark); saved runs compare with `pytest-benchmark compare`.
 bench: $(VENV)/.installed-test
 	$(BIN)/pytest bench --benchmark-enable --benchmark-only --benchmark-autosave
+
+# The load generator and the C reference come from Debian, for the bench only.
+bench-tools:
+	@if command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk nginx-light; \
+	else echo "install wrk and nginx-light (apt-get) for the side-by-side bench" >&2; exit 1; fi
+
+# Side by side with nginx, uvicorn and granian on loopback (bench/compare.py).
+bench-compare: $(VENV)/.installed-bench bench-tools
+	$(BIN)/python -m bench.compare $(ARGS)
+
+# Locust at a fixed rate against latency SLOs (loadtest/run.py); non-zero when one is broken.
+loadtest: $(VENV)/.installed-test
+	$(BIN)/python -m loadtest.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis

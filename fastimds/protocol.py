@@ -169,28 +169,31 @@ class HttpProtocol(asyncio.Protocol):
     def _answer_known(self, data: bytes) -> bool:
         """Answer a read of known request heads from the memo; False if any is new."""
         known = self.state.store.current.request_replies
-        heads = data[:-4].split(END_OF_HEAD)
-        if len(heads) == 1:
-            reply = known.get(heads[0])
-            if reply is None:
-                return False
-            replies: list[RequestReply] | tuple[RequestReply] = (reply,)
+        heads = data[:-4]
+        out = self.out
+        date = self.state.date_block
+        # One request per read is the common case: no list, no tuple, nothing
+        # the cyclic GC tracks is allocated for it.
+        reply = known.get(heads)
+        if reply is not None:
+            out.append(reply[0])
+            out.append(date)
+            out.append(reply[1])
+            self.closing = reply[2]
         else:
             replies = []
-            for head in heads:
+            for head in heads.split(END_OF_HEAD):
                 reply = known.get(head)
                 if reply is None:
                     return False
                 replies.append(reply)
-        out = self.out
-        date = self.state.date_block
-        for head, body, closes in replies:
-            out.append(head)
-            out.append(date)
-            out.append(body)
-            if closes:
-                self.closing = True
-                break  # the parser would refuse what follows a close
+            for head, body, closes in replies:
+                out.append(head)
+                out.append(date)
+                out.append(body)
+                if closes:
+                    self.closing = True
+                    break  # the parser would refuse what follows a close
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
         return True
 

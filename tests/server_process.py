@@ -142,15 +142,18 @@ class ServerProcess:
         return sorted(children)
 
 
-def serve_command(extra_args: Sequence[str] = ()) -> list[str]:
-    """`fastimds serve`, on an ephemeral port unless EXTRA_ARGS name one."""
+def serve_command(extra_args: Sequence[str] = (), prefix: Sequence[str] = ()) -> list[str]:
+    """`fastimds serve`, on an ephemeral port unless EXTRA_ARGS name one.
+
+    PREFIX runs before it (`taskset -c 0` to pin it to a core, for load runs).
+    """
     port = [] if "--port" in extra_args else ["--port", "0"]
-    return [sys.executable, "-m", "fastimds", "serve", *port, *extra_args]
+    return [*prefix, sys.executable, "-m", "fastimds", "serve", *port, *extra_args]
 
 
 @contextlib.contextmanager
 def running_server(
-    *extra_args: str, wait_ready: bool = True, ready_timeout: float = READY_TIMEOUT_S
+    *extra_args: str, wait_ready: bool = True, ready_timeout: float = READY_TIMEOUT_S, prefix: Sequence[str] = ()
 ) -> Iterator[ServerProcess]:
     """Start `fastimds serve --port 0 EXTRA_ARGS`, wait for its ready line, stop it on exit.
 
@@ -163,7 +166,7 @@ def running_server(
     try:
         with open(stderr_path, "wb") as stderr_file:
             proc = subprocess.Popen(
-                serve_command(extra_args),
+                serve_command(extra_args, prefix),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr_file,
