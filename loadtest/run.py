@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=2000.0, help="offered requests/s (default 2000)")
     parser.add_argument("--duration", type=int, default=60, help="seconds of load (default 60)")
-    parser.add_argument("--users", type=int, default=200, help="simulated VMs (default 200)")
+    parser.add_argument("--users", type=int, default=50, help="simulated VMs (default 50; see tuning.md)")
     parser.add_argument("--p50-ms", type=float, default=Slo.p50_ms)
     parser.add_argument("--p99-ms", type=float, default=Slo.p99_ms)
     parser.add_argument("--max-failures", type=int, default=Slo.max_failures)
