@@ -2,8 +2,8 @@
 
     python -m loadtest.run [--rate 2000] [--duration 60] [--p50-ms 1] [--p99-ms 5] [--max-failures 0]
 
-Starts `fastimds serve` on an ephemeral loopback port (pinned to core 0
-where `taskset` and two cores exist, with locust on the others), runs
+Starts `fastimds serve` on an ephemeral loopback port (with `--pin`, pinned
+to core 0 and locust to the other cores, where `taskset` exists), runs
 locust headless for a fixed time at `--rate` requests/s (users x per-user
 constant throughput), writes locust's CSV and HTML report to
 loadtest/results/<UTC time>/, and exits 1 when an SLO is broken, 0 when all
@@ -85,7 +85,7 @@ def broken_slos(outcome: Outcome, slo: Slo, offered_rate: float) -> list[str]:
     return broken
 
 
-def locust_command(args: argparse.Namespace, host: str, prefix: Path, cores: int) -> tuple[list[str], int]:
+def locust_command(args: argparse.Namespace, host: str, prefix: Path, cores: int, pin: bool) -> tuple[list[str], int]:
     processes = max(1, min(max(cores - 1, 1), math.ceil(args.rate / args.rate_per_process)))
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host]
     command += ["--users", str(args.users), "--spawn-rate", str(args.users), "--run-time", f"{args.duration}s"]
@@ -93,7 +93,7 @@ def locust_command(args: argparse.Namespace, host: str, prefix: Path, cores: int
     command += ["--stop-timeout", "5", "--loglevel", "WARNING"]
     if processes > 1:
         command += ["--processes", str(processes)]
-    if cores >= 2 and shutil.which("taskset"):
+    if pin:
         command = ["taskset", "-c", f"1-{cores - 1}", *command]
     return command, processes
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-per-process", type=float, default=1500.0, help="what one locust process offers")
     parser.add_argument("--out", type=Path, help="results folder (default loadtest/results/<UTC time>)")
     parser.add_argument("--workers", type=int, default=1, help="fastimds workers")
+    parser.add_argument("--pin", action="store_true", help="server on core 0, locust on the others (taskset)")
     args = parser.parse_args(argv)
     slo = Slo(args.max_failures, args.p50_ms, args.p99_ms, args.min_rate_fraction)
 
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     env = {**os.environ, "LOADTEST_USER_RPS": str(args.rate / args.users)}
     server_args = ["--workers", str(args.workers)]
-    pin = ["taskset", "-c", "0"] if cores >= 2 and shutil.which("taskset") and args.workers == 1 else []
-    with running_server(*server_args, prefix=pin) as server:
-        command, processes = locust_command(args, server.base_url, out / "locust", cores)
+    pin = args.pin and cores >= 2 and bool(shutil.which("taskset"))
+    with running_server(*server_args, prefix=["taskset", "-c", "0"] if pin and args.workers == 1 else []) as server:
+        command, processes = locust_command(args, server.base_url, out / "locust", cores, pin)
         print(f"offering {args.rate:,.0f} req/s from {args.users} users, {processes} locust process(es), "
               f"{args.duration} s against {server.base_url}", flush=True)  # fmt: skip
         done = subprocess.run(command, env=env, cwd=REPO, timeout=args.duration + 120, check=False)
