@@ -16,6 +16,8 @@ the latest schema) and optional reserved keys for other endpoints.
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ TOP_LEVEL_KEYS = frozenset({"instance", "extended", *RESERVED_KEYS})
 EXTENDED_DEFAULTS: dict[str, str] = {"ppsType": "None", "hasCustomData": "false"}
 
 SAMPLE_NAME = "sample_vm.json"
+
+# VM ids name files in --data-dir and --state-dir and appear in admin URLs.
+VM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class DataError(Exception):
@@ -121,6 +126,13 @@ def validate_document(doc: Any) -> list[str]:
         if key in doc and not isinstance(doc[key], expected_type):
             problems.append(f"$.{key}: expected {_KIND_WORDS[_kind(expected_type())]}, got {_json_type(doc[key])}")
 
+    if isinstance(doc.get("id"), str) and not VM_ID_PATTERN.fullmatch(doc["id"]):
+        problems.append(f"$.id: {doc['id']!r} is not a VM id (letters, digits, '.', '_', '-'; at most 128)")
+    if isinstance(doc.get("callers"), list):
+        for index, address in enumerate(doc["callers"]):
+            if not _is_ip_address(address):
+                problems.append(f"$.callers[{index}]: {address!r} is not an IPv4 or IPv6 address")
+
     instance = doc.get("instance")
     if instance is None:
         problems.append("$.instance: required key is missing")
@@ -143,6 +155,16 @@ def validate_document(doc: Any) -> list[str]:
                 if _kind(value) != "leaf":
                     problems.append(f"$.extended.compute.{key}: expected {_KIND_WORDS['leaf']}")
     return problems
+
+
+def _is_ip_address(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def normalise(value: Any) -> Any:

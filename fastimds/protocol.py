@@ -34,6 +34,7 @@ from typing import cast
 import httptools
 
 from fastimds.config import Limits
+from fastimds.registry import NOBODY, VmRegistry
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
 from fastimds.routing import resolve
 from fastimds.snapshot import RequestReply
@@ -75,10 +76,10 @@ class _Reject(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("store", "limits", "connections", "date_block", "now", "draining")
+    __slots__ = ("registry", "limits", "connections", "date_block", "now", "draining")
 
-    def __init__(self, store: SnapshotStore, limits: Limits, now: float, unix_time: float) -> None:
-        self.store = store
+    def __init__(self, registry: VmRegistry, limits: Limits, now: float, unix_time: float) -> None:
+        self.registry = registry
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.date_block = date_block(unix_time)
@@ -97,6 +98,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         # ---- per connection ----
         "state",
+        "vm",
         "limits",
         "transport",
         "write",
@@ -125,6 +127,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.vm: SnapshotStore = NOBODY  # the caller's VM, set once the peer is known
         self.limits = state.limits
         self.parser = httptools.HttpRequestParser(self)
         self.out: list[bytes] = []
@@ -145,6 +148,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.write = self.transport.write
+        peer = transport.get_extra_info("peername")
+        # The caller's VM is decided once per connection (house rule: not per request).
+        self.vm = self.state.registry.store_for(peer[0] if isinstance(peer, tuple) else None)
         self.state.connections.add(self)
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
 
@@ -168,7 +174,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def _answer_known(self, data: bytes) -> bool:
         """Answer a read of known request heads from the memo; False if any is new."""
-        known = self.state.store.current.request_replies
+        snapshot = self.vm.current
+        if snapshot is None:
+            return False
+        known = snapshot.request_replies
         heads = data[:-4]
         out = self.out
         date = self.state.date_block
@@ -199,11 +208,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def _feed_and_remember(self, data: bytes) -> None:
         """Parse a read that starts between requests; remember its replies if it may be."""
-        snapshot = self.state.store.current
+        snapshot = self.vm.current
         self.captured = []
         self._feed(data)
         captured, self.captured = self.captured, None
-        if captured is None or self.in_request:
+        if captured is None or self.in_request or snapshot is None:
             return
         if self.closing and not (captured and captured[-1][2]):
             return  # closed by an error reply, which is never remembered
@@ -354,7 +363,7 @@ class HttpProtocol(asyncio.Protocol):
         self.in_request = False
         state = self.state
         method = self.parser.get_method()
-        reply = resolve(state.store.current, method, self.url, self.metadata_ok, self.forwarded)
+        reply = resolve(self.vm.current, method, self.url, self.metadata_ok, self.forwarded)
         if (
             self.parser.should_keep_alive()
             and not reply.close

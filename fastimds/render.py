@@ -150,6 +150,7 @@ ERRORS: dict[str, Reply] = {
     "bad_extended": error_reply(400, "Bad request. extended must be true or false"),
     "leaf_needs_text": error_reply(400, "Bad request. Leaf nodes can only be requested with format=text"),
     "not_found": error_reply(404, "Not found"),
+    "no_vm": error_reply(404, "Not found. No VM is registered for this caller's address"),
     "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True),
     "head_too_large": error_reply(431, "Request header fields too large", close=True),
     "uri_too_long": error_reply(414, "Request-URI too long", close=True),

@@ -31,9 +31,9 @@ _NOT_FOUND = ERRORS["not_found"]
 _BAD_VERSION = ERRORS["bad_api_version"]
 
 
-def resolve(snapshot: Snapshot, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
-    """The reply to one request against one snapshot."""
-    if metadata_ok and not forwarded and method in READ_METHODS:
+def resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
+    """The reply to one request against one VM's snapshot (None: the caller has no VM)."""
+    if snapshot is not None and metadata_ok and not forwarded and method in READ_METHODS:
         reply = snapshot.url_replies.get(target)
         if reply is None:
             reply = _resolve(snapshot, method, target, metadata_ok, forwarded)
@@ -42,7 +42,7 @@ def resolve(snapshot: Snapshot, method: bytes, target: bytes, metadata_ok: bool,
     return _resolve(snapshot, method, target, metadata_ok, forwarded)
 
 
-def _resolve(snapshot: Snapshot, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
+def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
     if not metadata_ok:
         return _MISSING_HEADER
     if forwarded:
@@ -73,10 +73,12 @@ def _resolve(snapshot: Snapshot, method: bytes, target: bytes, metadata_ok: bool
     return _NOT_FOUND
 
 
-def _resolve_instance(snapshot: Snapshot, route: list[str], query: dict[str, str]) -> Reply:
+def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:
     version = query.get("api-version")
     if version not in INSTANCE_VERSIONS:
         return _BAD_VERSION
+    if snapshot is None:
+        return ERRORS["no_vm"]
     text = _wants_text(query.get("format"))
     if text is None:
         return ERRORS["bad_format"]

@@ -33,7 +33,8 @@ from fastimds.config import Settings
 from fastimds.datafile import DataError, VmDescription, load_vm
 from fastimds.log import log_event
 from fastimds.protocol import HttpProtocol, ServerState
-from fastimds.store import SnapshotStore
+from fastimds.registry import VmRegistry
+from fastimds.store import DEFAULT_VM_ID
 
 TICK_INTERVAL_S = 1.0
 # Workers must report ready within this, or the supervisor gives up.
@@ -65,7 +66,7 @@ def _ready_line(settings: Settings, port: int, vm: VmDescription) -> str:
     )
 
 
-def reload_data(settings: Settings, store: SnapshotStore) -> None:
+def reload_data(settings: Settings, registry: VmRegistry) -> None:
     """SIGHUP: re-read --data and publish it, or refuse and keep serving."""
     try:
         vm = load_vm(settings.data_path)
@@ -74,17 +75,17 @@ def reload_data(settings: Settings, store: SnapshotStore) -> None:
             "reload_refused",
             source=exc.source,
             problems=exc.problems,
-            serving_generation=store.current.generation,
+            serving_generation=registry.default.generation,
         )
         return
-    snapshot = store.publish(vm)
+    snapshot = registry.publish(DEFAULT_VM_ID, vm)
     log_event("reload_published", source=vm.source, generation=snapshot.generation)
 
 
 async def _run_worker(settings: Settings, vm: VmDescription, sock: socket.socket, on_ready: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
-    store = SnapshotStore(vm)
-    state = ServerState(store, settings.limits, loop.time(), time.time())
+    registry = VmRegistry.single(vm)
+    state = ServerState(registry, settings.limits, loop.time(), time.time())
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
 
     def tick() -> None:
@@ -95,13 +96,13 @@ async def _run_worker(settings: Settings, vm: VmDescription, sock: socket.socket
 
     tick()
     stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, reload_data, settings, store)
+    loop.add_signal_handler(signal.SIGHUP, reload_data, settings, registry)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     # Everything built so far lives as long as the process: keep it out of
     # the collector's generations so collections stay cheap (tuning.md).
     gc.freeze()
-    log_event("worker_ready", generation=store.current.generation)
+    log_event("worker_ready", vms=len(registry.live()))
     on_ready()
     await stopping.wait()
 

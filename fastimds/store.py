@@ -1,12 +1,14 @@
-"""SnapshotStore: which snapshot is being served now.
+"""SnapshotStore: which snapshot of one VM is being served now.
 
 Rules of this module:
 - Publishing is one reference rebind (`self.current = snapshot`), atomic in
   CPython: a reader takes `store.current` once per request and sees either
   the old snapshot or the new one, never a mix.
-- A snapshot is built completely before `publish` sees it; a failed build
-  never reaches this module, so the old snapshot keeps serving.
-- Generations only grow.
+- A snapshot is built completely before the rebind; a failed build raises
+  and the old snapshot keeps serving.
+- Generations only grow. `current` is None while the VM has no data (never
+  published, or removed); connections that hold the store then get 404s and
+  see the VM again if it is published anew.
 """
 
 from __future__ import annotations
@@ -14,15 +16,35 @@ from __future__ import annotations
 from fastimds.datafile import VmDescription
 from fastimds.snapshot import Snapshot, build_snapshot
 
+# The id the single-VM mode (`--data FILE`) gives its VM.
+DEFAULT_VM_ID = "default"
+
 
 class SnapshotStore:
-    __slots__ = ("current",)
+    __slots__ = ("vm_id", "current", "generation")
 
-    def __init__(self, vm: VmDescription) -> None:
-        self.current: Snapshot = build_snapshot(vm, generation=1)
+    def __init__(self, vm: VmDescription | None = None, vm_id: str = DEFAULT_VM_ID) -> None:
+        self.vm_id = vm_id
+        self.current: Snapshot | None = None
+        self.generation = 0  # the last generation published, kept across removal
+        if vm is not None:
+            self.publish(vm)
 
-    def publish(self, vm: VmDescription) -> Snapshot:
-        """Build a snapshot of `vm` off to the side, then swap it in."""
-        snapshot = build_snapshot(vm, generation=self.current.generation + 1)
+    def publish(self, vm: VmDescription, generation: int | None = None) -> Snapshot:
+        """Build a snapshot of `vm` off to the side, then swap it in.
+
+        `generation` comes from the writer that numbered the update (the admin
+        API); it must be newer than what is served. None takes the next one.
+        """
+        if generation is None:
+            generation = self.generation + 1
+        elif generation <= self.generation:
+            raise ValueError(f"VM {self.vm_id!r}: generation {generation} is not newer than {self.generation}")
+        snapshot = build_snapshot(vm, generation)
         self.current = snapshot
+        self.generation = generation
         return snapshot
+
+    def clear(self) -> None:
+        """The VM was removed: its callers get 404s until it is published again."""
+        self.current = None

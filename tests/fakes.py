@@ -13,7 +13,8 @@ from typing import Any
 from fastimds.config import Limits
 from fastimds.datafile import VmDescription, load_vm
 from fastimds.protocol import HttpProtocol, ServerState
-from fastimds.store import SnapshotStore
+from fastimds.registry import VmRegistry
+from fastimds.store import DEFAULT_VM_ID, SnapshotStore
 
 PINNED_UNIX_TIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 PINNED_DATE = b"Tue, 14 Nov 2023 22:13:20 GMT"
@@ -31,8 +32,9 @@ def sample_vm() -> VmDescription:
 class FakeTransport(asyncio.Transport):
     """Records writes, closes and read pauses instead of touching a socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str = "127.0.0.1") -> None:
         super().__init__()
+        self.peer = peer
         self.writes: list[bytes] = []
         self.closed = False
         self.aborted = False
@@ -61,7 +63,7 @@ class FakeTransport(asyncio.Transport):
         self.reading = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+        return (self.peer, 40000) if name == "peername" else default
 
     @property
     def output(self) -> bytes:
@@ -69,11 +71,18 @@ class FakeTransport(asyncio.Transport):
 
 
 def make_connection(
-    limits: Limits | None = None, store: SnapshotStore | None = None
+    limits: Limits | None = None,
+    store: SnapshotStore | None = None,
+    registry: VmRegistry | None = None,
+    peer: str = "127.0.0.1",
 ) -> tuple[HttpProtocol, FakeTransport, ServerState]:
-    state = ServerState(store or SnapshotStore(sample_vm()), limits or Limits(), now=0.0, unix_time=PINNED_UNIX_TIME)
+    """A connection from `peer`; by default to a single-VM registry of the sample (or of `store`)."""
+    if registry is None:
+        registry = VmRegistry(default_vm_id=DEFAULT_VM_ID)
+        registry.stores[DEFAULT_VM_ID] = store or SnapshotStore(sample_vm())
+    state = ServerState(registry, limits or Limits(), now=0.0, unix_time=PINNED_UNIX_TIME)
     protocol = HttpProtocol(state)
-    transport = FakeTransport()
+    transport = FakeTransport(peer)
     protocol.connection_made(transport)
     return protocol, transport, state
 

@@ -68,7 +68,7 @@ def test_keep_alive_connection_reuses_the_memo_across_reads() -> None:
     protocol, transport, state = make_connection()
     for _ in range(3):
         protocol.data_received(LEAF)
-    assert len(state.store.current.request_replies) == 1
+    assert len(state.registry.default.current.request_replies) == 1
     bodies = [r.body for r in split_responses(transport.output)]
     assert bodies == [sample_vm().instance["compute"]["vmId"].encode()] * 3
 
@@ -100,7 +100,7 @@ def test_pipelined_read_with_an_unknown_head_is_parsed_whole() -> None:
 def test_what_is_never_remembered(data: bytes) -> None:
     protocol, _, state = make_connection()
     protocol.data_received(data)
-    assert state.store.current.request_replies == {}
+    assert state.registry.default.current.request_replies == {}
 
 
 def test_a_request_split_across_reads_is_not_remembered_or_mistaken() -> None:
@@ -130,12 +130,12 @@ def test_memo_is_bounded_in_entries_and_key_size() -> None:
     protocol, _, state = make_connection()
     for i in range(MAX_REQUEST_MEMO_ENTRIES + 100):
         protocol.data_received(request(f"/metadata/instance?api-version=2021-02-01&n={i}"))
-    assert len(state.store.current.request_replies) == MAX_REQUEST_MEMO_ENTRIES
+    assert len(state.registry.default.current.request_replies) == MAX_REQUEST_MEMO_ENTRIES
 
     protocol, transport, state = make_connection()
     long_head = request(headers=(("Metadata", "true"), ("X-Pad", "p" * MAX_REQUEST_MEMO_KEY_BYTES)))
     protocol.data_received(long_head)
-    assert state.store.current.request_replies == {}
+    assert state.registry.default.current.request_replies == {}
     assert split_responses(transport.output)[0].status == 200
 
 

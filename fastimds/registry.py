@@ -1,0 +1,139 @@
+"""VmRegistry: many VMs on one host, and which one a caller is.
+
+Rules of this module:
+- A caller is identified by its source address alone. A VM claims every
+  private IP address of its network interfaces (IPv4 and IPv6) and the
+  addresses in its optional "callers" list. No address belongs to two VMs:
+  a publish that would make it so is refused with both VM ids named, and
+  nothing changes.
+- The mapping is looked up once per connection (`store_for`); the store it
+  returns is the VM's stable SnapshotStore, so the connection sees every
+  later publish of that VM without looking the mapping up again.
+- A caller no VM claims gets the default VM's store when one is configured
+  (single-VM mode serves every caller), else `NOBODY`, whose snapshot is
+  always None and whose requests get 404.
+- Everything runs on one event loop thread: an update runs to completion
+  between two requests, so in-place changes to the maps are atomic for
+  readers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from fastimds.datafile import VmDescription
+from fastimds.snapshot import Snapshot
+from fastimds.store import DEFAULT_VM_ID, SnapshotStore
+
+
+class ConflictError(Exception):
+    """An update that would give one caller address to two VMs."""
+
+
+def canonical_address(address: str) -> str | None:
+    """One spelling per address ("::ffff:10.0.0.4" is 10.0.0.4); None if not an IP."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return parsed.compressed
+
+
+def caller_addresses(vm: VmDescription) -> frozenset[str]:
+    """Every address whose requests belong to `vm`."""
+    found: set[str] = set()
+    interfaces = vm.instance.get("network", {}).get("interface", [])
+    for interface in interfaces if isinstance(interfaces, list) else []:
+        for family in ("ipv4", "ipv6"):
+            entries = interface.get(family, {}).get("ipAddress", []) if isinstance(interface, dict) else []
+            for entry in entries if isinstance(entries, list) else []:
+                address = canonical_address(entry.get("privateIpAddress", "")) if isinstance(entry, dict) else None
+                if address:
+                    found.add(address)
+    for caller in vm.reserved.get("callers", []):
+        address = canonical_address(caller)
+        if address:
+            found.add(address)
+    return frozenset(found)
+
+
+NOBODY = SnapshotStore(vm_id="<no VM>")
+
+
+class VmRegistry:
+    def __init__(self, default_vm_id: str | None = None) -> None:
+        self.stores: dict[str, SnapshotStore] = {}
+        self.callers: dict[str, SnapshotStore] = {}
+        self.addresses: dict[str, frozenset[str]] = {}
+        self.default_vm_id = default_vm_id
+
+    @classmethod
+    def single(cls, vm: VmDescription) -> VmRegistry:
+        """Single-VM mode: one VM that answers every caller."""
+        registry = cls(default_vm_id=DEFAULT_VM_ID)
+        registry.publish(DEFAULT_VM_ID, vm)
+        return registry
+
+    @property
+    def default(self) -> SnapshotStore:
+        if self.default_vm_id is None:
+            return NOBODY
+        return self._store(self.default_vm_id)
+
+    def _store(self, vm_id: str) -> SnapshotStore:
+        store = self.stores.get(vm_id)
+        if store is None:
+            store = self.stores[vm_id] = SnapshotStore(vm_id=vm_id)
+        return store
+
+    def store_for(self, address: str | None) -> SnapshotStore:
+        """The store of the VM that `address` belongs to (once per connection)."""
+        store = self.callers.get(canonical_address(address) or "") if address else None
+        return store if store is not None else self.default
+
+    def owner_of(self, address: str) -> str | None:
+        store = self.callers.get(address)
+        return store.vm_id if store is not None else None
+
+    def check(self, vm_id: str, vm: VmDescription) -> frozenset[str]:
+        """The VM's caller addresses, or ConflictError naming both VMs."""
+        addresses = caller_addresses(vm)
+        for address in sorted(addresses):
+            owner = self.owner_of(address)
+            if owner is not None and owner != vm_id:
+                raise ConflictError(f"address {address} is claimed by both VM {owner!r} and VM {vm_id!r}")
+        return addresses
+
+    def publish(self, vm_id: str, vm: VmDescription, generation: int | None = None) -> Snapshot:
+        """Build and publish `vm` as `vm_id`; raises (changing nothing) on conflict or bad build."""
+        addresses = self.check(vm_id, vm)
+        store = self._store(vm_id)
+        snapshot = store.publish(vm, generation)
+        for address in self.addresses.get(vm_id, frozenset()) - addresses:
+            del self.callers[address]
+        for address in addresses:
+            self.callers[address] = store
+        self.addresses[vm_id] = addresses
+        return snapshot
+
+    def remove(self, vm_id: str) -> bool:
+        store = self.stores.get(vm_id)
+        if store is None or store.current is None:
+            return False
+        store.clear()
+        for address in self.addresses.pop(vm_id, frozenset()):
+            del self.callers[address]
+        return True
+
+    def live(self) -> dict[str, SnapshotStore]:
+        """Every VM that has data now."""
+        return {vm_id: store for vm_id, store in self.stores.items() if store.current is not None}
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [
+            {"id": vm_id, "generation": store.generation, "callers": sorted(self.addresses.get(vm_id, ()))}
+            for vm_id, store in sorted(self.live().items())
+        ]
