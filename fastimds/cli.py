@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a VM description over HTTP")
     serve.add_argument("--data", type=Path, help="VM description file (default: the embedded sample VM)")
+    serve.add_argument("--data-dir", type=Path, help="a folder of VM description files, one VM each (watched)")
+    serve.add_argument("--default-vm", help="with --data-dir: the VM that answers callers no VM claims")
+    serve.add_argument("--state-dir", type=Path, help="keep every accepted VM description here, durably")
+    serve.add_argument("--admin-socket", type=Path, help="serve the admin API on this Unix socket (mode 0600)")
+    serve.add_argument("--admin-port", type=int, help="serve the admin API on this loopback TCP port")
+    serve.add_argument("--admin-token-file", type=Path, help="the bearer token the TCP admin API requires")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     serve.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port to bind, 0 for any (default {DEFAULT_PORT})"
@@ -53,8 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {name: getattr(args, name) for _, name, _, _ in LIMIT_FLAGS if getattr(args, name) is not None}
     extra = {"backlog": args.backlog} if args.backlog is not None else {}
+    token = None
+    if args.admin_token_file is not None:
+        try:
+            token = args.admin_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --admin-token-file {args.admin_token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"--admin-token-file {args.admin_token_file} is empty")
     return Settings(
         data_path=args.data,
+        data_dir=args.data_dir,
+        default_vm=args.default_vm,
+        state_dir=args.state_dir,
+        admin_socket=args.admin_socket,
+        admin_port=args.admin_port,
+        admin_token=token,
         host=args.host,
         port=args.port,
         workers=args.workers,

@@ -62,6 +62,12 @@ class Limits:
 @dataclass(frozen=True)
 class Settings:
     data_path: Path | None = None  # None serves the embedded sample VM
+    data_dir: Path | None = None  # many VMs, one file each; excludes data_path
+    default_vm: str | None = None  # with data_dir: the VM for callers no VM claims
+    state_dir: Path | None = None  # durable last-good store (and the update bus)
+    admin_socket: Path | None = None
+    admin_port: int | None = None  # loopback only; needs admin_token
+    admin_token: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     workers: int = 1
@@ -74,3 +80,15 @@ class Settings:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.data_path is not None and self.data_dir is not None:
+            raise ConfigError("--data and --data-dir exclude each other: one VM from a file, or many from a folder")
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise ConfigError(f"--data-dir {self.data_dir} is not a directory")
+        if self.default_vm is not None and self.data_dir is None:
+            raise ConfigError("--default-vm needs --data-dir (with --data, the one VM answers everyone)")
+        if self.admin_port is not None and not self.admin_token:
+            raise ConfigError("--admin-port needs --admin-token-file: the TCP admin API refuses requests without it")
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_socket is not None or self.admin_port is not None

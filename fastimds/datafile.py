@@ -67,6 +67,7 @@ class VmDescription:
     extended: dict[str, Any]
     source: str
     reserved: dict[str, Any] = field(default_factory=dict)
+    document: dict[str, Any] = field(default_factory=dict)  # as given, before normalising
 
 
 def _kind(value: Any) -> str:
@@ -190,6 +191,11 @@ def parse_vm(raw: bytes, source: str) -> VmDescription:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise DataError(source, [f"$: not valid JSON: {exc}"]) from None
+    return describe_vm(doc, source)
+
+
+def describe_vm(doc: Any, source: str) -> VmDescription:
+    """Validate and normalise an already parsed VM description, or raise DataError."""
     problems = validate_document(doc)
     if problems:
         raise DataError(source, problems)
@@ -200,6 +206,7 @@ def parse_vm(raw: bytes, source: str) -> VmDescription:
         extended={"compute": normalise(extended_compute)},
         source=source,
         reserved={key: doc[key] for key in RESERVED_KEYS if key in doc},
+        document=doc,
     )
 
 

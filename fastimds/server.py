@@ -20,17 +20,22 @@ import contextlib
 import gc
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import uvloop
 
+from fastimds.admin import AdminApi, admin_factory
+from fastimds.bus import Bus
 from fastimds.config import Settings
-from fastimds.datafile import DataError, VmDescription, load_vm
+from fastimds.control import Control, Follower
+from fastimds.datafile import DataError
 from fastimds.log import log_event
 from fastimds.protocol import HttpProtocol, ServerState
 from fastimds.registry import VmRegistry
@@ -59,34 +64,107 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _ready_line(settings: Settings, port: int, vm: VmDescription) -> str:
+def _ready_line(settings: Settings, port: int, registry: VmRegistry, admin: str) -> str:
+    default = registry.default.current
+    vm_id = default.vm.instance.get("compute", {}).get("vmId", "") if default is not None else ""
+    data = settings.data_dir or (default.vm.source if default is not None else "")
     return (
         f"fastimds listening on {_url(settings.host, port)} workers={settings.workers} "
-        f"vmId={vm.instance.get('compute', {}).get('vmId', '')} data={vm.source}"
+        f"vms={len(registry.live())} vmId={vm_id} admin={admin or '-'} data={data}"
     )
 
 
-def reload_data(settings: Settings, registry: VmRegistry) -> None:
-    """SIGHUP: re-read --data and publish it, or refuse and keep serving."""
+def reload_sources(settings: Settings, control: Control) -> None:
+    """SIGHUP: re-read --data (or rescan --data-dir) and publish what changed, or refuse."""
+    if settings.data_dir is not None:
+        control.sync_data_dir(settings.data_dir)
+        return
     try:
-        vm = load_vm(settings.data_path)
+        control.load_data_file(settings.data_path)
     except DataError as exc:
         log_event(
             "reload_refused",
             source=exc.source,
             problems=exc.problems,
-            serving_generation=registry.default.generation,
+            serving_generation=control.registry.default.generation,
         )
         return
-    snapshot = registry.publish(DEFAULT_VM_ID, vm)
-    log_event("reload_published", source=vm.source, generation=snapshot.generation)
+    log_event("reload_published", source=str(settings.data_path), generation=control.registry.default.generation)
 
 
-async def _run_worker(settings: Settings, vm: VmDescription, sock: socket.socket, on_ready: Callable[[], None]) -> None:
+def prepare_control(settings: Settings, bus: Bus) -> Control:
+    """Load the last good state, then every configured source; raises DataError on a bad --data."""
+    default_vm_id = settings.default_vm if settings.data_dir is not None else DEFAULT_VM_ID
+    control = Control(bus, VmRegistry(default_vm_id=default_vm_id))
+    control.load_state()
+    if settings.data_dir is not None:
+        control.sync_data_dir(settings.data_dir)
+    else:
+        control.load_data_file(settings.data_path)
+    return control
+
+
+class AdminSockets:
+    """The admin listeners' sockets, bound once (before any fork) and kept for restarts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.unix: socket.socket | None = None
+        self.tcp: socket.socket | None = None
+        self.token = settings.admin_token
+        if settings.admin_socket is not None:
+            path = settings.admin_socket
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_socket():
+                    path.unlink()  # a stale socket from a previous run
+            self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)  # created 0600: only its owner may connect
+            try:
+                self.unix.bind(str(path))
+            finally:
+                os.umask(old_umask)
+        if settings.admin_port is not None:
+            self.tcp = make_listen_socket("127.0.0.1", settings.admin_port, reuse_port=False)
+
+    def describe(self, settings: Settings) -> str:
+        names = []
+        if self.unix is not None:
+            names.append(f"unix:{settings.admin_socket}")
+        if self.tcp is not None:
+            names.append(_url("127.0.0.1", self.tcp.getsockname()[1]))
+        return ",".join(names)
+
+    async def serve(self, control: Control, backlog: int) -> list[asyncio.Server]:
+        loop = asyncio.get_running_loop()
+        api = AdminApi(control, self.token)
+        servers = []
+        if self.unix is not None:
+            servers.append(await loop.create_unix_server(admin_factory(api, over_tcp=False), sock=self.unix))
+        if self.tcp is not None:
+            servers.append(await loop.create_server(admin_factory(api, over_tcp=True), sock=self.tcp, backlog=backlog))
+        return servers
+
+
+async def _run_worker(
+    settings: Settings,
+    bus: Bus,
+    sock: socket.socket,
+    on_ready: Callable[[VmRegistry], None],
+    *,
+    control: Control | None,
+    admin: AdminSockets | None,
+) -> None:
+    """One process serving VMs. With `control`, it is also the control plane (single-process mode)."""
     loop = asyncio.get_running_loop()
-    registry = VmRegistry.single(vm)
+    tasks = []
+    if control is not None:
+        registry = control.registry
+    else:
+        registry = VmRegistry(default_vm_id=settings.default_vm if settings.data_dir else DEFAULT_VM_ID)
+        tasks.append(await Follower(bus, registry).start())
     state = ServerState(registry, settings.limits, loop.time(), time.time())
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
+    if control is not None:
+        tasks.extend(await _start_control(settings, control, admin))
 
     def tick() -> None:
         unix_time = time.time()
@@ -96,16 +174,24 @@ async def _run_worker(settings: Settings, vm: VmDescription, sock: socket.socket
 
     tick()
     stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, reload_data, settings, registry)
+    if control is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_sources, settings, control)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the control process reloads
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     # Everything built so far lives as long as the process: keep it out of
     # the collector's generations so collections stay cheap (tuning.md).
     gc.freeze()
     log_event("worker_ready", vms=len(registry.live()))
-    on_ready()
+    on_ready(registry)
     await stopping.wait()
 
+    for task in tasks:
+        if isinstance(task, asyncio.Server):
+            task.close()
+        else:
+            task.cancel()
     state.draining = True
     server.close()
     for connection in list(state.connections):
@@ -118,35 +204,78 @@ async def _run_worker(settings: Settings, vm: VmDescription, sock: socket.socket
     log_event("worker_stopped", aborted=len(state.connections))
 
 
+async def _start_control(settings: Settings, control: Control, admin: AdminSockets | None) -> list[Any]:
+    """The control plane's listeners and watches, on the running loop."""
+    started: list[Any] = []
+    if admin is not None:
+        started.extend(await admin.serve(control, settings.backlog))
+    if settings.data_dir is not None:
+        started.append(asyncio.ensure_future(control.watch_data_dir(settings.data_dir)))
+    return started
+
+
+async def _run_control(settings: Settings, bus: Bus, admin: AdminSockets | None, on_ready: Callable[[], None]) -> None:
+    """The control process of a multi-worker server: admin API, data sources, SIGHUP."""
+    loop = asyncio.get_running_loop()
+    control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
+    started = await _start_control(settings, control, admin)
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_sources, settings, control)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    log_event("control_ready", vms=len(control.registry.live()))
+    on_ready()
+    await stopping.wait()
+    for item in started:
+        if isinstance(item, asyncio.Server):
+            item.close()
+        else:
+            item.cancel()
+
+
 def serve(settings: Settings) -> int:
     """Run the server until SIGTERM; returns the process exit code.
 
     0: stopped by a signal; 1: could not listen or workers failed; 2: bad data.
     """
+    bus = Bus(settings.state_dir, durable=True) if settings.state_dir is not None else Bus.private()
     try:
-        vm = load_vm(settings.data_path)
-    except DataError as exc:
-        print(f"fastimds: cannot serve {exc.source}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
-    try:
-        # Bound without SO_REUSEPORT first: fails if anything serves the port
-        # (a second fastimds included) and resolves port 0.
-        sock = make_listen_socket(settings.host, settings.port, reuse_port=False)
-    except OSError as exc:
-        print(f"fastimds: cannot listen on {_url(settings.host, settings.port)}: {exc.strerror}", file=sys.stderr)
-        return 1
-    port = sock.getsockname()[1]
-    if settings.workers == 1:
-        uvloop.run(_run_worker(settings, vm, sock, lambda: _announce(settings, port, vm)))
-        return 0
-    sock.close()
-    return Supervisor(replace(settings, port=port), vm).run()
+        try:
+            control = prepare_control(settings, bus)
+        except DataError as exc:
+            print(f"fastimds: cannot serve {exc.source}:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+            return 2
+        try:
+            # Bound without SO_REUSEPORT first: fails if anything serves the port
+            # (a second fastimds included) and resolves port 0.
+            sock = make_listen_socket(settings.host, settings.port, reuse_port=False)
+            admin = AdminSockets(settings) if settings.admin_enabled else None
+        except OSError as exc:
+            print(f"fastimds: cannot listen: {exc.strerror} ({exc.filename or settings.port})", file=sys.stderr)
+            return 1
+        port = sock.getsockname()[1]
+        admin_names = admin.describe(settings) if admin is not None else ""
+        if settings.workers == 1:
+
+            def announce(registry: VmRegistry) -> None:
+                print(_ready_line(settings, port, registry, admin_names), flush=True)
+
+            uvloop.run(_run_worker(settings, bus, sock, announce, control=control, admin=admin))
+            return 0
+        sock.close()
+        ready_line = _ready_line(replace(settings, port=port), port, control.registry, admin_names)
+        return Supervisor(replace(settings, port=port), bus, admin, ready_line).run()
+    finally:
+        if settings.state_dir is None:
+            shutil.rmtree(bus.directory, ignore_errors=True)
+        if settings.admin_socket is not None and os.getpid() == _MAIN_PID:
+            with contextlib.suppress(FileNotFoundError):
+                settings.admin_socket.unlink()
 
 
-def _announce(settings: Settings, port: int, vm: VmDescription) -> None:
-    print(_ready_line(settings, port, vm), flush=True)
+_MAIN_PID = os.getpid()
 
 
 _FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
@@ -155,10 +284,13 @@ _FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 class Supervisor:
     """Forks the workers, forwards signals to them, restarts the ones that die."""
 
-    def __init__(self, settings: Settings, vm: VmDescription) -> None:
+    def __init__(self, settings: Settings, bus: Bus, admin: AdminSockets | None, ready_line: str) -> None:
         self.settings = settings
-        self.vm = vm  # the newest good data: what a restarted worker starts with
+        self.bus = bus  # where every process reads the data: restarts start from the newest
+        self.admin = admin
+        self.ready_line = ready_line
         self.workers: dict[int, float] = {}  # pid -> start time
+        self.control_pid = 0
         self.stopping = False
         self.ready_read, self.ready_write = os.pipe()
         os.set_blocking(self.ready_write, False)
@@ -171,13 +303,14 @@ class Supervisor:
         # Reserves the port for the workers' SO_REUSEPORT group until they have bound it.
         placeholder = make_listen_socket(self.settings.host, self.settings.port, reuse_port=True)
         try:
+            self._spawn_control()
             for _ in range(self.settings.workers):
                 self._spawn(placeholder)
-            ready = self._wait_ready(self.settings.workers)
+            ready = self._wait_ready(self.settings.workers + 1)
         finally:
             placeholder.close()
         if ready:
-            print(_ready_line(self.settings, self.settings.port, self.vm), flush=True)
+            print(self.ready_line, flush=True)
         elif not self.stopping:
             log_event("workers_not_ready", timeout_s=WORKER_START_TIMEOUT_S)
             self._signal_workers(signal.SIGKILL)
@@ -186,14 +319,13 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
-            # Workers re-read the file themselves; the supervisor re-reads it too,
-            # so a worker restarted later starts from the newest good data.
-            with contextlib.suppress(DataError):
-                self.vm = load_vm(self.settings.data_path)
-        else:
-            self.stopping = True
-            signum = signal.SIGTERM
-        self._signal_workers(signum)
+            # Only the control process reloads; workers follow the bus.
+            if self.control_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.control_pid, signal.SIGHUP)
+            return
+        self.stopping = True
+        self._signal_workers(signal.SIGTERM)
 
     def _signal_workers(self, signum: int) -> None:
         for pid in list(self.workers):
@@ -201,31 +333,52 @@ class Supervisor:
                 os.kill(pid, signum)
 
     def _spawn(self, placeholder: socket.socket | None = None) -> None:
+        def work() -> None:
+            if placeholder is not None:
+                placeholder.close()
+            if self.admin is not None:
+                for sock in (self.admin.unix, self.admin.tcp):
+                    if sock is not None:
+                        sock.close()
+            listener = make_listen_socket(self.settings.host, self.settings.port, reuse_port=True)
+            ready = self.ready_write
+            worker = _run_worker(
+                self.settings, self.bus, listener, lambda _r: _report_ready(ready), control=None, admin=None
+            )
+            uvloop.run(worker)
+
+        self.workers[self._fork("worker", work)] = time.monotonic()
+
+    def _spawn_control(self) -> None:
+        def control() -> None:
+            ready = self.ready_write
+            uvloop.run(_run_control(self.settings, self.bus, self.admin, lambda: _report_ready(ready)))
+
+        self.control_pid = self._fork("control", control)
+        self.workers[self.control_pid] = time.monotonic()
+
+    def _fork(self, role: str, body: Callable[[], None]) -> int:
         # Block forwarded signals across fork: the child must not run the
         # supervisor's handler, and the parent handles them after, with the
         # new pid known.
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED_SIGNALS)
         pid = os.fork()
         if pid:
-            self.workers[pid] = time.monotonic()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)
-            return
+            return pid
         code = 1
         try:
-            # Until its loop installs handlers, a new worker ignores SIGHUP (it
+            # Until its loop installs handlers, a new process ignores SIGHUP (it
             # starts from the newest data anyway) and dies on SIGTERM.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED_SIGNALS)
             os.close(self.ready_read)
-            if placeholder is not None:
-                placeholder.close()
-            sock = make_listen_socket(self.settings.host, self.settings.port, reuse_port=True)
-            uvloop.run(_run_worker(self.settings, self.vm, sock, lambda: _report_ready(self.ready_write)))
+            body()
             code = 0
-        except BaseException as exc:  # a worker must report, then exit
-            log_event("worker_crashed", error=repr(exc))
+        except BaseException as exc:  # a child must report, then exit
+            log_event(f"{role}_crashed", error=repr(exc))
         finally:
             os._exit(code)
 
@@ -248,14 +401,18 @@ class Supervisor:
             started = self.workers.pop(pid, None)
             if started is None or self.stopping:
                 continue
-            log_event("worker_exited", worker_pid=pid, status=os.waitstatus_to_exitcode(status))
+            role = "control" if pid == self.control_pid else "worker"
+            log_event(f"{role}_exited", child_pid=pid, status=os.waitstatus_to_exitcode(status))
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < CRASH_LOOP_WINDOW_S else 0
             if quick_deaths >= CRASH_LOOP_LIMIT:
                 log_event("crash_loop", restarts=quick_deaths)
                 self.stopping = True
                 self._signal_workers(signal.SIGTERM)
                 continue
-            self._spawn()
+            if role == "control":
+                self._spawn_control()
+            else:
+                self._spawn()
         return 1 if quick_deaths >= CRASH_LOOP_LIMIT else 0
 
 

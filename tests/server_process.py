@@ -30,8 +30,8 @@ STOP_TIMEOUT_S = 10.0
 SOCKET_TIMEOUT_S = 5.0
 
 READY_LINE = re.compile(
-    r"^fastimds listening on http://127\.0\.0\.1:(?P<port>\d+) workers=(?P<workers>\d+) "
-    r"vmId=(?P<vm_id>\S*) data=(?P<data>.*)$"
+    r"^fastimds listening on http://127\.0\.0\.1:(?P<port>\d+) workers=(?P<workers>\d+) vms=(?P<vms>\d+) "
+    r"vmId=(?P<vm_id>\S*) admin=(?P<admin>\S*) data=(?P<data>.*)$"
 )
 
 
@@ -49,6 +49,7 @@ class ServerProcess:
         self.port = 0
         self.workers = 0
         self.vm_id = ""
+        self.admin: list[str] = []
 
     @property
     def pid(self) -> int:
@@ -99,6 +100,7 @@ class ServerProcess:
         self.port = int(match["port"])
         self.workers = int(match["workers"])
         self.vm_id = match["vm_id"]
+        self.admin = [] if match["admin"] == "-" else match["admin"].split(",")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, wait up to `timeout`, then kill the process group; returns the exit code."""

@@ -558,20 +558,30 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
+def worker_pids(server: ServerProcess) -> set[int]:
+    """Children that are workers (they log worker_ready); the other child is the control process."""
+    return {record["pid"] for record in log_events(server, "worker_ready")} & set(server.child_pids())
+
+
+def control_pid(server: ServerProcess) -> int:
+    [pid] = {record["pid"] for record in log_events(server, "control_ready")} & set(server.child_pids())
+    return int(pid)
+
+
 def test_two_workers_share_the_port() -> None:
     with running_server("--workers", "2") as server:
         assert server.workers == 2
-        children = server.child_pids()
+        children = worker_pids(server)
         assert len(children) == 2
+        assert set(server.child_pids()) == children | {control_pid(server)}
         listening = _listening_inodes(server.port)
         assert len(listening) == 2  # one SO_REUSEPORT socket per worker, none left in the supervisor
         for child in children:
             assert _socket_inodes(child) & listening, f"worker {child} does not listen on {server.port}"
         assert not _socket_inodes(server.pid) & listening
+        assert not _socket_inodes(control_pid(server)) & listening  # the control process serves no VM
         for _ in range(50):
             assert fresh_get(server.port, LOCATION_TEXT) == (200, LOCATION.encode())
-        ready = {record["pid"] for record in log_events(server, "worker_ready")}
-        assert ready == set(children)
         assert server.stop() == 0
         assert all(_is_zombie_or_gone(child) for child in children)
 
@@ -586,26 +596,25 @@ def _is_zombie_or_gone(pid: int) -> bool:
 
 def _kill_worker_and_wait_for_replacement(server: ServerProcess) -> tuple[int, int]:
     """SIGKILL one worker; wait until the supervisor has a ready replacement. Returns (killed, replacement)."""
-    before = server.child_pids()
-    killed = before[0]
+    before = worker_pids(server)
+    killed = min(before)
     os.kill(killed, signal.SIGKILL)
 
     def replaced() -> bool:
-        children = server.child_pids()
-        return len(children) == len(before) and killed not in children
+        workers = worker_pids(server)
+        return len(workers) == len(before) and killed not in workers
 
     assert poll_until(replaced), f"worker {killed} was not replaced: {server.child_pids()}"
-    [replacement] = set(server.child_pids()) - set(before)
-    assert poll_until(lambda: replacement in {record["pid"] for record in log_events(server, "worker_ready")})
+    [replacement] = worker_pids(server) - before
     return killed, replacement
 
 
 def test_killed_worker_is_replaced() -> None:
     with running_server("--workers", "2") as server:
-        assert len(server.child_pids()) == 2
+        assert len(worker_pids(server)) == 2
         killed, _ = _kill_worker_and_wait_for_replacement(server)
         [exited] = log_events(server, "worker_exited")
-        assert (exited["worker_pid"], exited["status"]) == (killed, -signal.SIGKILL)
+        assert (exited["child_pid"], exited["status"]) == (killed, -signal.SIGKILL)
         for _ in range(40):
             assert fresh_get(server.port, LOCATION_TEXT) == (200, LOCATION.encode())
         assert server.stop() == 0
@@ -671,8 +680,9 @@ def test_sigterm_before_the_ready_line_leaves_no_worker(tmp_path: Path) -> None:
         server = ServerProcess(proc, stderr_path)
         try:
             assert poll_until(lambda: len(log_events(server, "worker_ready")) == 2, timeout=15)
+            assert poll_until(lambda: len(log_events(server, "control_ready")) == 1, timeout=15)
             workers = server.child_pids()
-            assert len(workers) == 2
+            assert len(workers) == 3  # two workers and the control process
             time.sleep(0.2)  # the supervisor reaches its (blocked) ready line
             server.send_signal(signal.SIGTERM)
             time.sleep(0.2)
@@ -736,7 +746,8 @@ def test_sighup_reload_reaches_every_worker(tmp_path: Path) -> None:
     _write_vm(data, LOCATION)
     with running_server("--data", str(data), "--workers", "2") as server:
         children = server.child_pids()
-        assert len(children) == 2
+        workers = worker_pids(server)
+        assert len(workers) == 2
 
         def every_connection_serves(location: bytes) -> bool:
             return all(_location(server.port) == location for _ in range(20))
@@ -745,20 +756,21 @@ def test_sighup_reload_reaches_every_worker(tmp_path: Path) -> None:
         _write_vm(data, "northeurope")
         server.send_signal(signal.SIGHUP)
         assert poll_until(lambda: every_connection_serves(b"northeurope"))
-        assert poll_until(lambda: len(log_events(server, "reload_published")) == 2)
-        assert {record["pid"] for record in log_events(server, "reload_published")} == set(children)
+        # The control process reloads once; each worker applies generation 2 from the bus.
+        [published] = log_events(server, "reload_published")
+        assert published["pid"] == control_pid(server)
+        applied = [r for r in log_events(server, "update_applied") if r["generation"] == 2]
+        assert {record["pid"] for record in applied} == workers
 
         document = json.loads(data.read_text())
         del document["instance"]
         data.write_text(json.dumps(document))
         server.send_signal(signal.SIGHUP)
-        assert poll_until(lambda: len(log_events(server, "reload_refused")) == 2)
-        refused = log_events(server, "reload_refused")
-        assert {record["pid"] for record in refused} == set(children)
-        for record in refused:
-            assert "$.instance: required key is missing" in record["problems"]
+        assert poll_until(lambda: len(log_events(server, "reload_refused")) == 1)
+        [refused] = log_events(server, "reload_refused")
+        assert "$.instance: required key is missing" in refused["problems"]
         assert every_connection_serves(b"northeurope")
-        assert server.child_pids() == children  # a refused reload kills no worker
+        assert server.child_pids() == children  # a refused reload kills no process
         assert server.stop() == 0
 
 
@@ -768,7 +780,7 @@ def test_replacement_worker_serves_reloaded_data(tmp_path: Path) -> None:
     with running_server("--data", str(data), "--workers", "2") as server:
         _write_vm(data, "northeurope")
         server.send_signal(signal.SIGHUP)
-        assert poll_until(lambda: len(log_events(server, "reload_published")) == 2)
+        assert poll_until(lambda: len(log_events(server, "reload_published")) == 1)
         _kill_worker_and_wait_for_replacement(server)
         served = Counter(_location(server.port) for _ in range(40))
         assert served == {b"northeurope": 40}, (

@@ -1,0 +1,185 @@
+"""The admin API: read and write VMs over a Unix socket or a loopback TCP port.
+
+Rules of this module:
+- Never served on the VM-facing listener: it has its own sockets, a Unix
+  socket created with mode 0600 and an optional TCP port.
+- On TCP every /vms request (reads too: they show every VM's data) needs
+  `Authorization: Bearer <token>`, compared in constant time. The Unix
+  socket relies on its file mode instead. /healthz and /readyz need nothing.
+- Writes go through `Control`, which validates, numbers, persists and only
+  then answers; every error is JSON naming the problem, and a refused write
+  changes nothing.
+- Not a hot path: plain code, one request at a time per connection.
+
+Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from typing import Any, cast
+
+import httptools
+import orjson
+
+from fastimds.control import Control, UpdateError
+from fastimds.datafile import MAX_VM_FILE_BYTES
+from fastimds.render import STATUS_LINES
+
+MAX_ADMIN_BODY_BYTES = MAX_VM_FILE_BYTES + 64 * 1024  # a VM description plus JSON framing slack
+MAX_ADMIN_HEAD_BYTES = 16 * 1024
+
+_STATUS_REASONS = {201: "Created", 401: "Unauthorized", 409: "Conflict", 415: "Unsupported Media Type"}
+
+
+def _status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} {_STATUS_REASONS.get(status, 'Error')}\r\n".encode()
+
+
+def json_response(status: int, value: Any, extra_headers: bytes = b"", close: bool = False) -> bytes:
+    body = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return b"".join(
+        (
+            _status_line(status),
+            b"Content-Type: application/json; charset=utf-8\r\n",
+            b"Content-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            extra_headers,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
+
+
+class AdminApi:
+    """What the admin listeners answer; shared by the Unix and TCP protocols."""
+
+    def __init__(self, control: Control, token: str | None) -> None:
+        self.control = control
+        self.token = token
+
+    def handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
+        path = path.split("?", 1)[0].rstrip("/") or "/"
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            return json_response(200, {"status": "ready", "vms": len(self.control.registry.live())})
+        if path != "/vms" and not path.startswith("/vms/"):
+            return json_response(404, {"error": f"no admin route {path}"})
+        if over_tcp and not self._authorized(authorization):
+            return json_response(
+                401, {"error": "a bearer token is required"}, b'WWW-Authenticate: Bearer realm="fastimds"\r\n'
+            )
+        try:
+            return self._vms(method, path, body)
+        except UpdateError as exc:
+            error: dict[str, Any] = {"error": exc.message}
+            if exc.problems:
+                error["problems"] = exc.problems
+            return json_response(exc.status, error)
+
+    def _authorized(self, authorization: bytes | None) -> bool:
+        if self.token is None or authorization is None:
+            return False
+        scheme, _, credential = authorization.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token.encode())
+
+    def _vms(self, method: str, path: str, body: bytes) -> bytes:
+        control = self.control
+        if path == "/vms":
+            if method != "GET":
+                return json_response(405, {"error": f"{method} is not allowed on /vms"}, b"Allow: GET\r\n")
+            return json_response(200, {"vms": control.registry.summary()})
+        vm_id = path[len("/vms/") :]
+        if method == "GET":
+            return json_response(200, control.document(vm_id))
+        if method == "DELETE":
+            control.delete(vm_id)
+            return json_response(200, {"id": vm_id, "deleted": True})
+        if method in ("PUT", "PATCH"):
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise UpdateError(400, f"the body is not valid JSON: {exc}") from None
+            existed = vm_id in control.registry.live()
+            generation = control.put(vm_id, document) if method == "PUT" else control.patch(vm_id, document)
+            return json_response(
+                201 if method == "PUT" and not existed else 200, {"id": vm_id, "generation": generation}
+            )
+        return json_response(
+            405, {"error": f"{method} is not allowed on /vms/{{id}}"}, b"Allow: GET, PUT, PATCH, DELETE\r\n"
+        )
+
+
+class AdminProtocol(asyncio.Protocol):
+    def __init__(self, api: AdminApi, over_tcp: bool) -> None:
+        self.api = api
+        self.over_tcp = over_tcp
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.authorization: bytes | None = None
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.head_size = 0
+        self.failure: bytes | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            reply = self.failure or json_response(400, {"error": "malformed HTTP request"}, close=True)
+            self.transport.write(reply)
+            self.transport.close()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        if name.lower() == b"authorization":
+            self.authorization = value
+
+    def _count(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > MAX_ADMIN_HEAD_BYTES:
+            self.failure = json_response(431, {"error": "request head too large"}, close=True)
+            raise ValueError("head too large")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > MAX_ADMIN_BODY_BYTES:
+            self.failure = json_response(413, {"error": f"body over {MAX_ADMIN_BODY_BYTES} bytes"}, close=True)
+            raise ValueError("body too large")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        method = self.parser.get_method().decode("latin-1")
+        try:
+            reply = self.api.handle(
+                method, self.url.decode("latin-1"), self.authorization, b"".join(self.body), self.over_tcp
+            )
+        except Exception as exc:  # an admin bug must not take the listener down
+            reply = json_response(500, {"error": f"internal error: {exc!r}"})
+        self.transport.write(reply)
+        if not self.parser.should_keep_alive():
+            self.transport.close()
+        self._reset()
+
+
+def admin_factory(api: AdminApi, over_tcp: bool) -> Callable[[], AdminProtocol]:
+    return lambda: AdminProtocol(api, over_tcp)
