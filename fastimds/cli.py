@@ -1,4 +1,4 @@
-"""The command line: `fastimds serve` and `fastimds validate`.
+"""The command line: `fastimds serve`, `fastimds validate` and `fastimds admin`.
 
 Rules of this module:
 - Parse arguments, build frozen Settings, hand over; no serving logic here.
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastimds import __version__
+from fastimds import __version__, admin_client
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.datafile import DataError, load_vm
 
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a VM description file")
     validate.add_argument("file", type=Path)
+
+    admin_client.add_arguments(commands.add_parser("admin", help="read and change VMs through the admin API"))
     return parser
 
 
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
         return validate_file(args.file)
+    if args.command == "admin":
+        return admin_client.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:

@@ -29,6 +29,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import cast
 
 import httptools
@@ -36,7 +37,7 @@ import httptools
 from fastimds.config import Limits
 from fastimds.registry import NOBODY, VmRegistry
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
-from fastimds.routing import resolve
+from fastimds.routing import WAIT_MARK, etag_matches, resolve, wait_spec
 from fastimds.snapshot import RequestReply
 from fastimds.store import SnapshotStore
 
@@ -52,7 +53,9 @@ END_OF_HEAD = b"\r\n\r\n"
 _BODY_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 # Lengths of every header name on_header looks at, so that most names are
 # passed over after one set lookup.
-_WATCHED_HEADER_SIZES = frozenset({len(name) for name in (b"metadata", b"x-forwarded-for", b"connection", b"upgrade")})
+_WATCHED_HEADER_SIZES = frozenset(
+    {len(name) for name in (b"metadata", b"x-forwarded-for", b"connection", b"upgrade", b"if-none-match")}
+)
 _WATCHED_HEADER_SIZES |= {len(name) for name in _BODY_FRAMING_HEADERS}
 
 _REMEMBERED_METHODS = frozenset({b"GET", b"HEAD"})
@@ -67,6 +70,19 @@ _REQUEST_TIMEOUT = ERRORS["request_timeout"]
 # its bytes are not counted until the next read, so bytes of earlier
 # pipelined requests in the same read are never charged to it.
 _BEGAN_THIS_FEED = -1
+
+
+@dataclass(slots=True, frozen=True)
+class _Wait:
+    """A held long-poll: the request to re-resolve and the ETag it waits to change from."""
+
+    method: bytes
+    url: bytes
+    metadata_ok: bool
+    forwarded: bool
+    awaited: bytes | None
+    connection: bytes
+    closes: bool
 
 
 class _Reject(Exception):
@@ -109,6 +125,7 @@ class HttpProtocol(asyncio.Protocol):
         "backlog",
         "deadline",
         "captured",
+        "waiting",
         # ---- per request ----
         "in_request",
         "head_done",
@@ -121,6 +138,7 @@ class HttpProtocol(asyncio.Protocol):
         "keep_alive_asked",
         "upgrade_asked",
         "plain",
+        "if_none_match",
         "body_bytes",
         "reject",
     )
@@ -137,6 +155,7 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0  # when this connection must next have progressed
         # Replies of the current read, in order, while it may still be remembered.
         self.captured: list[RequestReply] | None = None
+        self.waiting: _Wait | None = None  # a held long-poll
         self.in_request = False
         self.head_done = False
         self.head_pending = 0
@@ -158,6 +177,9 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = True
         self.backlog = b""
         self.state.connections.discard(self)
+        if self.waiting is not None:
+            self.waiting = None
+            self.vm.watchers.discard(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -252,7 +274,9 @@ class HttpProtocol(asyncio.Protocol):
             if not self.closing:
                 self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
             return
-        if not self.in_request:
+        if self.waiting is not None:
+            pass  # a held long-poll keeps its own deadline (timeout_sec)
+        elif not self.in_request:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s
         elif not self.head_done:
             self._charge_unfinished_head(len(data))
@@ -268,12 +292,14 @@ class HttpProtocol(asyncio.Protocol):
             self._respond(_HEAD_TOO_LARGE, head_only=False, keep_alive=False)
 
     def _feed_backlog(self) -> None:
-        while self.backlog and not self.closing and not self.write_paused:
+        while self.backlog and not self.closing and not self.write_paused and self.waiting is None:
             piece, self.backlog = self.backlog[:FEED_SLICE_BYTES], self.backlog[FEED_SLICE_BYTES:]
             self._feed(piece)
             self._flush()
 
     def _flush(self) -> None:
+        if self.waiting is not None:
+            return  # replies after a held long-poll wait for it (see _release)
         out = self.out
         if out:
             self.write(b"".join(out))
@@ -305,6 +331,7 @@ class HttpProtocol(asyncio.Protocol):
         self.keep_alive_asked = False
         self.upgrade_asked = False
         self.plain = True  # no body framing: the head alone decides the reply
+        self.if_none_match: bytes | None = None
         self.body_bytes = 0
 
     def on_message_begin(self) -> None:
@@ -342,6 +369,8 @@ class HttpProtocol(asyncio.Protocol):
             # We never switch protocols, and httptools stops parsing after an
             # upgrade request, so its reply must announce the close.
             self.upgrade_asked = True
+        elif name == b"if-none-match":
+            self.if_none_match = value
         elif name in _BODY_FRAMING_HEADERS:
             self.plain = False
             if name == b"expect" and value.lower() == b"100-continue":
@@ -363,7 +392,8 @@ class HttpProtocol(asyncio.Protocol):
         self.in_request = False
         state = self.state
         method = self.parser.get_method()
-        reply = resolve(self.vm.current, method, self.url, self.metadata_ok, self.forwarded)
+        url = self.url
+        reply = resolve(self.vm.current, method, url, self.metadata_ok, self.forwarded)
         if (
             self.parser.should_keep_alive()
             and not reply.close
@@ -377,25 +407,89 @@ class HttpProtocol(asyncio.Protocol):
         else:
             connection = CONNECTION_CLOSE
             closes = self.closing = True
-        body = b"" if method == b"HEAD" else reply.body
-        out = self.out
-        out.append(reply.head)
-        out.append(connection)
-        out.append(state.date_block)
-        out.append(body)
+        if WAIT_MARK in url and reply.status == 200:
+            self.plain = False  # its answer depends on time: never remembered
+            wait = wait_spec(url)
+            if isinstance(wait, Reply):
+                reply = wait
+            elif wait is not None and (wait.last_etag is None or wait.last_etag == reply.etag):
+                self._hold(_Wait(method, url, self.metadata_ok, self.forwarded, reply.etag, connection, closes))
+                self.deadline = state.now + wait.timeout_s
+                self._reset_request()
+                return
+        head, body = self._append_reply(reply, method, connection, self.if_none_match)
         if self.captured is not None:
             if self.plain and method in _REMEMBERED_METHODS:
-                self.captured.append((reply.head + connection, body, closes))
+                self.captured.append((head + connection, body, closes))
             else:
                 self.captured = None
         self._reset_request()
 
+    def _append_reply(
+        self, reply: Reply, method: bytes, connection: bytes, if_none_match: bytes | None
+    ) -> tuple[bytes, bytes]:
+        """Queue one reply (a 304 when If-None-Match matches); returns its head and body."""
+        if if_none_match is not None and reply.etag is not None and etag_matches(if_none_match, reply.etag):
+            head, body = reply.not_modified, b""
+        else:
+            head, body = reply.head, b"" if method == b"HEAD" else reply.body
+        out = self.out
+        out.append(head)
+        out.append(connection)
+        out.append(self.state.date_block)
+        out.append(body)
+        return head, body
+
+    # ---- long-polling ----
+
+    def _hold(self, wait: _Wait) -> None:
+        """Park a long-poll: costs no CPU until the VM publishes or the deadline passes."""
+        self._flush()  # replies to the requests before it go now
+        self.waiting = wait
+        self.vm.watchers.add(self)
+        self.transport.pause_reading()  # nothing after it is answered before it
+
+    def on_publish(self) -> None:
+        """The VM changed: answer the held long-poll if its view did."""
+        wait = self.waiting
+        if wait is None:
+            return
+        reply = resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded)
+        if reply.etag != wait.awaited:
+            self._release(reply)
+
+    def _release(self, reply: Reply) -> None:
+        wait = self.waiting
+        assert wait is not None
+        self.waiting = None
+        self.vm.watchers.discard(self)
+        later = self.out[:]  # replies to pipelined requests that came after the long-poll
+        self.out.clear()
+        connection = wait.connection
+        if self.state.draining and not wait.closes:
+            connection, self.closing = CONNECTION_CLOSE, True
+        self._append_reply(reply, wait.method, connection, None)
+        self.out.extend(later)
+        if not self.closing:
+            self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+            self.transport.resume_reading()
+        self._flush()
+        if self.backlog:
+            self._feed_backlog()
+
+    def _release_with_current(self) -> None:
+        wait = self.waiting
+        assert wait is not None
+        self._release(resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded))
+
     # ---- deadlines and shutdown ----
 
     def check_deadlines(self, now: float) -> None:
-        if self.closing or now < self.deadline:
+        if (self.closing and self.waiting is None) or now < self.deadline:
             return
-        if self.write_paused:
+        if self.waiting is not None:
+            self._release_with_current()  # timeout_sec passed: answer with the current value
+        elif self.write_paused:
             self.transport.abort()  # the client stopped reading; drop what it did not take
         elif self.in_request:
             self._respond(_REQUEST_TIMEOUT, head_only=False, keep_alive=False)
@@ -406,6 +500,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Close now if idle; otherwise the pending reply closes (state.draining)."""
+        if self.waiting is not None:
+            self._release_with_current()
+            return
         if not self.in_request and not self.backlog and not self.closing:
             self.closing = True
             self.transport.close()

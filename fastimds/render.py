@@ -16,6 +16,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import hashlib
 from email.utils import formatdate
 from typing import Any
 
@@ -62,16 +63,19 @@ class Reply:
     `head` is the status line and fixed headers (each ending in CRLF, without
     the blank line); `body` is sent after the Date block except for HEAD.
     `close` forces the connection closed after this reply (used by replies to
-    requests whose framing can no longer be trusted).
+    requests whose framing can no longer be trusted). A 200 carries an `etag`
+    (quoted, as on the wire) and `not_modified`, its finished 304 head.
     """
 
-    __slots__ = ("status", "head", "body", "close")
+    __slots__ = ("status", "head", "body", "close", "etag", "not_modified")
 
-    def __init__(self, status: int, head: bytes, body: bytes, close: bool = False) -> None:
+    def __init__(self, status: int, head: bytes, body: bytes, close: bool = False, etag: bytes | None = None) -> None:
         self.status = status
         self.head = head
         self.body = body
         self.close = close
+        self.etag = etag
+        self.not_modified = STATUS_LINES[304] + SERVER_HEADER + b"ETag: " + etag + b"\r\n" if etag is not None else b""
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.body[:60]!r}{', close' if self.close else ''})"
@@ -84,6 +88,10 @@ def make_reply(
     extra_headers: bytes = b"",
     close: bool = False,
 ) -> Reply:
+    # A 200's ETag is a hash of its body: it changes exactly when the view
+    # does, whatever the generation, so 304s and long-polls wake only on
+    # real changes.
+    etag = b'"' + hashlib.blake2b(body, digest_size=8).hexdigest().encode() + b'"' if status == 200 else None
     head = b"".join(
         (
             STATUS_LINES[status],
@@ -93,10 +101,11 @@ def make_reply(
             b"\r\nContent-Length: ",
             str(len(body)).encode(),
             b"\r\n",
+            b"ETag: " + etag + b"\r\n" if etag is not None else b"",
             extra_headers,
         )
     )
-    return Reply(status, head, body, close)
+    return Reply(status, head, body, close, etag)
 
 
 def json_body(value: Any) -> bytes:
@@ -148,6 +157,9 @@ ERRORS: dict[str, Reply] = {
     "duplicate_parameter": error_reply(400, "Bad request. Duplicate query parameter names are not allowed"),
     "bad_format": error_reply(400, "Bad request. format must be json or text"),
     "bad_extended": error_reply(400, "Bad request. extended must be true or false"),
+    "bad_wait": error_reply(
+        400, "Bad request. wait_for_change must be true or false and timeout_sec a whole number from 1 to 3600"
+    ),
     "leaf_needs_text": error_reply(400, "Bad request. Leaf nodes can only be requested with format=text"),
     "not_found": error_reply(404, "Not found"),
     "no_vm": error_reply(404, "Not found. No VM is registered for this caller's address"),

@@ -23,6 +23,11 @@ from fastimds.snapshot import Snapshot, newest_view
 from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_VERSIONS
 
 ALLOW_GET_HEAD = b"GET, HEAD"
+
+# Long-polling (as GCE's metadata server does it): present in a target that asks to wait.
+WAIT_MARK = b"wait_for_change="
+DEFAULT_WAIT_TIMEOUT_S = 60
+MAX_WAIT_TIMEOUT_S = 3600
 READ_METHODS = frozenset({b"GET", b"HEAD"})
 
 _MISSING_HEADER = ERRORS["missing_metadata_header"]
@@ -110,3 +115,38 @@ def _wants_text(fmt: str | None) -> bool | None:
     if fmt == "text":
         return True
     return None
+
+
+class WaitSpec:
+    """What a long-poll asks: wait until the view's ETag is not `last_etag` (or changes), at most `timeout_s`."""
+
+    __slots__ = ("last_etag", "timeout_s")
+
+    def __init__(self, last_etag: bytes | None, timeout_s: int) -> None:
+        self.last_etag = last_etag
+        self.timeout_s = timeout_s
+
+
+def wait_spec(target: bytes) -> WaitSpec | Reply | None:
+    """The long-poll a target asks for; None for none; an error Reply for bad parameters."""
+    query = dict(parse_qsl(target.decode("latin-1").partition("?")[2], keep_blank_values=True))
+    wait = query.get("wait_for_change", "false").lower()
+    if wait not in ("true", "false"):
+        return ERRORS["bad_wait"]
+    if wait == "false":
+        return None
+    timeout = query.get("timeout_sec", str(DEFAULT_WAIT_TIMEOUT_S))
+    if not timeout.isdigit() or not 0 < int(timeout) <= MAX_WAIT_TIMEOUT_S:
+        return ERRORS["bad_wait"]
+    last_etag = query.get("last_etag")
+    if last_etag is not None and not last_etag.startswith('"'):
+        last_etag = f'"{last_etag}"'  # accept the ETag with or without its quotes
+    return WaitSpec(last_etag.encode("latin-1") if last_etag is not None else None, int(timeout))
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """If-None-Match against one ETag (RFC 9110: "*", lists, weak comparison)."""
+    if if_none_match == etag:
+        return True
+    candidates = (candidate.strip() for candidate in if_none_match.split(b","))
+    return any(candidate == b"*" or candidate.removeprefix(b"W/") == etag for candidate in candidates)

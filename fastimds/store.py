@@ -13,6 +13,8 @@ Rules of this module:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from fastimds.datafile import VmDescription
 from fastimds.snapshot import Snapshot, build_snapshot
 
@@ -21,12 +23,14 @@ DEFAULT_VM_ID = "default"
 
 
 class SnapshotStore:
-    __slots__ = ("vm_id", "current", "generation")
+    __slots__ = ("vm_id", "current", "generation", "watchers")
 
     def __init__(self, vm: VmDescription | None = None, vm_id: str = DEFAULT_VM_ID) -> None:
         self.vm_id = vm_id
         self.current: Snapshot | None = None
         self.generation = 0  # the last generation published, kept across removal
+        # Held long-poll connections of this VM; each gets on_publish() after a change.
+        self.watchers: set[Watcher] = set()
         if vm is not None:
             self.publish(vm)
 
@@ -43,8 +47,18 @@ class SnapshotStore:
         snapshot = build_snapshot(vm, generation)
         self.current = snapshot
         self.generation = generation
+        self._notify()
         return snapshot
 
     def clear(self) -> None:
         """The VM was removed: its callers get 404s until it is published again."""
         self.current = None
+        self._notify()
+
+    def _notify(self) -> None:
+        for watcher in list(self.watchers):
+            watcher.on_publish()
+
+
+class Watcher(Protocol):
+    def on_publish(self) -> None: ...

@@ -117,7 +117,8 @@ def split_responses(data: bytes, head_only: tuple[bool, ...] = ()) -> list[Respo
             name, _, value = line.partition(": ")
             assert name.lower() not in headers, f"duplicate header {name}"
             headers[name.lower()] = value
-        length = int(headers["content-length"])
+        # 304 (and any reply without Content-Length) has no body.
+        length = int(headers.get("content-length", "0")) if int(code) != 304 else 0
         if len(responses) < len(head_only) and head_only[len(responses)]:
             length = 0
         assert len(rest) >= length, "body shorter than Content-Length"
