@@ -99,8 +99,8 @@ class AdminApi:
         if method == "GET":
             return json_response(200, control.document(vm_id))
         if method == "DELETE":
-            control.delete(vm_id)
-            return json_response(200, {"id": vm_id, "deleted": True})
+            generation = control.delete(vm_id)
+            return json_response(200, {"id": vm_id, "deleted": True, "generation": generation})
         if method in ("PUT", "PATCH"):
             try:
                 document = orjson.loads(body)

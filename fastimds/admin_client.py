@@ -51,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    method, path, body = _request_of(args)
+    try:
+        method, path, body = _request_of(args)
+    except OSError as exc:
+        print(f"fastimds admin: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     headers = {"Content-Type": "application/json"} if body is not None else {}
     try:
         if args.url:

@@ -3,6 +3,9 @@
 Rules of this module:
 - The control plane is the only writer; every worker reads. A file is
   `<vm id>.json` holding {"generation": N, "source": "...", "vm": {...}}.
+  A removed VM keeps its file as a tombstone ("vm": null) so its generation
+  survives: a control process that restarts numbers the VM's next version
+  above everything any worker has seen.
 - A write is a new temp file (name starting with ".", which readers ignore),
   written whole, fsynced when durable, then renamed over the old file and
   the directory fsynced: a reader sees the old file or the new one, never a
@@ -15,6 +18,8 @@ Rules of this module:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -45,7 +50,7 @@ class BusEntry:
     vm_id: str
     generation: int
     source: str
-    document: dict[str, Any]
+    document: dict[str, Any] | None  # None: the VM was removed (a tombstone)
 
 
 class Bus:
@@ -79,10 +84,6 @@ class Bus:
             raise
         self._sync_directory()
 
-    def delete(self, vm_id: str) -> None:
-        self.path_of(vm_id).unlink(missing_ok=True)
-        self._sync_directory()
-
     def _sync_directory(self) -> None:
         if not self.durable:
             return
@@ -105,7 +106,7 @@ class Bus:
         try:
             record = orjson.loads(raw)
             entry = BusEntry(vm_id, int(record["generation"]), str(record["source"]), record["vm"])
-            if not isinstance(entry.document, dict) or entry.generation < 1:
+            if not (entry.document is None or isinstance(entry.document, dict)) or entry.generation < 1:
                 raise ValueError("bad generation or document")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log_event("state_file_corrupt", path=str(path), error=str(exc))
@@ -124,41 +125,64 @@ class Bus:
 
     def stamps(self) -> dict[str, tuple[int, int]]:
         """(mtime_ns, size) of every VM file: what changed since a scan, without reading."""
-        found = {}
-        for vm_id in self.ids():
-            try:
-                status = self.path_of(vm_id).stat()
-            except FileNotFoundError:
-                continue
-            found[vm_id] = (status.st_mtime_ns, status.st_size)
-        return found
+        return {
+            path.name[: -len(SUFFIX)]: stamp for path, stamp in file_stamps(list(map(self.path_of, self.ids()))).items()
+        }
 
-    async def changes(self) -> AsyncIterator[tuple[set[str], bool]]:
-        """(VM ids whose files changed, whether a probe file was seen), batch by batch.
 
-        An empty batch means "nothing for a while": time to rescan (see
-        WATCH_IDLE_RESCAN_MS). Probe files (PROBE_PREFIX) let a caller learn
-        that the watcher is running.
-        """
-        from watchfiles import awatch
+async def watch_directory(directory: Path) -> AsyncIterator[tuple[set[str], bool]]:
+    """(names that changed, whether a probe file was seen), batch by batch.
 
-        watch = awatch(
-            self.directory,
-            debounce=WATCH_DEBOUNCE_MS,
-            step=WATCH_STEP_MS,
-            recursive=False,
-            rust_timeout=WATCH_IDLE_RESCAN_MS,
-            yield_on_timeout=True,
-        )
-        async for batch in watch:
-            changed = set()
-            probed = False
-            for _change, raw_path in batch:
-                name = Path(raw_path).name
-                probed = probed or name.startswith(PROBE_PREFIX)
-                if name.endswith(SUFFIX) and not name.startswith("."):
-                    vm_id = name[: -len(SUFFIX)]
-                    if VM_ID_PATTERN.fullmatch(vm_id):
-                        changed.add(vm_id)
-            if changed or probed or not batch:
-                yield changed, probed
+    Names starting with "." (temp and probe files) are not reported. An empty
+    batch means "nothing for a while": time to rescan (WATCH_IDLE_RESCAN_MS).
+    Probe files (PROBE_PREFIX) let a caller learn that the watch is running.
+    """
+    from watchfiles import awatch
+
+    watch = awatch(
+        directory,
+        debounce=WATCH_DEBOUNCE_MS,
+        step=WATCH_STEP_MS,
+        recursive=False,
+        rust_timeout=WATCH_IDLE_RESCAN_MS,
+        yield_on_timeout=True,
+    )
+    async for batch in watch:
+        names = set()
+        probed = False
+        for _change, raw_path in batch:
+            name = Path(raw_path).name
+            probed = probed or name.startswith(PROBE_PREFIX)
+            if not name.startswith("."):
+                names.add(name)
+        if names or probed or not batch:
+            yield names, probed
+
+
+async def until_watching(directory: Path, active: asyncio.Event, timeout_s: float) -> bool:
+    """Touch a probe file in `directory` until the watch reading it sets `active`."""
+    loop = asyncio.get_running_loop()
+    probe = directory / f"{PROBE_PREFIX}{os.getpid()}"
+    give_up_at = loop.time() + timeout_s
+    try:
+        while not active.is_set() and loop.time() < give_up_at:
+            probe.write_bytes(b"")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(active.wait(), 0.02)
+    finally:
+        probe.unlink(missing_ok=True)
+    if not active.is_set():
+        log_event("watch_start_slow", directory=str(directory))
+    return active.is_set()
+
+
+def file_stamps(paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    """(mtime_ns, size) of each file that exists: enough to tell a changed file without reading it."""
+    found = {}
+    for path in paths:
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            continue
+        found[path] = (status.st_mtime_ns, status.st_size)
+    return found

@@ -6,35 +6,41 @@ Rules of this module:
   for caller-address conflicts, numbered with the VM's next generation,
   written to the bus, and only then acknowledged. A refused update changes
   nothing anywhere and says why.
+- A removal is numbered and written too (a tombstone), so generations never
+  go back, even across a restart of the control process.
+- A --data-dir file that does not validate (a half-written one included)
+  never replaces or removes the VM it held; only deleting the file removes
+  it. The last writer wins between --data-dir and the admin API.
 - Workers never write. `Follower` applies what the bus holds: the files
   present at start (the last good data, with --state-dir), then every change
-  the directory watch reports. It applies a file only when its generation is
-  newer than what the worker serves, so replays and its own control's
-  writes (single-process mode) are no-ops.
+  the directory watch reports, with a rescan when the watch is idle. It
+  applies a file only when its generation is newer than what the worker
+  serves, so replays and its own control's writes are no-ops.
+- Watches are known to run before the scan that precedes serving, so no
+  write falls between the scan and the watch.
 - All of this runs on the event loop thread, between requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from fastimds.bus import PROBE_PREFIX, Bus, BusEntry
+from fastimds.bus import Bus, BusEntry, file_stamps, until_watching, watch_directory
 from fastimds.datafile import MAX_VM_FILE_BYTES, VM_ID_PATTERN, DataError, describe_vm, load_vm, parse_vm
 from fastimds.log import log_event
 from fastimds.registry import ConflictError, VmRegistry
 from fastimds.store import DEFAULT_VM_ID
 
 ADMIN_SOURCE = "admin"
-# A worker waits this long for its bus watch to start before serving anyway
-# (it then relies on the once-a-second rescan).
-WATCH_START_TIMEOUT_S = 5.0
 DATA_DIR_SOURCE_PREFIX = "data-dir:"
+# A watch is expected to start within this; past it we serve anyway and rely
+# on the once-a-second rescan.
+WATCH_START_TIMEOUT_S = 5.0
 
 
 class UpdateError(Exception):
@@ -64,6 +70,7 @@ class Control:
     def __init__(self, bus: Bus, registry: VmRegistry) -> None:
         self.bus = bus
         self.registry = registry
+        self.data_dir_stamps: dict[Path, tuple[int, int]] = {}
 
     # ---- reads ----
 
@@ -74,10 +81,16 @@ class Control:
         vm = store.current.vm
         return {"id": vm_id, "generation": store.generation, "source": vm.source, "vm": vm.document}
 
+    def source_of(self, vm_id: str) -> str | None:
+        store = self.registry.stores.get(vm_id)
+        return store.current.vm.source if store is not None and store.current is not None else None
+
     # ---- writes ----
 
-    def put(self, vm_id: str, document: Any, source: str = ADMIN_SOURCE) -> int:
-        """Replace `vm_id` with `document`; returns the new generation."""
+    def put(
+        self, vm_id: str, document: Any, source: str = ADMIN_SOURCE, replacing: frozenset[str] = frozenset()
+    ) -> int:
+        """Replace `vm_id` with `document` (removing the VMs in `replacing`); returns the new generation."""
         if not VM_ID_PATTERN.fullmatch(vm_id):
             raise UpdateError(400, f"{vm_id!r} is not a VM id (letters, digits, '.', '_', '-'; at most 128)")
         if isinstance(document, dict) and document.get("id", vm_id) != vm_id:
@@ -86,13 +99,14 @@ class Control:
             raise UpdateError(413, f"a VM description is limited to {MAX_VM_FILE_BYTES} bytes")
         try:
             vm = describe_vm(document, source)
-            self.registry.check(vm_id, vm)
+            self.registry.check(vm_id, vm, replacing)
         except DataError as exc:
             raise UpdateError(400, "invalid VM description", exc.problems) from None
         except ConflictError as exc:
             raise UpdateError(409, str(exc)) from None
-        store = self.registry.stores.get(vm_id)
-        generation = (store.generation if store is not None else 0) + 1
+        for old_id in sorted(replacing - {vm_id}):
+            self.delete(old_id)
+        generation = self._next_generation(vm_id)
         self.bus.write(BusEntry(vm_id, generation, source, vm.document))  # durable before acknowledged
         self.registry.publish(vm_id, vm, generation)
         log_event("update_accepted", vm=vm_id, generation=generation, source=source)
@@ -102,18 +116,25 @@ class Control:
         current = self.document(vm_id)["vm"]
         return self.put(vm_id, merge_patch(current, patch))
 
-    def delete(self, vm_id: str) -> None:
-        if not self.registry.remove(vm_id):
+    def delete(self, vm_id: str) -> int:
+        """Remove a VM; returns the generation of the removal."""
+        if self.source_of(vm_id) is None:
             raise UpdateError(404, f"no VM {vm_id!r}")
-        self.bus.delete(vm_id)
-        log_event("vm_removed", vm=vm_id)
+        generation = self._next_generation(vm_id)
+        self.bus.write(BusEntry(vm_id, generation, ADMIN_SOURCE, None))
+        self.registry.remove(vm_id, generation)
+        log_event("vm_removed", vm=vm_id, generation=generation)
+        return generation
+
+    def _next_generation(self, vm_id: str) -> int:
+        store = self.registry.stores.get(vm_id)
+        return (store.generation if store is not None else 0) + 1
 
     # ---- sources ----
 
     def load_state(self) -> None:
         """Serve what the bus already holds (the last good data, with --state-dir)."""
-        for entry in self.bus.read_all():
-            apply_entry(self.registry, entry)
+        apply_entries(self.registry, self.bus.read_all())
 
     def load_data_file(self, path: Path | None) -> None:
         """Single-VM mode: the --data file (or the embedded sample) is VM "default"."""
@@ -121,67 +142,132 @@ class Control:
         self._put_if_changed(DEFAULT_VM_ID, vm.document, vm.source)
 
     def sync_data_dir(self, directory: Path) -> None:
-        """Make the VMs that came from `directory` match its files."""
-        seen = set()
-        for path in sorted(directory.glob("*.json")):
-            vm_id = self.sync_data_file(path)
-            if vm_id is not None:
-                seen.add(vm_id)
+        """Make the VMs that came from `directory` match its files (a full rescan)."""
+        paths = sorted(directory.glob("*.json"))
+        self.data_dir_stamps = file_stamps(paths)
+        self.sync_data_files(paths)
+        present = {DATA_DIR_SOURCE_PREFIX + path.name for path in paths}
         for vm_id, store in list(self.registry.live().items()):
             source = store.current.vm.source if store.current is not None else ""
-            if source.startswith(DATA_DIR_SOURCE_PREFIX) and vm_id not in seen:
+            if source.startswith(DATA_DIR_SOURCE_PREFIX) and source not in present:
                 self.delete(vm_id)
 
-    def sync_data_file(self, path: Path) -> str | None:
-        """Apply one file of --data-dir; returns its VM id, or None if refused."""
+    def rescan_data_dir(self, directory: Path) -> None:
+        """Sync the files whose stamp changed since the last look (the idle safety net)."""
+        paths = sorted(directory.glob("*.json"))
+        stamps = file_stamps(paths)
+        changed = {path for path, stamp in stamps.items() if self.data_dir_stamps.get(path) != stamp}
+        changed |= set(self.data_dir_stamps) - set(stamps)
+        self.data_dir_stamps = stamps
+        self.sync_data_files(sorted(changed))
+
+    def sync_data_files(self, paths: list[Path]) -> None:
+        """Apply changed --data-dir files; one whose address another file gives up is retried."""
+        pending = list(paths)
+        while pending:
+            conflicted = [path for path in pending if self._sync_data_file(path) == "conflict"]
+            if len(conflicted) == len(pending):
+                for path in conflicted:
+                    self._sync_data_file(path, report=True)
+                break
+            pending = conflicted
+
+    def _sync_data_file(self, path: Path, report: bool = False) -> str:
+        """One --data-dir file: "ok", "refused" or "conflict" (which the caller may retry)."""
         source = DATA_DIR_SOURCE_PREFIX + path.name
+        owned = frozenset(vm_id for vm_id, store in self.registry.live().items() if self.source_of(vm_id) == source)
+        if not path.exists():
+            for vm_id in sorted(owned):
+                self.delete(vm_id)
+            return "ok"
         try:
             vm = parse_vm(path.read_bytes(), str(path))
         except (OSError, DataError) as exc:
-            # Also what a half-written file looks like: it never replaces good data.
+            # Also what a half-written file looks like: it never replaces (or removes) good data.
             problems = exc.problems if isinstance(exc, DataError) else [str(exc)]
             log_event("update_refused", source=source, problems=problems)
-            return None
-        vm_id = vm.document.get("id", path.stem)
+            return "refused"
+        vm_id = str(vm.document.get("id", path.stem))
+        other = self.source_of(vm_id)
+        other_file = other[len(DATA_DIR_SOURCE_PREFIX) :] if other and other.startswith(DATA_DIR_SOURCE_PREFIX) else ""
+        if other_file and other != source and (path.parent / other_file).exists():
+            error = f"VM id {vm_id!r} is also defined by {other_file}"
+            log_event("update_refused", source=source, vm=vm_id, error=error)
+            return "refused"
         try:
-            self._put_if_changed(vm_id, vm.document, source)
+            self._put_if_changed(vm_id, vm.document, source, replacing=owned)  # an id changed in the file
         except UpdateError as exc:
+            if exc.status == 409 and not report:
+                return "conflict"
             log_event("update_refused", source=source, vm=vm_id, error=exc.message, problems=exc.problems)
-            return None
-        return str(vm_id)
+            return "refused"
+        return "ok"
 
-    def forget_data_file(self, path: Path) -> None:
-        source = DATA_DIR_SOURCE_PREFIX + path.name
-        for vm_id, store in list(self.registry.live().items()):
-            if store.current is not None and store.current.vm.source == source:
-                self.delete(vm_id)
-
-    def _put_if_changed(self, vm_id: str, document: dict[str, Any], source: str) -> None:
+    def _put_if_changed(
+        self, vm_id: str, document: dict[str, Any], source: str, replacing: frozenset[str] = frozenset()
+    ) -> None:
         store = self.registry.stores.get(vm_id)
-        if store is not None and store.current is not None:
+        if store is not None and store.current is not None and not replacing - {vm_id}:
             current = store.current.vm
             if current.document == document and current.source == source:
                 return
-        self.put(vm_id, document, source)
+        self.put(vm_id, document, source, replacing)
 
-    async def watch_data_dir(self, directory: Path) -> None:
-        from watchfiles import awatch
+    async def start_data_dir_watch(self, directory: Path) -> asyncio.Task[None]:
+        """Watch --data-dir; returns once the watch runs and a rescan after it is applied."""
+        return await start_watch(
+            directory,
+            on_change=lambda names: self.sync_data_files(
+                [directory / name for name in sorted(names) if name.endswith(".json")]
+            ),
+            on_idle=lambda: self.rescan_data_dir(directory),
+        )
 
-        async for batch in awatch(directory, debounce=200, step=20, recursive=False):
-            for _change, raw_path in sorted(batch, key=lambda change: change[1]):
-                path = Path(raw_path)
-                if path.suffix != ".json" or path.name.startswith("."):
-                    continue
-                if path.exists():
-                    self.sync_data_file(path)
-                else:
-                    self.forget_data_file(path)
+
+async def start_watch(
+    directory: Path, on_change: Callable[[set[str]], None], on_idle: Callable[[], None]
+) -> asyncio.Task[None]:
+    """Watch `directory`; once the watch is known to run, rescan (`on_idle`) and return its task.
+
+    A write before the watch runs is caught by that rescan, one after it by
+    the watch, so none is missed.
+    """
+    active = asyncio.Event()
+
+    async def follow() -> None:
+        async for names, probed in watch_directory(directory):
+            if probed:
+                active.set()
+            if names:
+                on_change(names)
+            elif not probed:
+                on_idle()  # idle: a safety net for anything the watch missed
+
+    task = asyncio.ensure_future(follow())
+    await until_watching(directory, active, WATCH_START_TIMEOUT_S)
+    on_idle()
+    return task
+
+
+def apply_entries(registry: VmRegistry, entries: list[BusEntry]) -> None:
+    """Apply bus entries; an address can move between VMs within one batch, so
+    apply whatever does not conflict, then retry the rest while that helps."""
+    pending = entries
+    while pending:
+        refused = [entry for entry in pending if not apply_entry(registry, entry)]
+        if len(refused) == len(pending):
+            break
+        pending = refused
 
 
 def apply_entry(registry: VmRegistry, entry: BusEntry) -> bool:
-    """Publish a bus entry if it is newer than what is served; False if refused."""
+    """Publish (or remove) a bus entry if it is newer than what is served; False on a conflict."""
     store = registry.stores.get(entry.vm_id)
     if store is not None and entry.generation <= store.generation:
+        return True
+    if entry.document is None:
+        if registry.remove(entry.vm_id, entry.generation):
+            log_event("vm_removed", vm=entry.vm_id, generation=entry.generation)
         return True
     try:
         vm = describe_vm(entry.document, entry.source)
@@ -210,7 +296,7 @@ class Follower:
         self.apply(changed | (set(self.stamps) - set(stamps)))
 
     def apply(self, vm_ids: set[str]) -> None:
-        pending = []
+        entries = []
         for vm_id in sorted(vm_ids):
             path = self.bus.path_of(vm_id)
             try:
@@ -219,46 +305,16 @@ class Follower:
             except FileNotFoundError:
                 self.stamps.pop(vm_id, None)
             entry = self.bus.read(vm_id)
-            if entry is None:
-                if not path.exists() and self.registry.remove(vm_id):
-                    log_event("vm_removed", vm=vm_id)
-                continue
-            pending.append(entry)
-        # An address can move from one VM to another within one batch; apply
-        # whatever does not conflict, then retry the rest while that helps.
-        while pending:
-            refused = [entry for entry in pending if not apply_entry(self.registry, entry)]
-            if len(refused) == len(pending):
-                break
-            pending = refused
+            if entry is not None:
+                entries.append(entry)
+        apply_entries(self.registry, entries)
 
     async def start(self) -> asyncio.Task[None]:
-        """Start following; returns once the watch is known to run and the bus is applied.
-
-        Order matters: a write before the watcher runs is caught by the scan
-        after it, and one after it by the watcher, so none is missed.
-        """
-        active = asyncio.Event()
-        task = asyncio.ensure_future(self._follow(active))
-        probe = self.bus.directory / f"{PROBE_PREFIX}{os.getpid()}"
-        give_up_at = asyncio.get_running_loop().time() + WATCH_START_TIMEOUT_S
-        try:
-            while not active.is_set() and asyncio.get_running_loop().time() < give_up_at:
-                probe.write_bytes(b"")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(active.wait(), 0.02)
-            if not active.is_set():
-                log_event("watch_start_slow", directory=str(self.bus.directory))
-        finally:
-            probe.unlink(missing_ok=True)
-        self.rescan()
-        return task
-
-    async def _follow(self, active: asyncio.Event) -> None:
-        async for vm_ids, probed in self.bus.changes():
-            if probed:
-                active.set()
-            if vm_ids:
-                self.apply(vm_ids)
-            elif not probed:
-                self.rescan()  # idle: a safety net for anything the watcher missed
+        """Start following; returns once the watch runs and the bus is applied."""
+        return await start_watch(
+            self.bus.directory,
+            on_change=lambda names: self.apply(
+                {name[:-5] for name in names if name.endswith(".json") and VM_ID_PATTERN.fullmatch(name[:-5])}
+            ),
+            on_idle=self.rescan,
+        )

@@ -98,12 +98,15 @@ class VmRegistry:
         store = self.callers.get(address)
         return store.vm_id if store is not None else None
 
-    def check(self, vm_id: str, vm: VmDescription) -> frozenset[str]:
-        """The VM's caller addresses, or ConflictError naming both VMs."""
+    def check(self, vm_id: str, vm: VmDescription, replacing: frozenset[str] = frozenset()) -> frozenset[str]:
+        """The VM's caller addresses, or ConflictError naming both VMs.
+
+        VMs in `replacing` are about to be removed, so their addresses are free.
+        """
         addresses = caller_addresses(vm)
         for address in sorted(addresses):
             owner = self.owner_of(address)
-            if owner is not None and owner != vm_id:
+            if owner is not None and owner != vm_id and owner not in replacing:
                 raise ConflictError(f"address {address} is claimed by both VM {owner!r} and VM {vm_id!r}")
         return addresses
 
@@ -119,14 +122,16 @@ class VmRegistry:
         self.addresses[vm_id] = addresses
         return snapshot
 
-    def remove(self, vm_id: str) -> bool:
-        store = self.stores.get(vm_id)
-        if store is None or store.current is None:
+    def remove(self, vm_id: str, generation: int | None = None) -> bool:
+        """Remove a VM (as `generation`, when the writer numbered the removal); False if it had no data."""
+        store = self._store(vm_id) if generation is not None else self.stores.get(vm_id)
+        if store is None:
             return False
-        store.clear()
+        had_data = store.current is not None
+        store.clear(generation)
         for address in self.addresses.pop(vm_id, frozenset()):
             del self.callers[address]
-        return True
+        return had_data
 
     def live(self) -> dict[str, SnapshotStore]:
         """Every VM that has data now."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import select
@@ -27,14 +28,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
 
 import uvloop
 
 from fastimds.admin import AdminApi, admin_factory
 from fastimds.bus import Bus
 from fastimds.config import Settings
-from fastimds.control import Control, Follower
+from fastimds.control import Control, Follower, UpdateError
 from fastimds.datafile import DataError
 from fastimds.log import log_event
 from fastimds.protocol import HttpProtocol, ServerState
@@ -79,29 +80,56 @@ def reload_sources(settings: Settings, control: Control) -> None:
     if settings.data_dir is not None:
         control.sync_data_dir(settings.data_dir)
         return
+    if not serves_data_file(settings, control.bus):
+        return  # serving the state dir's VMs: there is no file to re-read
     try:
         control.load_data_file(settings.data_path)
-    except DataError as exc:
+    except (DataError, UpdateError) as exc:
         log_event(
             "reload_refused",
-            source=exc.source,
-            problems=exc.problems,
+            source=str(settings.data_path),
+            problems=exc.problems if exc.problems else [str(exc)],
             serving_generation=control.registry.default.generation,
         )
         return
     log_event("reload_published", source=str(settings.data_path), generation=control.registry.default.generation)
 
 
+def serves_data_file(settings: Settings, bus: Bus) -> bool:
+    """Single-VM mode: --data, or nothing configured and no saved VMs but the default one.
+
+    A restart with only --state-dir serves what was saved, not the embedded sample.
+    """
+    if settings.data_dir is not None:
+        return False
+    return settings.data_path is not None or set(bus.ids()) <= {DEFAULT_VM_ID}
+
+
 def prepare_control(settings: Settings, bus: Bus) -> Control:
-    """Load the last good state, then every configured source; raises DataError on a bad --data."""
-    default_vm_id = settings.default_vm if settings.data_dir is not None else DEFAULT_VM_ID
+    """Load the last good state, then every configured source.
+
+    Raises DataError on a bad --data and UpdateError when it conflicts with saved VMs.
+    """
+    single = serves_data_file(settings, bus)
+    default_vm_id = DEFAULT_VM_ID if single else settings.default_vm
     control = Control(bus, VmRegistry(default_vm_id=default_vm_id))
     control.load_state()
     if settings.data_dir is not None:
         control.sync_data_dir(settings.data_dir)
-    else:
+    elif single:
         control.load_data_file(settings.data_path)
     return control
+
+
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class AdminSockets:
@@ -113,9 +141,10 @@ class AdminSockets:
         self.token = settings.admin_token
         if settings.admin_socket is not None:
             path = settings.admin_socket
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()  # a stale socket from a previous run
+            if path.is_socket():
+                if _socket_answers(path):
+                    raise OSError(errno.EADDRINUSE, "another server is using the admin socket", str(path))
+                path.unlink()  # a stale socket from a previous run
             self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old_umask = os.umask(0o177)  # created 0600: only its owner may connect
             try:
@@ -155,7 +184,7 @@ async def _run_worker(
 ) -> None:
     """One process serving VMs. With `control`, it is also the control plane (single-process mode)."""
     loop = asyncio.get_running_loop()
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     if control is not None:
         registry = control.registry
     else:
@@ -163,8 +192,10 @@ async def _run_worker(
         tasks.append(await Follower(bus, registry).start())
     state = ServerState(registry, settings.limits, loop.time(), time.time())
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
+    admin_servers: list[asyncio.Server] = []
     if control is not None:
-        tasks.extend(await _start_control(settings, control, admin))
+        admin_servers, control_tasks = await _start_control(settings, control, admin)
+        tasks.extend(control_tasks)
 
     def tick() -> None:
         unix_time = time.time()
@@ -188,10 +219,9 @@ async def _run_worker(
     await stopping.wait()
 
     for task in tasks:
-        if isinstance(task, asyncio.Server):
-            task.close()
-        else:
-            task.cancel()
+        task.cancel()
+    for admin_server in admin_servers:
+        admin_server.close()
     state.draining = True
     server.close()
     for connection in list(state.connections):
@@ -204,21 +234,22 @@ async def _run_worker(
     log_event("worker_stopped", aborted=len(state.connections))
 
 
-async def _start_control(settings: Settings, control: Control, admin: AdminSockets | None) -> list[Any]:
+async def _start_control(
+    settings: Settings, control: Control, admin: AdminSockets | None
+) -> tuple[list[asyncio.Server], list[asyncio.Task[None]]]:
     """The control plane's listeners and watches, on the running loop."""
-    started: list[Any] = []
-    if admin is not None:
-        started.extend(await admin.serve(control, settings.backlog))
+    servers = await admin.serve(control, settings.backlog) if admin is not None else []
+    tasks = []
     if settings.data_dir is not None:
-        started.append(asyncio.ensure_future(control.watch_data_dir(settings.data_dir)))
-    return started
+        tasks.append(await control.start_data_dir_watch(settings.data_dir))
+    return servers, tasks
 
 
 async def _run_control(settings: Settings, bus: Bus, admin: AdminSockets | None, on_ready: Callable[[], None]) -> None:
     """The control process of a multi-worker server: admin API, data sources, SIGHUP."""
     loop = asyncio.get_running_loop()
     control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
-    started = await _start_control(settings, control, admin)
+    servers, tasks = await _start_control(settings, control, admin)
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_sources, settings, control)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -226,11 +257,10 @@ async def _run_control(settings: Settings, bus: Bus, admin: AdminSockets | None,
     log_event("control_ready", vms=len(control.registry.live()))
     on_ready()
     await stopping.wait()
-    for item in started:
-        if isinstance(item, asyncio.Server):
-            item.close()
-        else:
-            item.cancel()
+    for task in tasks:
+        task.cancel()
+    for server in servers:
+        server.close()
 
 
 def serve(settings: Settings) -> int:
@@ -246,6 +276,11 @@ def serve(settings: Settings) -> int:
             print(f"fastimds: cannot serve {exc.source}:", file=sys.stderr)
             for problem in exc.problems:
                 print(f"  {problem}", file=sys.stderr)
+            return 2
+        except UpdateError as exc:
+            print(
+                f"fastimds: cannot serve {settings.data_path or 'the embedded sample'}: {exc.message}", file=sys.stderr
+            )
             return 2
         try:
             # Bound without SO_REUSEPORT first: fails if anything serves the port

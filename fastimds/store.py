@@ -50,9 +50,11 @@ class SnapshotStore:
         self._notify()
         return snapshot
 
-    def clear(self) -> None:
-        """The VM was removed: its callers get 404s until it is published again."""
+    def clear(self, generation: int | None = None) -> None:
+        """The VM was removed (as `generation`): its callers get 404s until it is published again."""
         self.current = None
+        if generation is not None:
+            self.generation = max(self.generation, generation)
         self._notify()
 
     def _notify(self) -> None:

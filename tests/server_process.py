@@ -12,6 +12,8 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
 import selectors
@@ -22,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -271,3 +275,98 @@ def exchange(port: int, request: bytes, head_only: bool = False) -> RawResponse:
 def get_request(target: str, *headers: str, method: str = "GET") -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# ---- many VMs: documents, caller source addresses, the admin API ----
+
+SAMPLE_VM_PATH = Path(__file__).resolve().parent.parent / "fastimds" / "sample_vm.json"
+
+
+def vm_uuid(vm_id: str) -> str:
+    """A stable compute.vmId for the VM named `vm_id`."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{vm_id}.fastimds.test"))
+
+
+def vm_document(
+    vm_id: str,
+    callers: Sequence[str] = (),
+    private_ips: Sequence[str] = (),
+    location: str = "westeurope",
+    with_id: bool = False,
+) -> dict[str, Any]:
+    """The sample VM made into VM `vm_id`: its own vmId, name and location.
+
+    The sample's own private IPs (10.0.0.4, 10.0.0.5, fd00:10::4, 10.0.1.4)
+    are replaced by `private_ips` on the first NIC, so copies never conflict;
+    `callers` becomes the document's "callers" list when given, and
+    `with_id` adds the "id" key.
+    """
+    document: dict[str, Any] = json.loads(SAMPLE_VM_PATH.read_bytes())
+    compute = document["instance"]["compute"]
+    compute["vmId"] = vm_uuid(vm_id)
+    compute["name"] = compute["osProfile"]["computerName"] = f"{vm_id}-name"
+    compute["location"] = location
+    interfaces = document["instance"]["network"]["interface"]
+    interfaces[0]["ipv4"]["ipAddress"] = [
+        {"privateIpAddress": address, "publicIpAddress": ""} for address in private_ips if ":" not in address
+    ]
+    interfaces[0]["ipv6"]["ipAddress"] = [{"privateIpAddress": address} for address in private_ips if ":" in address]
+    interfaces[1]["ipv4"]["ipAddress"] = []
+    if callers:
+        document["callers"] = list(callers)
+    if with_id:
+        document["id"] = vm_id
+    return document
+
+
+def http_from(source: str, port: int, timeout: float = SOCKET_TIMEOUT_S) -> http.client.HTTPConnection:
+    """An http.client connection to 127.0.0.1:`port` whose source address is `source` (any of 127.0.0.0/8)."""
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+
+
+def get_from(source: str, port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One IMDS GET from `source` over a new connection; returns (status, body)."""
+    conn = http_from(source, port)
+    try:
+        conn.request("GET", target, headers={"Metadata": "true", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (the admin API's), written here independently of fastimds."""
+
+    def __init__(self, path: str | Path, timeout: float = SOCKET_TIMEOUT_S) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def admin_call(
+    conn: http.client.HTTPConnection, method: str, target: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """One admin API request on `conn` (kept alive); returns (status, parsed JSON body)."""
+    payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    conn.request(method, target, body=payload, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def admin_unix(path: str | Path, method: str, target: str, body: Any = None) -> tuple[int, Any]:
+    """One admin API request over the Unix socket at `path`, on a new connection."""
+    conn = UnixHTTPConnection(path)
+    try:
+        return admin_call(conn, method, target, body)
+    finally:
+        conn.close()
