@@ -109,7 +109,10 @@ def make_reply(
 
 
 def json_body(value: Any) -> bytes:
-    return orjson.dumps(value, option=JSON_OPTIONS)
+    # orjson 3.13 hands back its whole working buffer (16 KiB for the 3.5 KB
+    # sample document); rendered bodies live as long as their snapshot, so
+    # they are copied to their exact length (~0.2 µs, once per rendering).
+    return memoryview(orjson.dumps(value, option=JSON_OPTIONS)).tobytes()
 
 
 def json_reply(status: int, value: Any, extra_headers: bytes = b"", close: bool = False) -> Reply:

@@ -1,27 +1,52 @@
-"""Immutable snapshots: a VM description rendered into finished replies.
+"""Immutable snapshots: a VM description served as finished replies.
 
 Rules of this module:
-- `build_snapshot` does all the expensive work (version gating, JSON and text
-  rendering, header blocks) before anyone can see the snapshot; a build that
-  fails raises and publishes nothing.
-- A built snapshot's tree never changes. Its two mutable parts are memos
-  filled on first use and bounded, so unique junk requests cannot grow
-  memory, and both die with the snapshot on swap:
-  `url_replies` (request target -> Reply, filled by the router) and
-  `request_replies` (a whole request head's bytes -> the finished reply,
-  filled by the protocol; see `RequestReply`).
-- Version gating is precomputed per node: each node keeps one view per
-  api-version at which something in its subtree appeared, so a request at any
-  version is a walk plus a short scan, and identical views share one reply.
+- `build_snapshot` only wraps an already validated, normalised
+  `VmDescription` (fastimds.datafile validates; nothing here re-validates)
+  in a root node. It renders nothing and cannot fail on such a description,
+  so a build that fails still raises before anything is published.
+- Each view (one node's JSON or text reply at one change point) is rendered
+  on first use and then kept as finished bytes: every later request for it is
+  a lookup. Rendering sees only normalised data (dicts, lists, strings that
+  orjson parsed), which orjson and `str.encode` cannot fail on.
+- Why lazy (measured on the sample VM, 2-core bench machine): rendering every
+  view of every node at build cost ~3 ms and ~1.1 MB per snapshot, while a
+  client asks for a handful of paths and 10,000 VMs must fit in 1 GiB. Now a
+  build and publish takes ~0.7 µs (bench rung 7), and a VM asked for its
+  whole document and one leaf in two api-versions holds ~14 KB of snapshot
+  on top of its ~29 KB parsed description (`python -m bench.bench_scale`:
+  ~430 MiB RSS for 10,000 VMs). The price is paid once per view per
+  snapshot, by the first request that needs it: ~35 µs for the whole
+  document, ~55 µs for it plus a leaf after a fresh build; a walk that misses
+  the URL memo costs ~0.7 µs more than with an eager tree (bench rung 3).
+  Children are made only for nodes a request walks through (the whole tree
+  is ~30 KB per VM).
+- A built snapshot's answers never change. Its mutable parts are caches,
+  bounded and dying with the snapshot on swap: the node tree (children are
+  made on the first walk through a node), the views (at most one per node per
+  change point; listings that do not change share one reply), `url_replies`
+  (request target -> Reply, filled by the router) and `request_replies` (a
+  whole request head's bytes -> the finished reply, filled by the protocol;
+  see `RequestReply`).
+- Version gating: a node's change points are the api-versions at which
+  something in its subtree appears (from versions.INSTANCE_FIELD_SINCE), so a
+  request at any version is a walk plus a short scan to the newest change
+  point at or before it. Subtrees with no table field below them are never
+  scanned or copied.
+- No reference cycles: a view points at what it renders from, never back at
+  its node, so a replaced snapshot is freed by reference counting alone
+  (workers gc.freeze() their first snapshots; a cycle through a frozen
+  object would never be collected).
+- No locks: a worker is one single-threaded event loop.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from fastimds.datafile import VmDescription
-from fastimds.render import ERRORS, Reply, json_body, json_reply, render_listing, text_reply
-from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INSTANCE_FIRST_VERSION, child_pattern
+from fastimds.render import CONTENT_TYPE_JSON, CONTENT_TYPE_TEXT, ERRORS, Reply, json_body, make_reply, render_listing
+from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INSTANCE_FIRST_VERSION
 
 # Distinct request targets remembered per snapshot. The sample VM has ~150
 # paths; a client uses a handful of spellings (api-version, format) of a few
@@ -35,32 +60,265 @@ MAX_REQUEST_MEMO_KEY_BYTES = 1024
 # (head with its Connection header, body or b"" for HEAD, closes the connection)
 RequestReply = tuple[bytes, bytes, bool]
 
+_LEAF_NEEDS_TEXT = ERRORS["leaf_needs_text"]
+
+
+def _json_reply(value: Any) -> Reply:
+    return make_reply(200, json_body(value), CONTENT_TYPE_JSON)
+
+
+class _Field:
+    """What the since-table says at one field pattern (fastimds.versions), shared by every node there.
+
+    A node with no `_Field` has no table field at or below it: it and its
+    whole subtree appear with its parent.
+    """
+
+    __slots__ = ("since", "newest_below", "children", "item")
+
+    def __init__(self, since: str) -> None:
+        self.since = since  # when the table introduces this field; "" if only on the way to one
+        self.newest_below = ""  # the newest since of any table field below; "" if none
+        self.children: dict[str, _Field] = {}  # by object key
+        self.item: _Field | None = None  # any array element
+
+
+def _table_fields() -> _Field:
+    """The root `_Field`, from the table's patterns (spelled as versions.child_pattern spells them)."""
+    patterns = {""}
+    for path in INSTANCE_FIELD_SINCE:
+        patterns.update(path[:index] for index, char in enumerate(path) if char in ".[")
+        patterns.add(path)
+    fields = {pattern: _Field(INSTANCE_FIELD_SINCE.get(pattern, "")) for pattern in patterns}
+    for pattern, field in fields.items():
+        prefix = pattern + "." if pattern else ""
+        # A key may hold dots, so a child pattern can be any longer one that starts "pattern.".
+        field.children = {
+            other[len(prefix) :]: fields[other] for other in fields if other.startswith(prefix) and other != pattern
+        }
+        field.item = fields.get(pattern + "[]")
+        below = [
+            since
+            for other, since in INSTANCE_FIELD_SINCE.items()
+            if other.startswith((prefix, pattern + "[]")) and other != pattern
+        ]
+        field.newest_below = max(below, default="")
+    return fields[""]
+
+
+_ROOT_FIELD = _table_fields()
+_NO_FIELDS: dict[str, _Field] = {}
+
+
+def _since(field: _Field | None, parent_since: str) -> str:
+    """When a child with `field` first shows, under a parent that shows from `parent_since`."""
+    return field.since if field is not None and field.since > parent_since else parent_since
+
+
+def _gated(value: Any, field: _Field | None, since: str, version: str) -> Any:
+    """`value` (shown at `version`) with every field newer than `version` removed.
+
+    Subtrees that nothing newer than `version` can hide are returned as they
+    are, not copied.
+    """
+    if field is None or field.newest_below <= version:
+        return value
+    if isinstance(value, dict):
+        fields = field.children
+        gated = {}
+        for key, child in value.items():
+            child_field = fields.get(key)
+            if child_field is None:
+                gated[key] = child  # shows with its parent, and so does everything below it
+                continue
+            child_since = child_field.since if child_field.since > since else since
+            if child_since <= version:
+                gated[key] = _gated(child, child_field, child_since, version) if type(child) is not str else child
+        return gated
+    if isinstance(value, list) and field.item is not None:
+        child_since = _since(field.item, since)
+        if child_since > version:
+            return []
+        return [_gated(child, field.item, child_since, version) for child in value]
+    return value
+
+
+def _visible_children(value: Any, field: _Field | None, since: str, version: str) -> list[tuple[str, bool]]:
+    """(name, is_container) of each child shown at `version`, in JSON (sorted) order."""
+    if isinstance(value, dict):
+        fields = field.children if field is not None else _NO_FIELDS
+        return [
+            (key, isinstance(value[key], (dict, list)))
+            for key in sorted(value)
+            if _since(fields.get(key), since) <= version
+        ]
+    if isinstance(value, list) and _since(field.item if field is not None else None, since) <= version:
+        return [(str(index), isinstance(child, (dict, list))) for index, child in enumerate(value)]
+    return []
+
+
+def _collect_change_points(value: Any, field: _Field | None, since: str, points: set[str]) -> None:
+    points.add(since)
+    if field is None or field.newest_below <= since:
+        return  # nothing below shows later than this node
+    if isinstance(value, dict):
+        fields = field.children
+        for key, child in value.items():
+            child_field = fields.get(key)
+            if child_field is not None:
+                child_since = child_field.since if child_field.since > since else since
+                if type(child) is str:
+                    points.add(child_since)
+                else:
+                    _collect_change_points(child, child_field, child_since, points)
+    elif isinstance(value, list) and field.item is not None:
+        child_since = _since(field.item, since)
+        for child in value:
+            _collect_change_points(child, field.item, child_since, points)
+
+
+def _shared_text(listing: str, texts: list[Reply]) -> Reply:
+    """The text reply for `listing`: one of `texts` if it has that body, else a new one added to them."""
+    body = listing.encode()
+    for reply in texts:
+        if reply.body == body:
+            return reply
+    reply = make_reply(200, body, CONTENT_TYPE_TEXT)
+    texts.append(reply)
+    return reply
+
+
+class _Renderer(Protocol):
+    def render_json(self, since: str) -> Reply: ...
+
+    def render_text(self, since: str) -> Reply: ...
+
 
 class View:
-    """One node as seen from `since` on: its JSON and text replies."""
+    """One node as seen from `since` on: its JSON and text replies, each rendered on first use."""
 
-    __slots__ = ("since", "json", "text")
+    __slots__ = ("since", "_source", "_json", "_text")
 
-    def __init__(self, since: str, json: Reply, text: Reply) -> None:
+    def __init__(self, since: str, source: _Renderer) -> None:
         self.since = since
-        self.json = json
-        self.text = text
+        self._source = source
+        self._json: Reply | None = None
+        self._text: Reply | None = None
+
+    @property
+    def json(self) -> Reply:
+        reply = self._json
+        if reply is None:
+            reply = self._json = self._source.render_json(self.since)
+        return reply
+
+    @property
+    def text(self) -> Reply:
+        reply = self._text
+        if reply is None:
+            reply = self._text = self._source.render_text(self.since)
+        return reply
+
+
+class _Subtree:
+    """What a node's views render from, and the listings they share.
+
+    Views point here, never back at their node or at each other, so a
+    snapshot holds no reference cycles: a replaced snapshot is freed by
+    reference counting alone, even where gc.freeze() keeps the collector away.
+    """
+
+    __slots__ = ("value", "field", "since", "points", "texts")
+
+    def __init__(self, value: Any, field: _Field | None, since: str) -> None:
+        self.value = value
+        self.field = field
+        self.since = since
+        found: set[str] = set()
+        _collect_change_points(value, field, since, found)
+        self.points = tuple(sorted(found))
+        # Listings change only where a direct child appears, so views share them.
+        self.texts: list[Reply] = []
+
+    def render_json(self, since: str) -> Reply:
+        if isinstance(self.value, (dict, list)):
+            return _json_reply(_gated(self.value, self.field, self.since, since))
+        return _LEAF_NEEDS_TEXT
+
+    def render_text(self, since: str) -> Reply:
+        if isinstance(self.value, (dict, list)):
+            listing = render_listing(_visible_children(self.value, self.field, self.since, since))
+            return _shared_text(listing, self.texts)
+        return make_reply(200, self.value.encode(), CONTENT_TYPE_TEXT)
 
 
 class Node:
-    """A node of the instance document: children by path segment, and views."""
+    """A node of the instance document: children by path segment, and views.
 
-    __slots__ = ("since", "children", "views", "value")
+    `children` is made on first access and `view_at` renders on first use;
+    both are kept for the snapshot's life.
+    """
 
-    def __init__(self, since: str, value: Any) -> None:
+    __slots__ = ("since", "value", "_field", "_children", "_subtree", "_views")
+
+    def __init__(self, since: str, value: Any, field: _Field | None) -> None:
         self.since = since  # first api-version that shows this node
         self.value = value  # the normalised subtree, all versions' fields
-        self.children: dict[str, Node] = {}
-        self.views: tuple[View, ...] = ()
+        self._field = field  # what the since-table says here; None when it names nothing at or below
+        self._children: dict[str, Node] | None = None
+        self._subtree: _Subtree | None = None  # made on the first view
+        self._views: list[View | None] | None = None  # one slot per change point, filled on use
+
+    @property
+    def children(self) -> dict[str, Node]:
+        children = self._children
+        if children is None:
+            children = self._children = self._make_children()
+        return children
+
+    def _make_children(self) -> dict[str, Node]:
+        value, field, since = self.value, self._field, self.since
+        if isinstance(value, dict):
+            fields = field.children if field is not None else _NO_FIELDS
+            children = {}
+            for key, child in value.items():
+                child_field = fields.get(key)
+                children[key] = Node(_since(child_field, since), child, child_field)
+            return children
+        if isinstance(value, list):
+            item = field.item if field is not None else None
+            child_since = _since(item, since)
+            return {str(index): Node(child_since, child, item) for index, child in enumerate(value)}
+        return {}
+
+    def _source(self) -> _Subtree:
+        subtree = self._subtree
+        if subtree is None:
+            subtree = self._subtree = _Subtree(self.value, self._field, self.since)
+        return subtree
+
+    def change_points(self) -> tuple[str, ...]:
+        """The api-versions, oldest first, at which this node's subtree changes; the first is `since`."""
+        return self._source().points
 
     def view_at(self, version: str) -> View:
         """The view for `version`; the caller has checked `self.since <= version`."""
-        return newest_view(self.views, version)
+        subtree = self._subtree
+        if subtree is None:
+            subtree = self._source()
+        points = subtree.points
+        for index in range(len(points) - 1, -1, -1):
+            if points[index] <= version:
+                break
+        else:
+            raise LookupError(f"no view at {version}; views start at {points[0]}")
+        views = self._views
+        if views is None:
+            views = self._views = [None] * len(points)
+        view = views[index]
+        if view is None:
+            view = views[index] = View(points[index], subtree)
+        return view
 
 
 def newest_view(views: tuple[View, ...], version: str) -> View:
@@ -71,19 +329,48 @@ def newest_view(views: tuple[View, ...], version: str) -> View:
     raise LookupError(f"no view at {version}; views start at {views[0].since if views else None}")
 
 
+class _ExtendedDocument:
+    """The whole document with `extended=true`: the root's fields plus the extended section."""
+
+    __slots__ = ("root", "extended", "texts")
+
+    def __init__(self, root: Node, extended: dict[str, Any]) -> None:
+        self.root = root
+        self.extended = extended
+        self.texts: list[Reply] = []
+
+    def render_json(self, since: str) -> Reply:
+        root = self.root
+        return _json_reply({**_gated(root.value, root._field, root.since, since), "extended": self.extended})
+
+    def render_text(self, since: str) -> Reply:
+        root = self.root
+        children = _visible_children(root.value, root._field, root.since, since)
+        return _shared_text(render_listing(sorted([*children, ("extended", True)])), self.texts)
+
+
 class Snapshot:
     """One published version of one VM."""
 
-    __slots__ = ("generation", "vm", "root", "extended_views", "url_replies", "request_replies")
+    __slots__ = ("generation", "vm", "root", "_extended_views", "url_replies", "request_replies")
 
-    def __init__(self, generation: int, vm: VmDescription, root: Node, extended_views: tuple[View, ...]) -> None:
+    def __init__(self, generation: int, vm: VmDescription, root: Node) -> None:
         self.generation = generation
         self.vm = vm
         self.root = root
-        # Views of the whole document with `extended=true`, from EXTENDED_FIRST_VERSION on.
-        self.extended_views = extended_views
+        self._extended_views: tuple[View, ...] | None = None
         self.url_replies: dict[bytes, Reply] = {}
         self.request_replies: dict[bytes, RequestReply] = {}
+
+    @property
+    def extended_views(self) -> tuple[View, ...]:
+        """Views of the whole document with `extended=true`, from EXTENDED_FIRST_VERSION on (for `newest_view`)."""
+        views = self._extended_views
+        if views is None:
+            document = _ExtendedDocument(self.root, self.vm.extended)
+            points = {EXTENDED_FIRST_VERSION} | {p for p in self.root.change_points() if p > EXTENDED_FIRST_VERSION}
+            views = self._extended_views = tuple(View(point, document) for point in sorted(points))
+        return views
 
     def remember(self, url: bytes, reply: Reply) -> None:
         if len(self.url_replies) < MAX_MEMO_ENTRIES:
@@ -94,94 +381,6 @@ class Snapshot:
             self.request_replies[head] = reply
 
 
-def _build_tree(value: Any, pattern: str, since: str) -> Node:
-    node = Node(since, value)
-    if isinstance(value, dict):
-        # Sorted like the JSON (OPT_SORT_KEYS), so text listings match its order.
-        items: list[tuple[str, Any, str]] = [(key, value[key], child_pattern(pattern, key)) for key in sorted(value)]
-    elif isinstance(value, list):
-        items = [(str(index), child, child_pattern(pattern, index)) for index, child in enumerate(value)]
-    else:
-        return node
-    for key, child, child_pat in items:
-        child_since = max(since, INSTANCE_FIELD_SINCE.get(child_pat, since))
-        node.children[key] = _build_tree(child, child_pat, child_since)
-    return node
-
-
-def _change_points(node: Node) -> set[str]:
-    points = {node.since}
-    for child in node.children.values():
-        points |= _change_points(child)
-    return points
-
-
-def _gated(node: Node, version: str) -> Any:
-    """The node's value with every field newer than `version` removed."""
-    if isinstance(node.value, dict):
-        return {key: _gated(child, version) for key, child in node.children.items() if child.since <= version}
-    if isinstance(node.value, list):
-        return [_gated(child, version) for child in node.children.values()]
-    return node.value
-
-
-def _visible_children(node: Node, version: str) -> list[tuple[str, bool]]:
-    """(name, is_container) of each child shown at `version`, in JSON order."""
-    return [
-        (key, isinstance(child.value, (dict, list))) for key, child in node.children.items() if child.since <= version
-    ]
-
-
-class _Interner:
-    """Shares one Reply among identical renderings (most views repeat)."""
-
-    def __init__(self) -> None:
-        self._json: dict[bytes, Reply] = {}
-        self._text: dict[str, Reply] = {}
-
-    def json(self, value: Any) -> Reply:
-        body = json_body(value)
-        reply = self._json.get(body)
-        if reply is None:
-            reply = self._json[body] = json_reply(200, value)
-        return reply
-
-    def text(self, text: str) -> Reply:
-        reply = self._text.get(text)
-        if reply is None:
-            reply = self._text[text] = text_reply(text)
-        return reply
-
-
-def _render_views(node: Node, interner: _Interner) -> None:
-    is_container = isinstance(node.value, (dict, list))
-    views = []
-    for since in sorted(point for point in _change_points(node) if point >= node.since):
-        if is_container:
-            views.append(
-                View(
-                    since,
-                    interner.json(_gated(node, since)),
-                    interner.text(render_listing(_visible_children(node, since))),
-                )
-            )
-        else:
-            views.append(View(since, ERRORS["leaf_needs_text"], interner.text(node.value)))
-    node.views = tuple(views)
-    for child in node.children.values():
-        _render_views(child, interner)
-
-
 def build_snapshot(vm: VmDescription, generation: int) -> Snapshot:
-    """Render every view of `vm`; raises on nothing valid input can cause."""
-    interner = _Interner()
-    root = _build_tree(vm.instance, "", INSTANCE_FIRST_VERSION)
-    _render_views(root, interner)
-    extended_views = []
-    for view_since in sorted(
-        {EXTENDED_FIRST_VERSION} | {v.since for v in root.views if v.since > EXTENDED_FIRST_VERSION}
-    ):
-        document = {**_gated(root, view_since), "extended": vm.extended}
-        listing = render_listing(sorted([*_visible_children(root, view_since), ("extended", True)]))
-        extended_views.append(View(view_since, interner.json(document), interner.text(listing)))
-    return Snapshot(generation, vm, root, tuple(extended_views))
+    """A snapshot of an already validated `vm`; its views are rendered on first use."""
+    return Snapshot(generation, vm, Node(INSTANCE_FIRST_VERSION, vm.instance, _ROOT_FIELD))
