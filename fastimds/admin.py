@@ -5,13 +5,15 @@ Rules of this module:
   socket created with mode 0600 and an optional TCP port.
 - On TCP every /vms request (reads too: they show every VM's data) needs
   `Authorization: Bearer <token>`, compared in constant time. The Unix
-  socket relies on its file mode instead. /healthz and /readyz need nothing.
+  socket relies on its file mode instead. /healthz, /readyz and /metrics
+  need nothing: they show no VM's data.
 - Writes go through `Control`, which validates, numbers, persists and only
   then answers; every error is JSON naming the problem, and a refused write
   changes nothing.
 - Not a hot path: plain code, one request at a time per connection.
 
-Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz.
+Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
+GET /metrics (Prometheus text; like /healthz and /readyz it needs no token).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import orjson
 from fastimds.control import Control, UpdateError
 from fastimds.datafile import MAX_VM_FILE_BYTES
 from fastimds.render import STATUS_LINES
+from fastimds.telemetry import LAYOUT
 
 MAX_ADMIN_BODY_BYTES = MAX_VM_FILE_BYTES + 64 * 1024  # a VM description plus JSON framing slack
 MAX_ADMIN_HEAD_BYTES = 16 * 1024
@@ -57,18 +60,57 @@ def json_response(status: int, value: Any, extra_headers: bytes = b"", close: bo
 
 
 class AdminApi:
-    """What the admin listeners answer; shared by the Unix and TCP protocols."""
+    """What the admin listeners answer; shared by the Unix and TCP protocols.
 
-    def __init__(self, control: Control, token: str | None) -> None:
+    `metrics` renders the Prometheus exposition; `readiness` says whether
+    every worker serves every configured VM (and why not); `counters` is the
+    hosting process's telemetry list, where admin requests are counted.
+    """
+
+    def __init__(
+        self,
+        control: Control,
+        token: str | None,
+        metrics: Callable[[], bytes] | None = None,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+        counters: list[int] | None = None,
+    ) -> None:
         self.control = control
         self.token = token
+        self.metrics = metrics
+        self.readiness = readiness
+        self.counters = counters
 
     def handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
+        reply = self._handle(method, path, authorization, body, over_tcp)
+        if self.counters is not None:
+            status = int(reply[9:12])
+            self.counters[LAYOUT.request_slot("admin", status)] += 1
+            self.counters[LAYOUT.bytes_slot("admin")] += len(reply)
+        return reply
+
+    def _handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
         path = path.split("?", 1)[0].rstrip("/") or "/"
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         if path == "/readyz":
-            return json_response(200, {"status": "ready", "vms": len(self.control.registry.live())})
+            ready, detail = self.readiness() if self.readiness else (True, {})
+            detail = {"status": "ready" if ready else "not ready", "vms": len(self.control.registry.live()), **detail}
+            return json_response(200 if ready else 503, detail)
+        if path == "/metrics":
+            if self.metrics is None:
+                return json_response(404, {"error": "telemetry is off (--no-telemetry)"})
+            body = self.metrics()
+            return b"".join(
+                (
+                    _status_line(200),
+                    b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n",
+                    b"Content-Length: ",
+                    str(len(body)).encode(),
+                    b"\r\n\r\n",
+                    body,
+                )
+            )
         if path != "/vms" and not path.startswith("/vms/"):
             return json_response(404, {"error": f"no admin route {path}"})
         if over_tcp and not self._authorized(authorization):

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
     serve.add_argument("--backlog", type=int, help="listen() backlog")
+    serve.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="count nothing and serve no /metrics (to measure what counting costs)",
+    )
     for flag, field_name, kind, help_text in LIMIT_FLAGS:
         serve.add_argument(
             flag, dest=field_name, type=kind, help=f"{help_text} (default {getattr(Limits(), field_name)})"
@@ -77,6 +82,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admin_socket=args.admin_socket,
         admin_port=args.admin_port,
         admin_token=token,
+        telemetry=not args.no_telemetry,
         host=args.host,
         port=args.port,
         workers=args.workers,

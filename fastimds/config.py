@@ -73,6 +73,7 @@ class Settings:
     workers: int = 1
     backlog: int = LISTEN_BACKLOG
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    telemetry: bool = True  # hot-path counters and /metrics
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,13 @@ class UpdateError(Exception):
         self.problems = problems or []
 
 
+def source_kind(source: str) -> str:
+    """The telemetry label of an update's source: admin, data-dir or data-file."""
+    if source == ADMIN_SOURCE:
+        return "admin"
+    return "data-dir" if source.startswith(DATA_DIR_SOURCE_PREFIX) else "data-file"
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 JSON merge patch: objects merge, null deletes, anything else replaces."""
     if not isinstance(patch, dict):
@@ -71,6 +79,8 @@ class Control:
         self.bus = bus
         self.registry = registry
         self.data_dir_stamps: dict[Path, tuple[int, int]] = {}
+        # Telemetry: updates by (result, source kind), read at scrape time.
+        self.updates: Counter[tuple[str, str]] = Counter()
 
     # ---- reads ----
 
@@ -91,6 +101,15 @@ class Control:
         self, vm_id: str, document: Any, source: str = ADMIN_SOURCE, replacing: frozenset[str] = frozenset()
     ) -> int:
         """Replace `vm_id` with `document` (removing the VMs in `replacing`); returns the new generation."""
+        try:
+            generation = self._put(vm_id, document, source, replacing)
+        except UpdateError:
+            self.updates["refused", source_kind(source)] += 1
+            raise
+        self.updates["accepted", source_kind(source)] += 1
+        return generation
+
+    def _put(self, vm_id: str, document: Any, source: str, replacing: frozenset[str]) -> int:
         if not VM_ID_PATTERN.fullmatch(vm_id):
             raise UpdateError(400, f"{vm_id!r} is not a VM id (letters, digits, '.', '_', '-'; at most 128)")
         if isinstance(document, dict) and document.get("id", vm_id) != vm_id:
@@ -105,7 +124,7 @@ class Control:
         except ConflictError as exc:
             raise UpdateError(409, str(exc)) from None
         for old_id in sorted(replacing - {vm_id}):
-            self.delete(old_id)
+            self.delete(old_id, source)
         generation = self._next_generation(vm_id)
         self.bus.write(BusEntry(vm_id, generation, source, vm.document))  # durable before acknowledged
         self.registry.publish(vm_id, vm, generation)
@@ -116,12 +135,14 @@ class Control:
         current = self.document(vm_id)["vm"]
         return self.put(vm_id, merge_patch(current, patch))
 
-    def delete(self, vm_id: str) -> int:
+    def delete(self, vm_id: str, source: str = ADMIN_SOURCE) -> int:
         """Remove a VM; returns the generation of the removal."""
         if self.source_of(vm_id) is None:
+            self.updates["refused", source_kind(source)] += 1
             raise UpdateError(404, f"no VM {vm_id!r}")
         generation = self._next_generation(vm_id)
-        self.bus.write(BusEntry(vm_id, generation, ADMIN_SOURCE, None))
+        self.bus.write(BusEntry(vm_id, generation, source, None))
+        self.updates["accepted", source_kind(source)] += 1
         self.registry.remove(vm_id, generation)
         log_event("vm_removed", vm=vm_id, generation=generation)
         return generation
@@ -150,7 +171,7 @@ class Control:
         for vm_id, store in list(self.registry.live().items()):
             source = store.current.vm.source if store.current is not None else ""
             if source.startswith(DATA_DIR_SOURCE_PREFIX) and source not in present:
-                self.delete(vm_id)
+                self.delete(vm_id, source)
 
     def rescan_data_dir(self, directory: Path) -> None:
         """Sync the files whose stamp changed since the last look (the idle safety net)."""
@@ -178,7 +199,7 @@ class Control:
         owned = frozenset(vm_id for vm_id, store in self.registry.live().items() if self.source_of(vm_id) == source)
         if not path.exists():
             for vm_id in sorted(owned):
-                self.delete(vm_id)
+                self.delete(vm_id, source)
             return "ok"
         try:
             vm = parse_vm(path.read_bytes(), str(path))
@@ -186,6 +207,7 @@ class Control:
             # Also what a half-written file looks like: it never replaces (or removes) good data.
             problems = exc.problems if isinstance(exc, DataError) else [str(exc)]
             log_event("update_refused", source=source, problems=problems)
+            self.updates["refused", "data-dir"] += 1
             return "refused"
         vm_id = str(vm.document.get("id", path.stem))
         other = self.source_of(vm_id)

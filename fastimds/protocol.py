@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import lru_cache
+from time import perf_counter_ns
 from typing import cast
 
 import httptools
@@ -37,9 +39,10 @@ import httptools
 from fastimds.config import Limits
 from fastimds.registry import NOBODY, VmRegistry
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
-from fastimds.routing import WAIT_MARK, etag_matches, resolve, wait_spec
+from fastimds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
 from fastimds.snapshot import RequestReply
 from fastimds.store import SnapshotStore
+from fastimds.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOUT, new_counters
 
 # Reads larger than this are fed to the parser in slices of this size, so one
 # read of tiny pipelined requests cannot produce an unbounded reply batch. A
@@ -85,6 +88,25 @@ class _Wait:
     closes: bool
 
 
+# Counter offsets the hot path uses, read once (fastimds.telemetry.LAYOUT).
+_LATENCY_SLOT = LAYOUT.latency
+_LATENCY_SUM_SLOT = LAYOUT.latency_sum_ns
+_LATENCY_FIRST_BIT = LATENCY_FIRST_BIT
+_LATENCY_LAST_BUCKET = LATENCY_LAST_BUCKET
+_OPENED_SLOT = LAYOUT.connections_opened
+_CLOSED_SLOT = LAYOUT.connections_closed
+
+
+@lru_cache(maxsize=len(LAYOUT.categories) * (len(LAYOUT.codes) + 1) * (len(LAYOUT.reasons) + 1) * 2)
+def _slots(category: str, status: int, reject: str | None) -> tuple[int, int, int]:
+    """The telemetry slots of one reply: (requests by category and code, bytes, reject or 0)."""
+    return (
+        LAYOUT.request_slot(category, status),
+        LAYOUT.bytes_slot(category),
+        LAYOUT.reject_slot(reject) if reject is not None else 0,  # 0: not a reject (slot 0 is never one)
+    )
+
+
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the reply is on the protocol."""
 
@@ -92,10 +114,14 @@ class _Reject(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("registry", "limits", "connections", "date_block", "now", "draining")
+    __slots__ = ("registry", "limits", "connections", "date_block", "now", "draining", "counters")
 
-    def __init__(self, registry: VmRegistry, limits: Limits, now: float, unix_time: float) -> None:
+    def __init__(
+        self, registry: VmRegistry, limits: Limits, now: float, unix_time: float, telemetry: bool = True
+    ) -> None:
         self.registry = registry
+        # This worker's hot-path counters (fastimds.telemetry.LAYOUT); None turns telemetry off.
+        self.counters: list[int] | None = new_counters() if telemetry else None
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.date_block = date_block(unix_time)
@@ -126,6 +152,8 @@ class HttpProtocol(asyncio.Protocol):
         "deadline",
         "captured",
         "waiting",
+        "counters",
+        "replies_in_read",
         # ---- per request ----
         "in_request",
         "head_done",
@@ -156,6 +184,8 @@ class HttpProtocol(asyncio.Protocol):
         # Replies of the current read, in order, while it may still be remembered.
         self.captured: list[RequestReply] | None = None
         self.waiting: _Wait | None = None  # a held long-poll
+        self.counters = state.counters
+        self.replies_in_read = 0  # replies produced by the current read, for the latency histogram
         self.in_request = False
         self.head_done = False
         self.head_pending = 0
@@ -171,12 +201,16 @@ class HttpProtocol(asyncio.Protocol):
         # The caller's VM is decided once per connection (house rule: not per request).
         self.vm = self.state.registry.store_for(peer[0] if isinstance(peer, tuple) else None)
         self.state.connections.add(self)
+        if self.counters is not None:
+            self.counters[_OPENED_SLOT] += 1
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.backlog = b""
         self.state.connections.discard(self)
+        if self.counters is not None:
+            self.counters[_CLOSED_SLOT] += 1
         if self.waiting is not None:
             self.waiting = None
             self.vm.watchers.discard(self)
@@ -184,15 +218,29 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        started = perf_counter_ns()
         if self.backlog or len(data) > FEED_SLICE_BYTES:
             self.backlog += data
             self._feed_backlog()
-            return
-        if self.in_request or self.state.draining or not data.endswith(END_OF_HEAD):
-            self._feed(data)
-        elif not self._answer_known(data):
-            self._feed_and_remember(data)
-        self._flush()
+        else:
+            if self.in_request or self.state.draining or not data.endswith(END_OF_HEAD):
+                self._feed(data)
+            elif not self._answer_known(data):
+                self._feed_and_remember(data)
+            self._flush()
+        replies = self.replies_in_read
+        if replies:
+            # One latency per read, for each reply it produced: two clock reads
+            # per read, whatever the pipeline depth. The bucket is latency_bucket(),
+            # inlined (64 -> 41 ns).
+            elapsed = perf_counter_ns() - started
+            bucket = elapsed.bit_length() - _LATENCY_FIRST_BIT
+            bucket = 0 if bucket < 0 else (bucket if bucket < _LATENCY_LAST_BUCKET else _LATENCY_LAST_BUCKET)
+            counters = self.counters
+            assert counters is not None  # replies are counted only when telemetry is on
+            counters[_LATENCY_SLOT + bucket] += replies
+            counters[_LATENCY_SUM_SLOT] += elapsed * replies
+            self.replies_in_read = 0
 
     def _answer_known(self, data: bytes) -> bool:
         """Answer a read of known request heads from the memo; False if any is new."""
@@ -205,12 +253,19 @@ class HttpProtocol(asyncio.Protocol):
         date = self.state.date_block
         # One request per read is the common case: no list, no tuple, nothing
         # the cyclic GC tracks is allocated for it.
+        counters = self.counters
         reply = known.get(heads)
         if reply is not None:
-            out.append(reply[0])
+            head, body, self.closing, requests_slot, bytes_slot, reject_slot = reply
+            out.append(head)
             out.append(date)
-            out.append(reply[1])
-            self.closing = reply[2]
+            out.append(body)
+            if counters is not None:
+                counters[requests_slot] += 1
+                counters[bytes_slot] += len(body)
+                if reject_slot:
+                    counters[reject_slot] += 1
+                self.replies_in_read = 1
         else:
             replies = []
             for head in heads.split(END_OF_HEAD):
@@ -218,10 +273,16 @@ class HttpProtocol(asyncio.Protocol):
                 if reply is None:
                     return False
                 replies.append(reply)
-            for head, body, closes in replies:
+            for head, body, closes, requests_slot, bytes_slot, reject_slot in replies:
                 out.append(head)
                 out.append(date)
                 out.append(body)
+                if counters is not None:
+                    counters[requests_slot] += 1
+                    counters[bytes_slot] += len(body)
+                    if reject_slot:
+                        counters[reject_slot] += 1
+                    self.replies_in_read += 1
                 if closes:
                     self.closing = True
                     break  # the parser would refuse what follows a close
@@ -309,6 +370,9 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
+        """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
+        if self.counters is not None:
+            self._count(_slots(category_of(self.url), reply.status, reply.reject), len(reply.body))
         out = self.out
         out.append(reply.head)
         if not keep_alive:
@@ -418,12 +482,24 @@ class HttpProtocol(asyncio.Protocol):
                 self._reset_request()
                 return
         head, body = self._append_reply(reply, method, connection, self.if_none_match)
+        slots = _slots(category_of(url), 304 if head is reply.not_modified else reply.status, reply.reject)
+        if self.counters is not None:
+            self._count(slots, len(body))
         if self.captured is not None:
             if self.plain and method in _REMEMBERED_METHODS:
-                self.captured.append((head + connection, body, closes))
+                self.captured.append((head + connection, body, closes, *slots))
             else:
                 self.captured = None
         self._reset_request()
+
+    def _count(self, slots: tuple[int, int, int], size: int) -> None:
+        counters = self.counters
+        assert counters is not None
+        counters[slots[0]] += 1
+        counters[slots[1]] += size
+        if slots[2]:
+            counters[slots[2]] += 1
+        self.replies_in_read += 1
 
     def _append_reply(
         self, reply: Reply, method: bytes, connection: bytes, if_none_match: bytes | None
@@ -468,7 +544,11 @@ class HttpProtocol(asyncio.Protocol):
         connection = wait.connection
         if self.state.draining and not wait.closes:
             connection, self.closing = CONNECTION_CLOSE, True
-        self._append_reply(reply, wait.method, connection, None)
+        _head, body = self._append_reply(reply, wait.method, connection, None)
+        if self.counters is not None:
+            # Counted, but not in the latency histogram: its wait is the client's choice.
+            self.counters[LAYOUT.request_slot(category_of(wait.url), reply.status)] += 1
+            self.counters[LAYOUT.bytes_slot(category_of(wait.url))] += len(body)
         self.out.extend(later)
         if not self.closing:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s
@@ -494,6 +574,7 @@ class HttpProtocol(asyncio.Protocol):
         elif self.in_request:
             self._respond(_REQUEST_TIMEOUT, head_only=False, keep_alive=False)
             self._flush()
+            self.replies_in_read = 0  # not a read's reply: no latency to record
         else:
             self.closing = True
             self.transport.close()  # idle keep-alive

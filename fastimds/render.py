@@ -67,7 +67,7 @@ class Reply:
     (quoted, as on the wire) and `not_modified`, its finished 304 head.
     """
 
-    __slots__ = ("status", "head", "body", "close", "etag", "not_modified")
+    __slots__ = ("status", "head", "body", "close", "etag", "not_modified", "reject")
 
     def __init__(self, status: int, head: bytes, body: bytes, close: bool = False, etag: bytes | None = None) -> None:
         self.status = status
@@ -76,6 +76,7 @@ class Reply:
         self.close = close
         self.etag = etag
         self.not_modified = STATUS_LINES[304] + SERVER_HEADER + b"ETag: " + etag + b"\r\n" if etag is not None else b""
+        self.reject: str | None = None  # the telemetry reject reason this reply counts as
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.body[:60]!r}{', close' if self.close else ''})"
@@ -172,5 +173,18 @@ ERRORS: dict[str, Reply] = {
     "body_too_large": error_reply(413, "Request body too large", close=True),
     "request_timeout": error_reply(408, "Request not completed in time", close=True),
 }
+
+# Which ERRORS count as rejects in telemetry, and under which reason.
+REJECT_REASONS: dict[str, str] = {
+    "missing_metadata_header": "missing_header",
+    "forwarded": "forwarded",
+    "bad_api_version": "bad_version",
+    "head_too_large": "too_large",
+    "uri_too_long": "too_large",
+    "body_too_large": "too_large",
+    "malformed": "parse_error",
+}
+for _name, _reason in REJECT_REASONS.items():
+    ERRORS[_name].reject = _reason
 
 VERSIONS_REPLY = json_reply(200, {"apiVersions": list(API_VERSIONS)})

@@ -150,3 +150,22 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
         return True
     candidates = (candidate.strip() for candidate in if_none_match.split(b","))
     return any(candidate == b"*" or candidate.removeprefix(b"W/") == etag for candidate in candidates)
+
+
+_CATEGORY_PREFIXES: tuple[tuple[bytes, str], ...] = (
+    (b"/metadata/instance", "instance"),
+    (b"/metadata/versions", "versions"),
+    (b"/metadata/identity", "identity"),
+    (b"/metadata/scheduledevents", "scheduledevents"),
+    (b"/metadata/attested", "attested"),
+    (b"/metadata/loadbalancer", "loadbalancer"),
+)
+
+
+def category_of(target: bytes) -> str:
+    """The telemetry category of a request target (lower-cased "/metadata" prefix, as routing accepts it)."""
+    lowered = target[:26].lower()
+    for prefix, category in _CATEGORY_PREFIXES:
+        if lowered.startswith(prefix):
+            return category
+    return "other"

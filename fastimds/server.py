@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -41,6 +42,7 @@ from fastimds.log import log_event
 from fastimds.protocol import HttpProtocol, ServerState
 from fastimds.registry import VmRegistry
 from fastimds.store import DEFAULT_VM_ID
+from fastimds.telemetry import LAYOUT, ScrapeSources, TelemetryArea, VmState, render_metrics
 
 TICK_INTERVAL_S = 1.0
 # Workers must report ready within this, or the supervisor gives up.
@@ -121,6 +123,74 @@ def prepare_control(settings: Settings, bus: Bus) -> Control:
     return control
 
 
+class Telemetry:
+    """One process's telemetry: its counters, its region of the shared area, and the scrape.
+
+    Workers use regions 0..N-1; the control process (or the single process)
+    uses its own. The scrape sums every region; readiness reads each worker's.
+    """
+
+    def __init__(self, area: TelemetryArea, region: int, enabled: bool, workers: int) -> None:
+        self.area = area
+        self.region = region
+        self.workers = workers
+        self.counters: list[int] | None = area.read(region) if enabled else None  # a restart continues
+        self.control: Control | None = None
+
+    def publish(self, vms_served: int) -> None:
+        if self.counters is not None:
+            self.counters[LAYOUT.vms_served] = vms_served
+            self.counters[LAYOUT.tick_unix] = int(time.time())
+            self.area.publish(self.region, self.counters)
+
+    def _worker_regions(self) -> list[list[int]]:
+        live = self.area.live_regions(time.time())
+        return [region for index, region in enumerate(live) if index < self.workers] if live else []
+
+    def metrics(self) -> bytes:
+        control = self.control
+        assert control is not None
+        self.publish(len(control.registry.live()))  # this process's own counts, fresh
+
+        def vms() -> list[VmState]:
+            now = time.time()
+            return [
+                VmState(vm_id, store.generation, now - store.changed_at, store.current is not None)
+                for vm_id, store in sorted(control.registry.stores.items())
+                if store.current is not None
+            ]
+
+        def workers() -> int:
+            now = time.time()
+            return sum(
+                1 for index in range(self.workers) if now - self.area.read(index)[LAYOUT.tick_unix] <= WORKER_STALE_S
+            )
+
+        return render_metrics(
+            ScrapeSources(totals=self.area.total, vms=vms, updates=lambda: dict(control.updates), workers=workers)
+        )
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when every worker ticked lately and serves as many VMs as the control plane has."""
+        control = self.control
+        assert control is not None
+        expected = len(control.registry.live())
+        if self.workers == 1 and self.region == 0:
+            return True, {}  # single process: the worker serves the control plane's own registry
+        now = time.time()
+        serving = []
+        for index in range(self.workers):
+            region = self.area.read(index)
+            fresh = now - region[LAYOUT.tick_unix] <= WORKER_STALE_S
+            serving.append(region[LAYOUT.vms_served] if fresh else None)
+        ready = all(count == expected for count in serving)
+        return ready, {"workers_serving": serving, "expected_vms": expected}
+
+
+# A worker whose region has not been published for this long counts as down.
+WORKER_STALE_S = 3.0
+
+
 def _socket_answers(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -162,9 +232,15 @@ class AdminSockets:
             names.append(_url("127.0.0.1", self.tcp.getsockname()[1]))
         return ",".join(names)
 
-    async def serve(self, control: Control, backlog: int) -> list[asyncio.Server]:
+    async def serve(self, control: Control, backlog: int, telemetry: Telemetry) -> list[asyncio.Server]:
         loop = asyncio.get_running_loop()
-        api = AdminApi(control, self.token)
+        api = AdminApi(
+            control,
+            self.token,
+            metrics=telemetry.metrics if telemetry.counters is not None else None,
+            readiness=telemetry.readiness,
+            counters=telemetry.counters,
+        )
         servers = []
         if self.unix is not None:
             servers.append(await loop.create_unix_server(admin_factory(api, over_tcp=False), sock=self.unix))
@@ -181,6 +257,7 @@ async def _run_worker(
     *,
     control: Control | None,
     admin: AdminSockets | None,
+    telemetry: Telemetry,
 ) -> None:
     """One process serving VMs. With `control`, it is also the control plane (single-process mode)."""
     loop = asyncio.get_running_loop()
@@ -190,16 +267,19 @@ async def _run_worker(
     else:
         registry = VmRegistry(default_vm_id=settings.default_vm if settings.data_dir else DEFAULT_VM_ID)
         tasks.append(await Follower(bus, registry).start())
-    state = ServerState(registry, settings.limits, loop.time(), time.time())
+    state = ServerState(registry, settings.limits, loop.time(), time.time(), telemetry=False)
+    state.counters = telemetry.counters
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
     admin_servers: list[asyncio.Server] = []
     if control is not None:
-        admin_servers, control_tasks = await _start_control(settings, control, admin)
+        telemetry.control = control
+        admin_servers, control_tasks = await _start_control(settings, control, admin, telemetry)
         tasks.extend(control_tasks)
 
     def tick() -> None:
         unix_time = time.time()
         state.tick(loop.time(), unix_time)
+        telemetry.publish(sum(1 for store in registry.stores.values() if store.current is not None))
         # Fire just after the next wall-clock second, so Date is never stale by more than a tick.
         loop.call_later(TICK_INTERVAL_S - unix_time % TICK_INTERVAL_S + 0.001, tick)
 
@@ -235,21 +315,30 @@ async def _run_worker(
 
 
 async def _start_control(
-    settings: Settings, control: Control, admin: AdminSockets | None
+    settings: Settings, control: Control, admin: AdminSockets | None, telemetry: Telemetry
 ) -> tuple[list[asyncio.Server], list[asyncio.Task[None]]]:
     """The control plane's listeners and watches, on the running loop."""
-    servers = await admin.serve(control, settings.backlog) if admin is not None else []
+    servers = await admin.serve(control, settings.backlog, telemetry) if admin is not None else []
     tasks = []
     if settings.data_dir is not None:
         tasks.append(await control.start_data_dir_watch(settings.data_dir))
     return servers, tasks
 
 
-async def _run_control(settings: Settings, bus: Bus, admin: AdminSockets | None, on_ready: Callable[[], None]) -> None:
+async def _run_control(
+    settings: Settings, bus: Bus, admin: AdminSockets | None, on_ready: Callable[[], None], telemetry: Telemetry
+) -> None:
     """The control process of a multi-worker server: admin API, data sources, SIGHUP."""
     loop = asyncio.get_running_loop()
     control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
-    servers, tasks = await _start_control(settings, control, admin)
+    telemetry.control = control
+    servers, tasks = await _start_control(settings, control, admin, telemetry)
+
+    def tick() -> None:
+        telemetry.publish(len(control.registry.live()))
+        loop.call_later(TICK_INTERVAL_S, tick)
+
+    tick()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_sources, settings, control)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -292,16 +381,19 @@ def serve(settings: Settings) -> int:
             return 1
         port = sock.getsockname()[1]
         admin_names = admin.describe(settings) if admin is not None else ""
+        # Made before any fork: every process shares it (one region each, and one for the control plane).
+        area = TelemetryArea(settings.workers + 1)
         if settings.workers == 1:
 
             def announce(registry: VmRegistry) -> None:
                 print(_ready_line(settings, port, registry, admin_names), flush=True)
 
-            uvloop.run(_run_worker(settings, bus, sock, announce, control=control, admin=admin))
+            telemetry = Telemetry(area, 0, settings.telemetry, workers=1)
+            uvloop.run(_run_worker(settings, bus, sock, announce, control=control, admin=admin, telemetry=telemetry))
             return 0
         sock.close()
         ready_line = _ready_line(replace(settings, port=port), port, control.registry, admin_names)
-        return Supervisor(replace(settings, port=port), bus, admin, ready_line).run()
+        return Supervisor(replace(settings, port=port), bus, admin, ready_line, area).run()
     finally:
         if settings.state_dir is None:
             shutil.rmtree(bus.directory, ignore_errors=True)
@@ -319,8 +411,12 @@ _FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 class Supervisor:
     """Forks the workers, forwards signals to them, restarts the ones that die."""
 
-    def __init__(self, settings: Settings, bus: Bus, admin: AdminSockets | None, ready_line: str) -> None:
+    def __init__(
+        self, settings: Settings, bus: Bus, admin: AdminSockets | None, ready_line: str, area: TelemetryArea
+    ) -> None:
         self.settings = settings
+        self.area = area
+        self.regions: dict[int, int] = {}  # worker pid -> its telemetry region
         self.bus = bus  # where every process reads the data: restarts start from the newest
         self.admin = admin
         self.ready_line = ready_line
@@ -367,7 +463,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def _spawn(self, placeholder: socket.socket | None = None) -> None:
+    def _spawn(self, placeholder: socket.socket | None = None, region: int | None = None) -> None:
+        if region is None:
+            region = min(set(range(self.settings.workers)) - set(self.regions.values()))
+
         def work() -> None:
             if placeholder is not None:
                 placeholder.close()
@@ -377,17 +476,29 @@ class Supervisor:
                         sock.close()
             listener = make_listen_socket(self.settings.host, self.settings.port, reuse_port=True)
             ready = self.ready_write
+            telemetry = Telemetry(self.area, region, self.settings.telemetry, workers=self.settings.workers)
             worker = _run_worker(
-                self.settings, self.bus, listener, lambda _r: _report_ready(ready), control=None, admin=None
+                self.settings,
+                self.bus,
+                listener,
+                lambda _r: _report_ready(ready),
+                control=None,
+                admin=None,
+                telemetry=telemetry,
             )
             uvloop.run(worker)
 
-        self.workers[self._fork("worker", work)] = time.monotonic()
+        pid = self._fork("worker", work)
+        self.workers[pid] = time.monotonic()
+        self.regions[pid] = region
 
     def _spawn_control(self) -> None:
         def control() -> None:
             ready = self.ready_write
-            uvloop.run(_run_control(self.settings, self.bus, self.admin, lambda: _report_ready(ready)))
+            telemetry = Telemetry(
+                self.area, self.settings.workers, self.settings.telemetry, workers=self.settings.workers
+            )
+            uvloop.run(_run_control(self.settings, self.bus, self.admin, lambda: _report_ready(ready), telemetry))
 
         self.control_pid = self._fork("control", control)
         self.workers[self.control_pid] = time.monotonic()
@@ -447,7 +558,7 @@ class Supervisor:
             if role == "control":
                 self._spawn_control()
             else:
-                self._spawn()
+                self._spawn(region=self.regions.pop(pid))  # the replacement continues its counters
         return 1 if quick_deaths >= CRASH_LOOP_LIMIT else 0
 
 

@@ -57,8 +57,9 @@ MAX_MEMO_ENTRIES = 4096
 MAX_REQUEST_MEMO_ENTRIES = 1024
 MAX_REQUEST_MEMO_KEY_BYTES = 1024
 
-# (head with its Connection header, body or b"" for HEAD, closes the connection)
-RequestReply = tuple[bytes, bytes, bool]
+# (head with its Connection header, body or b"" for HEAD, closes the connection,
+#  then its telemetry slots: requests by category and code, bytes, reject reason)
+RequestReply = tuple[bytes, bytes, bool, int, int, int]
 
 _LEAF_NEEDS_TEXT = ERRORS["leaf_needs_text"]
 

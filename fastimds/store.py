@@ -13,6 +13,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from fastimds.datafile import VmDescription
@@ -23,7 +24,7 @@ DEFAULT_VM_ID = "default"
 
 
 class SnapshotStore:
-    __slots__ = ("vm_id", "current", "generation", "watchers")
+    __slots__ = ("vm_id", "current", "generation", "watchers", "changed_at")
 
     def __init__(self, vm: VmDescription | None = None, vm_id: str = DEFAULT_VM_ID) -> None:
         self.vm_id = vm_id
@@ -31,6 +32,7 @@ class SnapshotStore:
         self.generation = 0  # the last generation published, kept across removal
         # Held long-poll connections of this VM; each gets on_publish() after a change.
         self.watchers: set[Watcher] = set()
+        self.changed_at = 0.0  # wall-clock time of the last publish or removal (telemetry: snapshot age)
         if vm is not None:
             self.publish(vm)
 
@@ -47,12 +49,14 @@ class SnapshotStore:
         snapshot = build_snapshot(vm, generation)
         self.current = snapshot
         self.generation = generation
+        self.changed_at = time.time()
         self._notify()
         return snapshot
 
     def clear(self, generation: int | None = None) -> None:
         """The VM was removed (as `generation`): its callers get 404s until it is published again."""
         self.current = None
+        self.changed_at = time.time()
         if generation is not None:
             self.generation = max(self.generation, generation)
         self._notify()

@@ -73,54 +73,36 @@ EXPORTED_METRICS: frozenset[str] = frozenset(
 )
 
 
-@dataclass(frozen=True)
 class Layout:
-    """Where each counter lives in a worker's list (and its shared region)."""
+    """Where each counter lives in a worker's list (and its shared region).
 
-    categories: tuple[str, ...] = CATEGORIES
-    codes: tuple[int, ...] = CODES
-    reasons: tuple[str, ...] = REJECT_REASONS
-    buckets: int = len(LATENCY_BUCKET_BITS) + 1  # the last is "slower than every bound"
+    Offsets are plain attributes computed once: the hot path reads them as
+    module constants (a property chain here cost ~0.9 µs per request).
+    """
 
-    @property
-    def requests(self) -> int:  # [category][code or other]
-        return 0
-
-    @property
-    def codes_per_category(self) -> int:
-        return len(self.codes) + 1
-
-    @property
-    def bytes(self) -> int:  # [category]
-        return self.requests + len(self.categories) * self.codes_per_category
-
-    @property
-    def latency(self) -> int:  # [bucket]
-        return self.bytes + len(self.categories)
-
-    @property
-    def latency_sum_ns(self) -> int:
-        return self.latency + self.buckets
-
-    @property
-    def connections_opened(self) -> int:
-        return self.latency_sum_ns + 1
-
-    @property
-    def connections_closed(self) -> int:
-        return self.connections_opened + 1
-
-    @property
-    def rejects(self) -> int:  # [reason]
-        return self.connections_closed + 1
-
-    @property
-    def log_suppressed(self) -> int:
-        return self.rejects + len(self.reasons)
-
-    @property
-    def size(self) -> int:
-        return self.log_suppressed + 1
+    def __init__(
+        self,
+        categories: tuple[str, ...] = CATEGORIES,
+        codes: tuple[int, ...] = CODES,
+        reasons: tuple[str, ...] = REJECT_REASONS,
+    ) -> None:
+        self.categories = categories
+        self.codes = codes
+        self.reasons = reasons
+        self.buckets = len(LATENCY_BUCKET_BITS) + 1  # the last is "slower than every bound"
+        self.codes_per_category = len(codes) + 1  # the last column is "any other code"
+        self.requests = 0  # [category][code or other]
+        self.bytes = self.requests + len(categories) * self.codes_per_category  # [category]
+        self.latency = self.bytes + len(categories)  # [bucket]
+        self.latency_sum_ns = self.latency + self.buckets
+        self.connections_opened = self.latency_sum_ns + 1
+        self.connections_closed = self.connections_opened + 1
+        self.rejects = self.connections_closed + 1  # [reason]
+        self.log_suppressed = self.rejects + len(reasons)
+        # Per-region gauges, set at each tick and read per region, never summed.
+        self.vms_served = self.log_suppressed + 1
+        self.tick_unix = self.vms_served + 1
+        self.size = self.tick_unix + 1
 
     def request_slot(self, category: str, code: int) -> int:
         column = self.codes.index(code) if code in self.codes else len(self.codes)
@@ -151,7 +133,8 @@ def new_counters() -> list[int]:
 
 
 class TelemetryArea:
-    """Counter regions, one per worker, in memory shared across fork()."""
+    """Counter regions in memory shared across fork(): one per worker, and one
+    for the control process (the last), which counts admin requests."""
 
     _ITEM = struct.Struct("<q")
 
@@ -169,12 +152,17 @@ class TelemetryArea:
         return list(self._format.unpack_from(self.memory, worker * self.region_bytes))
 
     def total(self) -> list[int]:
-        """Every worker's counts, summed slot by slot."""
+        """Every region's counts, summed slot by slot (the per-region gauges are meaningless here)."""
         totals = [0] * LAYOUT.size
         for worker in range(self.workers):
             for index, value in enumerate(self._format.unpack_from(self.memory, worker * self.region_bytes)):
                 totals[index] += value
         return totals
+
+    def live_regions(self, now: float, within_s: float = 3.0) -> list[list[int]]:
+        """The regions whose process ticked within `within_s` seconds."""
+        regions = [self.read(worker) for worker in range(self.workers)]
+        return [region for region in regions if now - region[LAYOUT.tick_unix] <= within_s]
 
 
 # ---- exposition ----
