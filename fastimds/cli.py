@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
     serve.add_argument("--backlog", type=int, help="listen() backlog")
+    serve.add_argument("--log-file", help="event log: a file to append to, or - for stdout (default: stderr)")
     serve.add_argument(
         "--no-telemetry",
         action="store_true",
@@ -83,6 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admin_port=args.admin_port,
         admin_token=token,
         telemetry=not args.no_telemetry,
+        log_file=args.log_file,
         host=args.host,
         port=args.port,
         workers=args.workers,

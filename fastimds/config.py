@@ -74,6 +74,7 @@ class Settings:
     backlog: int = LISTEN_BACKLOG
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     telemetry: bool = True  # hot-path counters and /metrics
+    log_file: str | None = None  # event log: None for stderr, "-" for stdout, else a file
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -89,6 +90,13 @@ class Settings:
             raise ConfigError("--default-vm needs --data-dir (with --data, the one VM answers everyone)")
         if self.admin_port is not None and not self.admin_token:
             raise ConfigError("--admin-port needs --admin-token-file: the TCP admin API refuses requests without it")
+
+    def describe(self) -> dict[str, object]:
+        """The settings for the startup `config` log line (no secrets)."""
+        shown = {name: value for name, value in vars(self).items() if name not in ("admin_token", "limits")}
+        shown["admin_token"] = "set" if self.admin_token else None
+        shown.update({f"limit_{name}": value for name, value in vars(self.limits).items()})
+        return {name: str(value) if isinstance(value, Path) else value for name, value in shown.items()}
 
     @property
     def admin_enabled(self) -> bool:

@@ -37,6 +37,7 @@ from typing import cast
 import httptools
 
 from fastimds.config import Limits
+from fastimds.log import EVENT_LOG
 from fastimds.registry import NOBODY, VmRegistry
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
 from fastimds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
@@ -114,7 +115,7 @@ class _Reject(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("registry", "limits", "connections", "date_block", "now", "draining", "counters")
+    __slots__ = ("registry", "limits", "connections", "date_block", "now", "now_unix", "draining", "counters")
 
     def __init__(
         self, registry: VmRegistry, limits: Limits, now: float, unix_time: float, telemetry: bool = True
@@ -126,11 +127,13 @@ class ServerState:
         self.connections: set[HttpProtocol] = set()
         self.date_block = date_block(unix_time)
         self.now = now  # loop.time() as of the last tick
+        self.now_unix = unix_time  # time.time() as of the last tick
         self.draining = False  # set by shutdown: every reply closes its connection
 
     def tick(self, now: float, unix_time: float) -> None:
         """Once a second: refresh the Date block, enforce deadlines."""
         self.now = now
+        self.now_unix = unix_time
         self.date_block = date_block(unix_time)
         for connection in list(self.connections):
             connection.check_deadlines(now)
@@ -141,6 +144,7 @@ class HttpProtocol(asyncio.Protocol):
         # ---- per connection ----
         "state",
         "vm",
+        "peer",
         "limits",
         "transport",
         "write",
@@ -174,6 +178,7 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.vm: SnapshotStore = NOBODY  # the caller's VM, set once the peer is known
+        self.peer = ""
         self.limits = state.limits
         self.parser = httptools.HttpRequestParser(self)
         self.out: list[bytes] = []
@@ -198,8 +203,9 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.write = self.transport.write
         peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
         # The caller's VM is decided once per connection (house rule: not per request).
-        self.vm = self.state.registry.store_for(peer[0] if isinstance(peer, tuple) else None)
+        self.vm = self.state.registry.store_for(self.peer or None)
         self.state.connections.add(self)
         if self.counters is not None:
             self.counters[_OPENED_SLOT] += 1
@@ -373,6 +379,7 @@ class HttpProtocol(asyncio.Protocol):
         """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
         if self.counters is not None:
             self._count(_slots(category_of(self.url), reply.status, reply.reject), len(reply.body))
+        self._sample_error("limit_hit", reply.status, self.url)
         out = self.out
         out.append(reply.head)
         if not keep_alive:
@@ -482,6 +489,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._reset_request()
                 return
         head, body = self._append_reply(reply, method, connection, self.if_none_match)
+        if reply.status >= 400:
+            self._sample_error("request_error", reply.status, url)
         slots = _slots(category_of(url), 304 if head is reply.not_modified else reply.status, reply.reject)
         if self.counters is not None:
             self._count(slots, len(body))
@@ -491,6 +500,22 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.captured = None
         self._reset_request()
+
+    def _sample_error(self, event: str, status: int, target: bytes) -> None:
+        """Warm path: log a refused request, as often as the event log's rate limit lets it."""
+        if EVENT_LOG.allow(event, self.state.now_unix):
+            current = self.vm.current
+            EVENT_LOG.write(
+                event,
+                self.state.now_unix,
+                {
+                    "caller": self.peer,
+                    "vm": self.vm.vm_id if current is not None else None,
+                    "generation": current.generation if current is not None else None,
+                    "status": status,
+                    "target": target[:256].decode("latin-1"),
+                },
+            )
 
     def _count(self, slots: tuple[int, int, int], size: int) -> None:
         counters = self.counters

@@ -38,7 +38,7 @@ from fastimds.bus import Bus
 from fastimds.config import Settings
 from fastimds.control import Control, Follower, UpdateError
 from fastimds.datafile import DataError
-from fastimds.log import log_event
+from fastimds.log import EVENT_LOG, log_event
 from fastimds.protocol import HttpProtocol, ServerState
 from fastimds.registry import VmRegistry
 from fastimds.store import DEFAULT_VM_ID
@@ -269,6 +269,8 @@ async def _run_worker(
         tasks.append(await Follower(bus, registry).start())
     state = ServerState(registry, settings.limits, loop.time(), time.time(), telemetry=False)
     state.counters = telemetry.counters
+    EVENT_LOG.configure(role="server" if control is not None else f"worker {telemetry.region}")
+    EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
     admin_servers: list[asyncio.Server] = []
     if control is not None:
@@ -279,6 +281,7 @@ async def _run_worker(
     def tick() -> None:
         unix_time = time.time()
         state.tick(loop.time(), unix_time)
+        EVENT_LOG.tick()
         telemetry.publish(sum(1 for store in registry.stores.values() if store.current is not None))
         # Fire just after the next wall-clock second, so Date is never stale by more than a tick.
         loop.call_later(TICK_INTERVAL_S - unix_time % TICK_INTERVAL_S + 0.001, tick)
@@ -330,11 +333,14 @@ async def _run_control(
 ) -> None:
     """The control process of a multi-worker server: admin API, data sources, SIGHUP."""
     loop = asyncio.get_running_loop()
+    EVENT_LOG.configure(role="control")
+    EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
     control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
     telemetry.control = control
     servers, tasks = await _start_control(settings, control, admin, telemetry)
 
     def tick() -> None:
+        EVENT_LOG.tick()
         telemetry.publish(len(control.registry.live()))
         loop.call_later(TICK_INTERVAL_S, tick)
 
@@ -357,6 +363,8 @@ def serve(settings: Settings) -> int:
 
     0: stopped by a signal; 1: could not listen or workers failed; 2: bad data.
     """
+    EVENT_LOG.configure(path=settings.log_file, role="server" if settings.workers == 1 else "supervisor")
+    log_event("config", **settings.describe())
     bus = Bus(settings.state_dir, durable=True) if settings.state_dir is not None else Bus.private()
     try:
         try:

@@ -51,4 +51,5 @@ def test_a_short_real_run_passes_generous_slos_and_writes_its_reports(tmp_path: 
     assert outcome.requests > 100
     assert outcome.failures == 0  # the bad requests got exactly their documented 400s
     assert (tmp_path / "report.html").stat().st_size > 0
-    assert broken_slos(outcome, Slo(p99_ms=-1), offered_rate=100) == [f"p99 {outcome.p99_ms:g} ms > -1 ms"]
+    impossible_p99 = Slo(p50_ms=1000, p99_ms=-1, min_rate_fraction=0)  # only the p99 can break
+    assert broken_slos(outcome, impossible_p99, offered_rate=100) == [f"p99 {outcome.p99_ms:g} ms > -1 ms"]
