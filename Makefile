@@ -19,11 +19,16 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# curl is a real client in the end-to-end tests; install it if the machine lacks it.
+# curl is a real client in the end-to-end tests, and promtool (Debian's prometheus
+# package) checks contrib/'s alert rules; install them if the machine lacks them.
 system-deps:
-	@command -v curl >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl; \
-	  else echo "curl is required for the end-to-end tests: apt-get install curl" >&2; exit 1; fi; }
+	@missing=""; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "install with apt-get:$$missing (needed by the tests)" >&2; exit 1; fi; \
+	fi
 
 serve: $(VENV)/.installed
 	@echo "Try: curl -H Metadata:true 'http://127.0.0.1:$(PORT)/metadata/instance?api-version=2021-02-01'"

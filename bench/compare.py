@@ -236,6 +236,14 @@ def build_servers(
     servers.append(
         Server("fastimds", [*pin(server_cores), python, "-m", "fastimds", "serve", "--port", str(port)], port=port)
     )
+    # What telemetry costs: the same server counting nothing, and with the cold-path request log on.
+    for name, extra in (
+        ("fastimds-notelemetry", ["--no-telemetry"]),
+        ("fastimds-requestlog", ["--request-log", str(workdir / "request-log")]),
+    ):
+        port = free_port()
+        command = [*pin(server_cores), python, "-m", "fastimds", "serve", "--port", str(port), *extra]
+        servers.append(Server(name, command, port=port))
     # The many-VM scenario: the same server with 1,000 resident VMs. wrk cannot
     # choose source addresses, so every request comes from 127.0.0.1 (one of the
     # VMs): this measures what 1,000 resident VMs cost, not switching between
@@ -468,6 +476,16 @@ def markdown(summary: dict[str, Any], info: dict[str, Any], args: argparse.Names
                 f"| {scenario} | {reference} | {ratio['median']:.2f} | {ratio['min']:.2f}–{ratio['max']:.2f}"
                 f" | {'' if target is None else f'≥ {target}'} | {met} | {ceiling} |"
             )
+    lines += ["", "What telemetry costs, req/s (targets: counters on ≥ 0.95 × off; request log on ≥ 0.85 × off):", ""]
+    for scenario, data in summary.items():
+        servers = data["servers"]
+        if "fastimds-notelemetry" not in servers:
+            continue
+        off = servers["fastimds-notelemetry"]["rps"]
+        parts = [f"counters on ÷ off {servers['fastimds']['rps'] / off:.2f}"] if "fastimds" in servers else []
+        if "fastimds-requestlog" in servers:
+            parts.append(f"request log on ÷ off {servers['fastimds-requestlog']['rps'] / off:.2f}")
+        lines.append(f"- {scenario}: " + ", ".join(parts))
     fleet = f"fastimds-{FLEET_SIZE}vms"
     lines += ["", f"{FLEET_SIZE} resident VMs ÷ one VM, req/s (target ≥ 0.9):", ""]
     for scenario, data in summary.items():

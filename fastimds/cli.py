@@ -1,4 +1,4 @@
-"""The command line: `fastimds serve`, `fastimds validate` and `fastimds admin`.
+"""The command line: `fastimds serve`, `validate`, `admin`, `logs` and `probe`.
 
 Rules of this module:
 - Parse arguments, build frozen Settings, hand over; no serving logic here.
@@ -11,9 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastimds import __version__, admin_client
+from fastimds import __version__, admin_client, logs_cli, probe
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.datafile import DataError, load_vm
+from fastimds.requestlog import parse_retention
 
 # (flag, Limits field, type, help) for every per-request limit.
 LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (default 1)")
     serve.add_argument("--backlog", type=int, help="listen() backlog")
     serve.add_argument("--log-file", help="event log: a file to append to, or - for stdout (default: stderr)")
+    serve.add_argument("--request-log", type=Path, help="log every request to rotated files in this folder")
+    serve.add_argument(
+        "--request-log-retain", default="48", help="rotated request-log files kept per worker: 48, 7d, or 48,7d"
+    )
     serve.add_argument(
         "--no-telemetry",
         action="store_true",
@@ -61,7 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", type=Path)
 
     admin_client.add_arguments(commands.add_parser("admin", help="read and change VMs through the admin API"))
+    logs_cli.add_arguments(commands.add_parser("logs", help="filter the request log (--request-log DIR)"))
+    probe.add_arguments(commands.add_parser("probe", help="send real IMDS requests; report availability and latency"))
     return parser
+
+
+def _retention(text: str) -> tuple[int, float | None]:
+    try:
+        return parse_retention(text)
+    except ValueError as exc:
+        raise ConfigError(f"--request-log-retain: {exc}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -85,6 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admin_token=token,
         telemetry=not args.no_telemetry,
         log_file=args.log_file,
+        request_log_dir=args.request_log,
+        request_log_retain=_retention(args.request_log_retain),
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -111,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         return validate_file(args.file)
     if args.command == "admin":
         return admin_client.run(args)
+    if args.command == "logs":
+        return logs_cli.run(args)
+    if args.command == "probe":
+        return probe.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:

@@ -75,6 +75,8 @@ class Settings:
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     telemetry: bool = True  # hot-path counters and /metrics
     log_file: str | None = None  # event log: None for stderr, "-" for stdout, else a file
+    request_log_dir: Path | None = None  # the cold path: every request, in rotated files
+    request_log_retain: tuple[int, float | None] = (48, None)  # rotated files kept per worker, max age
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from functools import lru_cache
-from time import perf_counter_ns
+from time import perf_counter_ns, time
 from typing import cast
 
 import httptools
@@ -40,8 +40,9 @@ from fastimds.config import Limits
 from fastimds.log import EVENT_LOG
 from fastimds.registry import NOBODY, VmRegistry
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
+from fastimds.requestlog import RequestLog
 from fastimds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
-from fastimds.snapshot import RequestReply
+from fastimds.snapshot import LogStub, RequestReply
 from fastimds.store import SnapshotStore
 from fastimds.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOUT, new_counters
 
@@ -115,7 +116,17 @@ class _Reject(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("registry", "limits", "connections", "date_block", "now", "now_unix", "draining", "counters")
+    __slots__ = (
+        "registry",
+        "limits",
+        "connections",
+        "date_block",
+        "now",
+        "now_unix",
+        "draining",
+        "counters",
+        "request_log",
+    )
 
     def __init__(
         self, registry: VmRegistry, limits: Limits, now: float, unix_time: float, telemetry: bool = True
@@ -123,6 +134,7 @@ class ServerState:
         self.registry = registry
         # This worker's hot-path counters (fastimds.telemetry.LAYOUT); None turns telemetry off.
         self.counters: list[int] | None = new_counters() if telemetry else None
+        self.request_log: RequestLog | None = None  # the cold path, when --request-log is on
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.date_block = date_block(unix_time)
@@ -158,6 +170,8 @@ class HttpProtocol(asyncio.Protocol):
         "waiting",
         "counters",
         "replies_in_read",
+        "request_log",
+        "logged",
         # ---- per request ----
         "in_request",
         "head_done",
@@ -191,6 +205,8 @@ class HttpProtocol(asyncio.Protocol):
         self.waiting: _Wait | None = None  # a held long-poll
         self.counters = state.counters
         self.replies_in_read = 0  # replies produced by the current read, for the latency histogram
+        self.request_log = state.request_log
+        self.logged: list[tuple[LogStub, int]] = []  # this read's replies, for the request log
         self.in_request = False
         self.head_done = False
         self.head_pending = 0
@@ -236,17 +252,31 @@ class HttpProtocol(asyncio.Protocol):
             self._flush()
         replies = self.replies_in_read
         if replies:
-            # One latency per read, for each reply it produced: two clock reads
-            # per read, whatever the pipeline depth. The bucket is latency_bucket(),
-            # inlined (64 -> 41 ns).
-            elapsed = perf_counter_ns() - started
-            bucket = elapsed.bit_length() - _LATENCY_FIRST_BIT
-            bucket = 0 if bucket < 0 else (bucket if bucket < _LATENCY_LAST_BUCKET else _LATENCY_LAST_BUCKET)
-            counters = self.counters
-            assert counters is not None  # replies are counted only when telemetry is on
-            counters[_LATENCY_SLOT + bucket] += replies
-            counters[_LATENCY_SUM_SLOT] += elapsed * replies
             self.replies_in_read = 0
+            # One latency per read, for each reply it produced: two clock reads
+            # per read, whatever the pipeline depth.
+            elapsed = perf_counter_ns() - started
+            counters = self.counters
+            if counters is not None:
+                # latency_bucket(), inlined (64 -> 41 ns)
+                bucket = elapsed.bit_length() - _LATENCY_FIRST_BIT
+                bucket = 0 if bucket < 0 else (bucket if bucket < _LATENCY_LAST_BUCKET else _LATENCY_LAST_BUCKET)
+                counters[_LATENCY_SLOT + bucket] += replies
+                counters[_LATENCY_SUM_SLOT] += elapsed * replies
+            if self.logged:
+                self._log_read(elapsed)
+
+    def _log_read(self, elapsed_ns: int) -> None:
+        """Cold path: hand this read's replies to the request log (written in batches by the tick)."""
+        request_log = self.request_log
+        assert request_log is not None
+        now = time()
+        current = self.vm.current
+        vm_id, generation = (self.vm.vm_id, current.generation) if current is not None else ("", 0)
+        latency_us = elapsed_ns // 1000
+        for (method, target, status), size in self.logged:
+            request_log.record(now, self.peer, vm_id, method, target, status, size, latency_us, generation)
+        self.logged.clear()
 
     def _answer_known(self, data: bytes) -> bool:
         """Answer a read of known request heads from the memo; False if any is new."""
@@ -262,16 +292,18 @@ class HttpProtocol(asyncio.Protocol):
         counters = self.counters
         reply = known.get(heads)
         if reply is not None:
-            head, body, self.closing, requests_slot, bytes_slot, reject_slot = reply
+            head, body, self.closing, requests_slot, bytes_slot, reject_slot, stub = reply
             out.append(head)
             out.append(date)
             out.append(body)
+            self.replies_in_read = 1
             if counters is not None:
                 counters[requests_slot] += 1
                 counters[bytes_slot] += len(body)
                 if reject_slot:
                     counters[reject_slot] += 1
-                self.replies_in_read = 1
+            if self.request_log is not None:
+                self.logged.append((stub, len(body)))
         else:
             replies = []
             for head in heads.split(END_OF_HEAD):
@@ -279,16 +311,18 @@ class HttpProtocol(asyncio.Protocol):
                 if reply is None:
                     return False
                 replies.append(reply)
-            for head, body, closes, requests_slot, bytes_slot, reject_slot in replies:
+            for head, body, closes, requests_slot, bytes_slot, reject_slot, stub in replies:
                 out.append(head)
                 out.append(date)
                 out.append(body)
+                self.replies_in_read += 1
                 if counters is not None:
                     counters[requests_slot] += 1
                     counters[bytes_slot] += len(body)
                     if reject_slot:
                         counters[reject_slot] += 1
-                    self.replies_in_read += 1
+                if self.request_log is not None:
+                    self.logged.append((stub, len(body)))
                 if closes:
                     self.closing = True
                     break  # the parser would refuse what follows a close
@@ -377,8 +411,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
         """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
-        if self.counters is not None:
-            self._count(_slots(category_of(self.url), reply.status, reply.reject), len(reply.body))
+        body_size = 0 if head_only else len(reply.body)
+        self._note(_slots(category_of(self.url), reply.status, reply.reject), body_size, (b"", self.url, reply.status))
         self._sample_error("limit_hit", reply.status, self.url)
         out = self.out
         out.append(reply.head)
@@ -491,12 +525,13 @@ class HttpProtocol(asyncio.Protocol):
         head, body = self._append_reply(reply, method, connection, self.if_none_match)
         if reply.status >= 400:
             self._sample_error("request_error", reply.status, url)
-        slots = _slots(category_of(url), 304 if head is reply.not_modified else reply.status, reply.reject)
-        if self.counters is not None:
-            self._count(slots, len(body))
+        status = 304 if head is reply.not_modified else reply.status
+        slots = _slots(category_of(url), status, reply.reject)
+        stub = (method, url, status)
+        self._note(slots, len(body), stub)
         if self.captured is not None:
             if self.plain and method in _REMEMBERED_METHODS:
-                self.captured.append((head + connection, body, closes, *slots))
+                self.captured.append((head + connection, body, closes, *slots, stub))
             else:
                 self.captured = None
         self._reset_request()
@@ -517,14 +552,17 @@ class HttpProtocol(asyncio.Protocol):
                 },
             )
 
-    def _count(self, slots: tuple[int, int, int], size: int) -> None:
-        counters = self.counters
-        assert counters is not None
-        counters[slots[0]] += 1
-        counters[slots[1]] += size
-        if slots[2]:
-            counters[slots[2]] += 1
+    def _note(self, slots: tuple[int, int, int], size: int, stub: LogStub) -> None:
+        """Count a reply (telemetry) and keep it for the request log, when those are on."""
         self.replies_in_read += 1
+        counters = self.counters
+        if counters is not None:
+            counters[slots[0]] += 1
+            counters[slots[1]] += size
+            if slots[2]:
+                counters[slots[2]] += 1
+        if self.request_log is not None:
+            self.logged.append((stub, size))
 
     def _append_reply(
         self, reply: Reply, method: bytes, connection: bytes, if_none_match: bytes | None
@@ -574,6 +612,19 @@ class HttpProtocol(asyncio.Protocol):
             # Counted, but not in the latency histogram: its wait is the client's choice.
             self.counters[LAYOUT.request_slot(category_of(wait.url), reply.status)] += 1
             self.counters[LAYOUT.bytes_slot(category_of(wait.url))] += len(body)
+        if self.request_log is not None:
+            current = self.vm.current
+            self.request_log.record(
+                time(),
+                self.peer,
+                self.vm.vm_id if current is not None else "",
+                wait.method,
+                wait.url,
+                reply.status,
+                len(body),
+                0,  # its latency is the wait the client asked for
+                current.generation if current is not None else 0,
+            )
         self.out.extend(later)
         if not self.closing:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s

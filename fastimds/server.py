@@ -41,10 +41,16 @@ from fastimds.datafile import DataError
 from fastimds.log import EVENT_LOG, log_event
 from fastimds.protocol import HttpProtocol, ServerState
 from fastimds.registry import VmRegistry
+from fastimds.requestlog import RequestLog
 from fastimds.store import DEFAULT_VM_ID
 from fastimds.telemetry import LAYOUT, ScrapeSources, TelemetryArea, VmState, render_metrics
 
 TICK_INTERVAL_S = 1.0
+# The request log is written this often, at most this many records at a time
+# (~0.75 µs each: a slice is a ~4 ms pause at most), so that at 130k req/s
+# the buffer never nears its cap.
+REQUEST_LOG_FLUSH_S = 0.25
+REQUEST_LOG_SLICE_RECORDS = 5000
 # Workers must report ready within this, or the supervisor gives up.
 WORKER_START_TIMEOUT_S = 15.0
 # A worker that dies this soon after starting, this many times in a row, is
@@ -269,6 +275,13 @@ async def _run_worker(
         tasks.append(await Follower(bus, registry).start())
     state = ServerState(registry, settings.limits, loop.time(), time.time(), telemetry=False)
     state.counters = telemetry.counters
+    request_log = None
+    if settings.request_log_dir is not None:
+        retain_files, retain_age_s = settings.request_log_retain
+        request_log = RequestLog(
+            settings.request_log_dir, telemetry.region, retain_files=retain_files, retain_age_s=retain_age_s
+        )
+        state.request_log = request_log
     EVENT_LOG.configure(role="server" if control is not None else f"worker {telemetry.region}")
     EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
@@ -287,6 +300,20 @@ async def _run_worker(
         loop.call_later(TICK_INTERVAL_S - unix_time % TICK_INTERVAL_S + 0.001, tick)
 
     tick()
+
+    def flush_request_log() -> None:
+        """The cold path, in slices so that a busy second's records never stall requests for long."""
+        assert request_log is not None
+        request_log.flush(time.time(), max_records=REQUEST_LOG_SLICE_RECORDS)
+        for event, fields in request_log.take_events():
+            log_event(event, **fields)
+        if request_log.buffered:
+            loop.call_soon(flush_request_log)  # more than a slice: the rest after pending I/O
+        else:
+            loop.call_later(REQUEST_LOG_FLUSH_S, flush_request_log)
+
+    if request_log is not None:
+        loop.call_later(REQUEST_LOG_FLUSH_S, flush_request_log)
     stopping = asyncio.Event()
     if control is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_sources, settings, control)
@@ -314,6 +341,8 @@ async def _run_worker(
         await asyncio.sleep(0.02)
     for connection in list(state.connections):
         connection.transport.abort()
+    if request_log is not None:
+        request_log.close(time.time())
     log_event("worker_stopped", aborted=len(state.connections))
 
 
