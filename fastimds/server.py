@@ -378,6 +378,7 @@ async def _run_control(
     loop.add_signal_handler(signal.SIGHUP, reload_sources, settings, control)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
+    gc.freeze()  # as in the workers: the loaded VMs stay out of every collection (tuning.md)
     log_event("control_ready", vms=len(control.registry.live()))
     on_ready()
     await stopping.wait()
