@@ -191,28 +191,55 @@ def log_files(directory: Path, since: float | None) -> list[Path]:
 
 
 def read_records(path: Path, query: Query, corruption: Corruption) -> Iterator[tuple[float, bytes, Record]]:
-    """(ts, line, record) of every whole record in `path` that `query` matches, in file order."""
+    """(ts, line as a JSON object, record) of every whole record in `path` that `query` matches, in file order."""
     try:
         with open(path, "rb") as source:
+            fields: list[str] | None = None  # from the last header line
             for raw in source:
                 line = raw.rstrip(b"\r\n")
                 if not line.strip():
                     continue
-                record = parse_record(line)
-                if record is None:
+                parsed = parse_line(line, fields)
+                if isinstance(parsed, list):
+                    fields = parsed  # a header: the lines after it are arrays of these fields
+                    continue
+                if parsed is None:
                     corruption.lines[path.name] += 1
-                elif query.matches(record):
-                    yield record["ts"], line, record
+                elif query.matches(parsed):
+                    # Array lines are printed as objects, like the lines of the first format.
+                    shown = line if line.startswith(b"{") else orjson.dumps(parsed)
+                    yield parsed["ts"], shown, parsed
     except FileNotFoundError:  # rotated away or deleted by retention while we read
         return
 
 
+def parse_line(line: bytes, fields: list[str] | None) -> Record | list[str] | None:
+    """A record (from an object line, or an array line under a header), a header's field names, or None."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("fields"), list):
+        return [str(name) for name in value["fields"]]
+    if isinstance(value, list):
+        if fields is None or len(value) != len(fields):
+            return None
+        value = dict(zip(fields, value, strict=True))
+        value = {key: value[key] for key in RECORD_KEYS if key in value}
+    return checked_record(value)
+
+
 def parse_record(line: bytes) -> Record | None:
-    """The record on one line, or None when the line is not a whole one."""
+    """The record on one object line, or None when the line is not a whole one."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
+    return checked_record(record)
+
+
+def checked_record(record: Any) -> Record | None:
+    """`record` if it has every field with its type, else None."""
     if not isinstance(record, dict) or any(key not in record for key in RECORD_KEYS):
         return None
     ts = record["ts"]

@@ -412,7 +412,11 @@ class HttpProtocol(asyncio.Protocol):
     def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
         """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
         body_size = 0 if head_only else len(reply.body)
-        self._note(_slots(category_of(self.url), reply.status, reply.reject), body_size, (b"", self.url, reply.status))
+        self._note(
+            _slots(category_of(self.url), reply.status, reply.reject),
+            body_size,
+            ("", self.url.decode("utf-8", "backslashreplace"), reply.status),
+        )
         self._sample_error("limit_hit", reply.status, self.url)
         out = self.out
         out.append(reply.head)
@@ -527,7 +531,7 @@ class HttpProtocol(asyncio.Protocol):
             self._sample_error("request_error", reply.status, url)
         status = 304 if head is reply.not_modified else reply.status
         slots = _slots(category_of(url), status, reply.reject)
-        stub = (method, url, status)
+        stub = (method.decode("latin-1"), url.decode("utf-8", "backslashreplace"), status)
         self._note(slots, len(body), stub)
         if self.captured is not None:
             if self.plain and method in _REMEMBERED_METHODS:
@@ -618,8 +622,8 @@ class HttpProtocol(asyncio.Protocol):
                 time(),
                 self.peer,
                 self.vm.vm_id if current is not None else "",
-                wait.method,
-                wait.url,
+                wait.method.decode("latin-1"),
+                wait.url.decode("utf-8", "backslashreplace"),
                 reply.status,
                 len(body),
                 0,  # its latency is the wait the client asked for

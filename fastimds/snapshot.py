@@ -57,8 +57,8 @@ MAX_MEMO_ENTRIES = 4096
 MAX_REQUEST_MEMO_ENTRIES = 1024
 MAX_REQUEST_MEMO_KEY_BYTES = 1024
 
-# What the request log needs of a reply: (method, target, status).
-LogStub = tuple[bytes, bytes, int]
+# What the request log needs of a reply: (method, target, status), decoded once.
+LogStub = tuple[str, str, int]
 # (head with its Connection header, body or b"" for HEAD, closes the connection,
 #  then its telemetry slots: requests by category and code, bytes, reject reason;
 #  then its request-log stub)

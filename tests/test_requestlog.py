@@ -9,7 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
+from fastimds.logs_cli import parse_line
 from fastimds.requestlog import (
+    HEADER,
     MAX_BUFFERED_RECORDS,
     UNLIMITED_FILES,
     RequestLog,
@@ -38,7 +40,23 @@ def record(log: RequestLog, ts: float = T0, **overrides: Any) -> None:
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    """The records of a file, read as `fastimds logs` reads them (header lines name the array fields)."""
+    records: list[dict[str, Any]] = []
+    fields: list[str] | None = None
+    for line in path.read_bytes().splitlines():
+        parsed = parse_line(line, fields)
+        if isinstance(parsed, list):
+            fields = parsed
+            continue
+        assert parsed is not None, f"not a record: {line!r}"
+        records.append(parsed)
+    return records
+
+
+def lines_of_after_header(lines: list[bytes]) -> list[dict[str, Any]]:
+    fields = parse_line(lines[0], None)
+    assert isinstance(fields, list)
+    return [record for line in lines[1:] if isinstance(record := parse_line(line, fields), dict)]
 
 
 def names(directory: Path) -> list[str]:
@@ -53,7 +71,8 @@ def test_records_are_json_lines_with_the_documented_keys(tmp_path: Path) -> None
     log.flush(T0 + 1)
     assert names(tmp_path) == ["requests.w003.jsonl"]
     raw = (tmp_path / "requests.w003.jsonl").read_bytes()
-    assert raw.count(b"\n") == 2 and raw.endswith(b"\n")
+    assert raw.count(b"\n") == 3 and raw.endswith(b"\n")  # the header, then one line per record
+    assert raw.startswith(HEADER)
     first, second = lines_of(tmp_path / "requests.w003.jsonl")
     assert list(first) == ["ts", "caller", "vm", "method", "target", "status", "bytes", "latency_us", "generation"]
     assert first == {
@@ -121,8 +140,8 @@ def test_an_empty_flush_creates_no_file(tmp_path: Path) -> None:
 
 
 def test_rotation_by_size(tmp_path: Path) -> None:
-    log = RequestLog(tmp_path, worker=1, max_file_bytes=1000)
-    for index in range(4):  # ~180 bytes each: under the limit
+    log = RequestLog(tmp_path, worker=1, max_file_bytes=800)
+    for index in range(4):  # a 118-byte header and 98 bytes each: under the limit
         record(log, ts=T0 + index)
     log.flush(T0 + 10)
     assert names(tmp_path) == ["requests.w001.jsonl"]
@@ -216,7 +235,8 @@ def test_retention_keeps_none_with_zero_files(tmp_path: Path) -> None:
 
 
 def test_workers_share_a_directory_without_colliding(tmp_path: Path) -> None:
-    logs = [RequestLog(tmp_path, worker=n, max_file_bytes=500, retain_files=2) for n in range(3)]
+    # A header and three records (412 bytes) pass 400: every flush rotates.
+    logs = [RequestLog(tmp_path, worker=n, max_file_bytes=400, retain_files=2) for n in range(3)]
     for second in range(5):
         for n, log in enumerate(logs):
             for _ in range(3):
@@ -317,7 +337,8 @@ def test_a_restart_continues_a_file_that_ends_mid_line(tmp_path: Path) -> None:
     log.flush(T0 + 10)
     lines = current.read_bytes().splitlines()
     assert lines[1] == b'{"ts": 1795000001.0, "sta'  # the torn record stays torn, alone on its line
-    assert orjson.loads(lines[2])["status"] == 204
+    assert lines[2] + b"\n" == HEADER  # this process names the fields of what it appends
+    assert lines_of_after_header(lines[2:])[0]["status"] == 204
     # the file's age counts from its first record, not from the restart
     log.flush(T0 + 3600)
     assert not current.exists() and len(rotated_files(tmp_path)) == 1
