@@ -270,12 +270,9 @@ class HttpProtocol(asyncio.Protocol):
         """Cold path: hand this read's replies to the request log (written in batches by the tick)."""
         request_log = self.request_log
         assert request_log is not None
-        now = time()
         current = self.vm.current
         vm_id, generation = (self.vm.vm_id, current.generation) if current is not None else ("", 0)
-        latency_us = elapsed_ns // 1000
-        for (method, target, status), size in self.logged:
-            request_log.record(now, self.peer, vm_id, method, target, status, size, latency_us, generation)
+        request_log.record_read(time(), self.peer, vm_id, elapsed_ns // 1000, generation, self.logged)
         self.logged.clear()
 
     def _answer_known(self, data: bytes) -> bool:

@@ -89,6 +89,8 @@ HEADER: Final = orjson.dumps({"fastimds_request_log": 1, "fields": list(FIELDS)}
 
 # (caller, ts, vm_id, method, target, status, size, latency_us, generation): FIELDS' order
 Record = tuple[str | bytes, float, str, str | bytes, str | bytes, int, int, int, int]
+# What the protocol keeps of each reply: (method, target, status).
+Stub = tuple[str, str, int]
 # (event name, fields) for fastimds.log.log_event.
 Event = tuple[str, dict[str, Any]]
 
@@ -276,6 +278,22 @@ class RequestLog:
             buffer.append((caller, ts, vm_id, method, target, status, size, latency_us, generation))
         else:
             self.dropped += 1
+
+    def record_read(  # noqa: PLR0917 - positional on purpose: called once per read on the hot path
+        self, ts: float, caller: str, vm_id: str, latency_us: int, generation: int, replies: list[tuple[Stub, int]]
+    ) -> None:
+        """Remember every reply of one read at once: what they share is passed once (the protocol's call)."""
+        buffer = self._buffer
+        room = MAX_BUFFERED_RECORDS - len(buffer)
+        if len(replies) > room:
+            self.dropped += len(replies) - max(room, 0)
+            replies = replies[: max(room, 0)]
+        buffer.extend(
+            [
+                (caller, ts, vm_id, method, target, status, size, latency_us, generation)
+                for (method, target, status), size in replies
+            ]
+        )
 
     # ---- the tick ----
 

@@ -394,3 +394,26 @@ def test_bad_construction_is_refused(tmp_path: Path) -> None:
         RequestLog(tmp_path, worker=0, max_file_bytes=0)
     with pytest.raises(ValueError, match="retain"):
         RequestLog(tmp_path, worker=0, retain_age_s=0)
+
+
+def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
+    one_by_one = RequestLog(tmp_path / "a", worker=0)
+    at_once = RequestLog(tmp_path / "b", worker=0)
+    replies = [(("GET", TARGET, 200), 10), (("HEAD", "/metadata/versions", 200), 0), (("GET", "/x", 404), 20)]
+    for (method, target, status), size in replies:
+        one_by_one.record(T0, "10.0.0.4", "vm-1", method, target, status, size, 77, 3)
+    at_once.record_read(T0, "10.0.0.4", "vm-1", 77, 3, replies)
+    for log in (one_by_one, at_once):
+        log.close(T0 + 1)
+    assert lines_of(tmp_path / "a" / "requests.w000.jsonl") == lines_of(tmp_path / "b" / "requests.w000.jsonl")
+    assert len(lines_of(tmp_path / "b" / "requests.w000.jsonl")) == 3
+
+
+def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastimds import requestlog
+
+    monkeypatch.setattr(requestlog, "MAX_BUFFERED_RECORDS", 2)
+    log = RequestLog(tmp_path, worker=0)
+    log.record_read(T0, "10.0.0.4", "vm-1", 1, 1, [(("GET", "/a", 200), 1)] * 3)
+    assert (log.buffered, log.dropped) == (2, 1)
+    log.close(T0)
