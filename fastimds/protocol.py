@@ -285,7 +285,9 @@ class HttpProtocol(asyncio.Protocol):
         out = self.out
         date = self.state.date_block
         # One request per read is the common case: no list, no tuple, nothing
-        # the cyclic GC tracks is allocated for it.
+        # the cyclic GC tracks is allocated for it. Its branch is the loop
+        # below written out for one reply, on purpose (0.84 -> 0.67 µs per
+        # request, tuning.md): keep the two in step.
         counters = self.counters
         reply = known.get(heads)
         if reply is not None:

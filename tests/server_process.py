@@ -319,6 +319,19 @@ def vm_document(
     return document
 
 
+def log_events(server: ServerProcess, event: str) -> list[dict[str, Any]]:
+    """The server's event-log records (JSON lines on its stderr) named `event`, in order."""
+    records = []
+    for line in server.stderr_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            records.append(record)
+    return records
+
+
 def http_from(source: str, port: int, timeout: float = SOCKET_TIMEOUT_S) -> http.client.HTTPConnection:
     """An http.client connection to 127.0.0.1:`port` whose source address is `source` (any of 127.0.0.0/8)."""
     return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))

@@ -33,7 +33,9 @@ from tests.server_process import (
     ServerStartError,
     connect,
     exchange,
+    get_from,
     get_request,
+    log_events,
     running_server,
     serve_command,
 )
@@ -70,26 +72,8 @@ def poll_until(condition: Callable[[], bool], timeout: float = POLL_TIMEOUT_S, i
 
 
 def fresh_get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """One GET over a new http.client connection; returns (status, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", target, headers={"Metadata": "true", **(headers or {})})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def log_events(server: ServerProcess, event: str) -> list[dict[str, Any]]:
-    records = []
-    for line in server.stderr_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            records.append(record)
-    return records
+    """One GET over a new http.client connection from 127.0.0.1; returns (status, body)."""
+    return get_from("127.0.0.1", port, target, headers)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

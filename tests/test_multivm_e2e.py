@@ -32,6 +32,7 @@ from tests.server_process import (
     admin_unix,
     get_from,
     http_from,
+    log_events,
     running_server,
     vm_document,
     vm_uuid,
@@ -67,18 +68,6 @@ def time_until(condition: Callable[[], bool], timeout: float = 5.0) -> float | N
     """Seconds until `condition` holds (polled every 5 ms), or None if it did not within `timeout`."""
     started = time.monotonic()
     return time.monotonic() - started if poll_until(condition, timeout, 0.005) else None
-
-
-def log_events(server: ServerProcess, event: str) -> list[dict[str, Any]]:
-    records = []
-    for line in server.stderr_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            records.append(record)
-    return records
 
 
 def vm_seen(server: ServerProcess, source: str) -> str | None:
