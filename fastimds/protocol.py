@@ -291,7 +291,7 @@ class HttpProtocol(asyncio.Protocol):
         counters = self.counters
         reply = known.get(heads)
         if reply is not None:
-            head, body, self.closing, requests_slot, bytes_slot, reject_slot, stub = reply
+            head, body, self.closing, requests_slot, bytes_slot, reject_slot, logged = reply
             out.append(head)
             out.append(date)
             out.append(body)
@@ -302,7 +302,7 @@ class HttpProtocol(asyncio.Protocol):
                 if reject_slot:
                     counters[reject_slot] += 1
             if self.request_log is not None:
-                self.logged.append((stub, len(body)))
+                self.logged.append(logged)
         else:
             replies = []
             for head in heads.split(END_OF_HEAD):
@@ -310,7 +310,7 @@ class HttpProtocol(asyncio.Protocol):
                 if reply is None:
                     return False
                 replies.append(reply)
-            for head, body, closes, requests_slot, bytes_slot, reject_slot, stub in replies:
+            for head, body, closes, requests_slot, bytes_slot, reject_slot, logged in replies:
                 out.append(head)
                 out.append(date)
                 out.append(body)
@@ -321,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
                     if reject_slot:
                         counters[reject_slot] += 1
                 if self.request_log is not None:
-                    self.logged.append((stub, len(body)))
+                    self.logged.append(logged)
                 if closes:
                     self.closing = True
                     break  # the parser would refuse what follows a close
@@ -534,7 +534,7 @@ class HttpProtocol(asyncio.Protocol):
         self._note(slots, len(body), stub)
         if self.captured is not None:
             if self.plain and method in _REMEMBERED_METHODS:
-                self.captured.append((head + connection, body, closes, *slots, stub))
+                self.captured.append((head + connection, body, closes, *slots, (stub, len(body))))
             else:
                 self.captured = None
         self._reset_request()

@@ -61,8 +61,8 @@ MAX_REQUEST_MEMO_KEY_BYTES = 1024
 LogStub = tuple[str, str, int]
 # (head with its Connection header, body or b"" for HEAD, closes the connection,
 #  then its telemetry slots: requests by category and code, bytes, reject reason;
-#  then its request-log stub)
-RequestReply = tuple[bytes, bytes, bool, int, int, int, LogStub]
+#  then what the request log keeps of it: (its stub, its body size), made once)
+RequestReply = tuple[bytes, bytes, bool, int, int, int, tuple[LogStub, int]]
 
 _LEAF_NEEDS_TEXT = ERRORS["leaf_needs_text"]
 

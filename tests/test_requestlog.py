@@ -412,7 +412,7 @@ def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
 def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastimds import requestlog
 
-    monkeypatch.setattr(requestlog, "MAX_BUFFERED_RECORDS", 2)
+    monkeypatch.setattr(requestlog, "_MAX_BUFFERED_VALUES", 2 * len(requestlog.RECORD_KEYS))
     log = RequestLog(tmp_path, worker=0)
     log.record_read(T0, "10.0.0.4", "vm-1", 1, 1, [(("GET", "/a", 200), 1)] * 3)
     assert (log.buffered, log.dropped) == (2, 1)
