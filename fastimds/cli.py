@@ -14,7 +14,7 @@ from pathlib import Path
 from fastimds import __version__, admin_client, logs_cli, probe
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.datafile import DataError, load_vm
-from fastimds.requestlog import parse_retention
+from fastimds.requestlog import parse_retention, prepare_directory
 
 # (flag, Limits field, type, help) for every per-request limit.
 LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -79,6 +79,11 @@ def _retention(text: str) -> tuple[int, float | None]:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    if args.request_log is not None:
+        try:
+            prepare_directory(args.request_log)  # refuse a bad flag now, not in a worker later
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     overrides = {name: getattr(args, name) for _, name, _, _ in LIMIT_FLAGS if getattr(args, name) is not None}
     extra = {"backlog": args.backlog} if args.backlog is not None else {}
     token = None

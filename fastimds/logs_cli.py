@@ -229,15 +229,6 @@ def parse_line(line: bytes, fields: list[str] | None) -> Record | list[str] | No
     return checked_record(value)
 
 
-def parse_record(line: bytes) -> Record | None:
-    """The record on one object line, or None when the line is not a whole one."""
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return checked_record(record)
-
-
 def checked_record(record: Any) -> Record | None:
     """`record` if it has every field with its type, else None."""
     if not isinstance(record, dict) or any(key not in record for key in RECORD_KEYS):

@@ -155,10 +155,6 @@ UTF8: Final = "utf-8"
 DECODE_ERRORS: Final = "backslashreplace"  # invalid UTF-8 stays visible in the log: \xff
 
 
-def _as_text(value: object) -> object:
-    return value.decode(UTF8, DECODE_ERRORS) if isinstance(value, bytes) else value
-
-
 # Between two records of one JSON array of arrays that start with a string;
 # never inside a string, where every quote is escaped.
 _ARRAY_BOUNDARY: Final = b'],["'

@@ -79,3 +79,39 @@ def test_no_telemetry_serves_no_metrics(tmp_path: Path) -> None:
         status, body = admin_unix(tmp_path / "a.sock", "GET", "/metrics")
         assert status == 404
         assert "--no-telemetry" in body["error"]
+
+
+def test_request_log_end_to_end(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    log_dir = tmp_path / "requests"
+    with running_server("--request-log", str(log_dir)) as server:
+        for _ in range(3):
+            assert fresh_get(server.port, LEAF)[0] == 200
+        assert fresh_get(server.port, "/metadata/instance")[0] == 400  # no api-version
+    # Stopped: the worker flushed and closed its file. `fastimds logs` reads it back.
+    found = subprocess.run(
+        [sys.executable, "-m", "fastimds", "logs", str(log_dir)], capture_output=True, text=True, timeout=30, check=True
+    )
+    records = [json.loads(line) for line in found.stdout.splitlines()]
+    assert [(r["status"], r["target"]) for r in records] == [(200, LEAF)] * 3 + [(400, "/metadata/instance")]
+    assert {r["caller"] for r in records} == {"127.0.0.1"}
+    assert {r["vm"] for r in records} == {"default"} and {r["generation"] for r in records} == {1}
+    assert all(r["latency_us"] >= 0 and r["method"] == "GET" for r in records)
+
+
+def test_a_request_log_folder_that_cannot_be_made_is_refused_at_start() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fastimds", "serve", "--port", "0", "--request-log", "/proc/no/such/folder"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--request-log" in done.stderr
