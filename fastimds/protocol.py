@@ -14,7 +14,14 @@ Rules of this module:
   reads), the body in `on_body`. Breaking one gets its status and a close.
 - Deadlines, not timers (house rule 6): each connection stores when it must
   next make progress; `ServerState.tick` sweeps them once a second and also
-  refreshes the Date block, so no request reads the clock.
+  refreshes the Date block, so no request reads the wall clock for them.
+- Telemetry costs two monotonic clock reads per read (the latency histogram)
+  and a few list increments per reply (fastimds.telemetry); with
+  --request-log, each read's replies go to the log in one call. Both can be
+  off, and then cost one `is None` test each.
+- A long-poll (`wait_for_change`) parks its connection in its VM store's
+  watchers: reading pauses, the replies to requests behind it wait, and the
+  store's next publish (or the deadline sweep) answers it.
 - Any bytes either parse or get a 400 and a close; no input raises out of
   `data_received`.
 - Known requests skip the parser. A read that starts between requests and

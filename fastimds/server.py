@@ -3,13 +3,18 @@
 Rules of this module:
 - One worker is one process running one uvloop loop; with `--workers N` a
   supervisor forks N workers that each bind the same port with SO_REUSEPORT,
-  so the kernel spreads connections and no worker shares an accept queue.
-- The supervisor never runs an event loop (fork safety). It forwards SIGHUP
-  and SIGTERM to the workers and restarts a worker that dies unexpectedly.
-- SIGHUP re-reads the data file and publishes a new snapshot; an invalid file
-  is refused with a log line naming every problem, and the old snapshot keeps
-  serving. SIGTERM stops accepting, lets in-flight replies finish (with
-  `Connection: close`), closes idle connections and exits 0.
+  so the kernel spreads connections and no worker shares an accept queue,
+  and one control process that owns the admin listeners and the data
+  sources (fastimds.control). With one worker, one process does both.
+- Everything shared is made before any fork: the port check, the admin
+  sockets, the update bus directory and the telemetry area.
+- The supervisor never runs an event loop (fork safety). It restarts any
+  child that dies unexpectedly (a worker keeps its telemetry region), sends
+  SIGHUP to the control process and SIGTERM to everyone.
+- SIGHUP re-reads --data (or rescans --data-dir) and publishes what changed;
+  an invalid file is refused with a log line naming every problem, and the
+  old data keeps serving. SIGTERM stops accepting, lets in-flight replies
+  finish (with `Connection: close`), closes idle connections and exits 0.
 - Exactly one line goes to stdout, when the server is accepting connections.
 """
 
