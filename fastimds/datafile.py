@@ -103,6 +103,47 @@ def _check_tree(value: Any, json_path: str, pattern: str, depth: int, problems: 
             _check_tree(child, f"{json_path}[{index}]", child_pattern(pattern, index), depth + 1, problems)
 
 
+# The load balancer section, as /metadata/loadbalancer returns it under "loadbalancer":
+# each list's entries and the type of each of their fields (ports are numbers, as Azure sends).
+LOADBALANCER_FIELDS: dict[str, dict[str, type]] = {
+    "publicIpAddresses": {"frontendIpAddress": str, "privateIpAddress": str},
+    "inboundRules": {
+        "frontendIpAddress": str,
+        "protocol": str,
+        "frontendPort": int,
+        "backendPort": int,
+        "privateIpAddress": str,
+    },
+    "outboundRules": {"frontendIpAddress": str, "privateIpAddress": str},
+}
+
+
+def _loadbalancer_problems(section: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in sorted(set(section) - set(LOADBALANCER_FIELDS)):
+        problems.append(f"$.loadbalancer.{key}: unknown key (allowed: {', '.join(LOADBALANCER_FIELDS)})")
+    for key, fields in LOADBALANCER_FIELDS.items():
+        entries = section.get(key, [])
+        if not isinstance(entries, list):
+            problems.append(f"$.loadbalancer.{key}: expected an array, got {_json_type(entries)}")
+            continue
+        for index, entry in enumerate(entries):
+            path = f"$.loadbalancer.{key}[{index}]"
+            if not isinstance(entry, dict):
+                problems.append(f"{path}: expected an object, got {_json_type(entry)}")
+                continue
+            for name, kind in fields.items():
+                value = entry.get(name)
+                if value is None:
+                    problems.append(f"{path}.{name}: required key is missing")
+                elif not isinstance(value, kind) or isinstance(value, bool):
+                    expected = "a number" if kind is int else "a string"
+                    problems.append(f"{path}.{name}: expected {expected}, got {_json_type(value)}")
+            for name in sorted(set(entry) - set(fields)):
+                problems.append(f"{path}.{name}: unknown key")
+    return problems
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -144,6 +185,9 @@ def validate_document(doc: Any) -> list[str]:
             if section not in instance:
                 problems.append(f"$.instance.{section}: required key is missing")
         _check_tree(instance, "$.instance", "", 1, problems)
+
+    if isinstance(doc.get("loadbalancer"), dict):
+        problems.extend(_loadbalancer_problems(doc["loadbalancer"]))
 
     extended = doc.get("extended")
     if extended is not None:

@@ -167,6 +167,13 @@ ERRORS: dict[str, Reply] = {
     "leaf_needs_text": error_reply(400, "Bad request. Leaf nodes can only be requested with format=text"),
     "not_found": error_reply(404, "Not found"),
     "no_vm": error_reply(404, "Not found. No VM is registered for this caller's address"),
+    # Wording from Azure's load balancer troubleshooting page (spec §3.5).
+    "no_loadbalancer": error_reply(
+        404,
+        "No load balancer metadata is found. Please check if your VM is using any non-basic SKU load balancer "
+        "and retry later.",
+    ),
+    "json_only": error_reply(400, "Bad request. This endpoint only serves format=json"),
     "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True),
     "head_too_large": error_reply(431, "Request header fields too large", close=True),
     "uri_too_long": error_reply(414, "Request-URI too long", close=True),

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, unquote
 
 from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
 from fastimds.snapshot import Snapshot, newest_view
-from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_VERSIONS
+from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_VERSIONS, LOADBALANCER_VERSIONS
 
 ALLOW_GET_HEAD = b"GET, HEAD"
 
@@ -71,11 +71,29 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
         return VERSIONS_REPLY
+    if category == "loadbalancer" and not route:
+        if method not in READ_METHODS:
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
+        return _resolve_loadbalancer(snapshot, query)
     if category == "instance":
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
         return _resolve_instance(snapshot, route, query)
     return _NOT_FOUND
+
+
+def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
+    if query.get("api-version") not in LOADBALANCER_VERSIONS:
+        return _BAD_VERSION
+    if snapshot is None:
+        return ERRORS["no_vm"]
+    text = _wants_text(query.get("format"))
+    if text is None:
+        return ERRORS["bad_format"]
+    if text:
+        return ERRORS["json_only"]
+    reply = snapshot.loadbalancer
+    return reply if reply is not None else ERRORS["no_loadbalancer"]
 
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:

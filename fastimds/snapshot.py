@@ -356,13 +356,14 @@ class _ExtendedDocument:
 class Snapshot:
     """One published version of one VM."""
 
-    __slots__ = ("generation", "vm", "root", "_extended_views", "url_replies", "request_replies")
+    __slots__ = ("generation", "vm", "root", "_extended_views", "_loadbalancer", "url_replies", "request_replies")
 
     def __init__(self, generation: int, vm: VmDescription, root: Node) -> None:
         self.generation = generation
         self.vm = vm
         self.root = root
         self._extended_views: tuple[View, ...] | None = None
+        self._loadbalancer: Reply | None = None
         self.url_replies: dict[bytes, Reply] = {}
         self.request_replies: dict[bytes, RequestReply] = {}
 
@@ -375,6 +376,18 @@ class Snapshot:
             points = {EXTENDED_FIRST_VERSION} | {p for p in self.root.change_points() if p > EXTENDED_FIRST_VERSION}
             views = self._extended_views = tuple(View(point, document) for point in sorted(points))
         return views
+
+    @property
+    def loadbalancer(self) -> Reply | None:
+        """/metadata/loadbalancer's reply, rendered on first use; None when the VM has no load balancer."""
+        section = self.vm.reserved.get("loadbalancer")
+        if section is None:
+            return None
+        if self._loadbalancer is None:
+            # Served as given (ports stay numbers, as Azure sends them), every list present.
+            document = {key: section.get(key, []) for key in ("publicIpAddresses", "inboundRules", "outboundRules")}
+            self._loadbalancer = _json_reply({"loadbalancer": document})
+        return self._loadbalancer
 
     def remember(self, url: bytes, reply: Reply) -> None:
         if len(self.url_replies) < MAX_MEMO_ENTRIES:
