@@ -20,11 +20,13 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 # curl is a real client in the end-to-end tests, and promtool (Debian's prometheus
-# package) checks contrib/'s alert rules; install them if the machine lacks them.
+# package) checks contrib/'s alert rules, and openssl verifies attested documents;
+# install them if the machine lacks them.
 system-deps:
 	@missing=""; \
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "install with apt-get:$$missing (needed by the tests)" >&2; exit 1; fi; \

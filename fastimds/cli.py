@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backlog", type=int, help="listen() backlog")
     serve.add_argument("--log-file", help="event log: a file to append to, or - for stdout (default: stderr)")
     serve.add_argument("--request-log", type=Path, help="log every request to rotated files in this folder")
+    serve.add_argument("--attested-cert", type=Path, help="PEM certificate that signs attested documents")
+    serve.add_argument("--attested-key", type=Path, help="its PEM RSA key (default: a self-signed pair made at start)")
     serve.add_argument(
         "--request-log-retain", default="48", help="rotated request-log files kept per worker: 48, 7d, or 48,7d"
     )
@@ -106,6 +108,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_file=args.log_file,
         request_log_dir=args.request_log,
         request_log_retain=_retention(args.request_log_retain),
+        attested_cert=args.attested_cert,
+        attested_key=args.attested_key,
         host=args.host,
         port=args.port,
         workers=args.workers,

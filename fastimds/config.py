@@ -77,6 +77,8 @@ class Settings:
     log_file: str | None = None  # event log: None for stderr, "-" for stdout, else a file
     request_log_dir: Path | None = None  # the cold path: every request, in rotated files
     request_log_retain: tuple[int, float | None] = (48, None)  # rotated files kept per worker, max age
+    attested_cert: Path | None = None  # PEM certificate signing attested documents (else self-signed)
+    attested_key: Path | None = None  # its PEM RSA key
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class Settings:
             raise ConfigError(f"--data-dir {self.data_dir} is not a directory")
         if self.default_vm is not None and self.data_dir is None:
             raise ConfigError("--default-vm needs --data-dir (with --data, the one VM answers everyone)")
+        if (self.attested_cert is None) != (self.attested_key is None):
+            raise ConfigError("--attested-cert and --attested-key go together")
         if self.admin_port is not None and not self.admin_token:
             raise ConfigError("--admin-port needs --admin-token-file: the TCP admin API refuses requests without it")
 

@@ -540,7 +540,7 @@ class HttpProtocol(asyncio.Protocol):
         stub = (method.decode("latin-1"), url.decode("utf-8", "backslashreplace"), status)
         self._note(slots, len(body), stub)
         if self.captured is not None:
-            if self.plain and method in _REMEMBERED_METHODS:
+            if self.plain and method in _REMEMBERED_METHODS and not reply.volatile:
                 self.captured.append((head + connection, body, closes, *slots, (stub, len(body))))
             else:
                 self.captured = None

@@ -67,7 +67,7 @@ class Reply:
     (quoted, as on the wire) and `not_modified`, its finished 304 head.
     """
 
-    __slots__ = ("status", "head", "body", "close", "etag", "not_modified", "reject")
+    __slots__ = ("status", "head", "body", "close", "etag", "not_modified", "reject", "volatile")
 
     def __init__(self, status: int, head: bytes, body: bytes, close: bool = False, etag: bytes | None = None) -> None:
         self.status = status
@@ -77,6 +77,7 @@ class Reply:
         self.etag = etag
         self.not_modified = STATUS_LINES[304] + SERVER_HEADER + b"ETag: " + etag + b"\r\n" if etag is not None else b""
         self.reject: str | None = None  # the telemetry reject reason this reply counts as
+        self.volatile = False  # depends on more than the request (the clock): never memoised
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.body[:60]!r}{', close' if self.close else ''})"
@@ -174,6 +175,7 @@ ERRORS: dict[str, Reply] = {
         "and retry later.",
     ),
     "json_only": error_reply(400, "Bad request. This endpoint only serves format=json"),
+    "bad_nonce": error_reply(400, "Bad request. nonce must be 1 to 32 letters and digits"),
     "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True),
     "head_too_large": error_reply(431, "Request header fields too large", close=True),
     "uri_too_long": error_reply(414, "Request-URI too long", close=True),

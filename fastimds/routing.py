@@ -1,8 +1,10 @@
 """resolve(): one request in, one finished reply out.
 
 Rules of this module:
-- Pure: no I/O, no asyncio, no clock. The protocol hands over the method, the
-  raw request target and two header facts; this returns a pre-rendered Reply.
+- Pure: no I/O, no asyncio, no clock, except the attested document, which is
+  signed with its time (a volatile Reply, never memoised). The protocol hands
+  over the method, the raw request target and two header facts; this returns
+  a pre-rendered Reply.
 - Failures are replies, not exceptions (house rule 10).
 - Checks run in a fixed order, because clients depend on it (spec §3.3): the
   Metadata header, X-Forwarded-For, query syntax (duplicates), the category,
@@ -16,11 +18,18 @@ Rules of this module:
 
 from __future__ import annotations
 
+import time
 from urllib.parse import parse_qsl, unquote
 
+from fastimds.attested import NONCE_PATTERN, attestor
 from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
 from fastimds.snapshot import Snapshot, newest_view
-from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_VERSIONS, LOADBALANCER_VERSIONS
+from fastimds.versions import (
+    ATTESTED_VERSIONS,
+    EXTENDED_FIRST_VERSION,
+    INSTANCE_VERSIONS,
+    LOADBALANCER_VERSIONS,
+)
 
 ALLOW_GET_HEAD = b"GET, HEAD"
 
@@ -71,6 +80,10 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
         return VERSIONS_REPLY
+    if category == "attested" and route == ["document"]:
+        if method not in READ_METHODS:
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
+        return _resolve_attested(snapshot, query)
     if category == "loadbalancer" and not route:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
@@ -80,6 +93,19 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
         return _resolve_instance(snapshot, route, query)
     return _NOT_FOUND
+
+
+def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
+    version = query.get("api-version")
+    if version not in ATTESTED_VERSIONS:
+        return _BAD_VERSION
+    if snapshot is None:
+        return ERRORS["no_vm"]
+    nonce = query.get("nonce")
+    if nonce is not None and not NONCE_PATTERN.fullmatch(nonce):
+        return ERRORS["bad_nonce"]
+    # The one reply that reads the clock: the document is signed with its time.
+    return attestor().reply(snapshot.vm, snapshot.generation, version, nonce, time.time())
 
 
 def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:

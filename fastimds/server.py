@@ -38,6 +38,7 @@ from typing import Any
 
 import uvloop
 
+from fastimds import attested
 from fastimds.admin import AdminApi, admin_factory
 from fastimds.bus import Bus
 from fastimds.config import Settings
@@ -424,6 +425,16 @@ def serve(settings: Settings) -> int:
             return 1
         port = sock.getsockname()[1]
         admin_names = admin.describe(settings) if admin is not None else ""
+        # One signer for every worker: loaded, or made (RSA keygen, ~100 ms), before any fork.
+        # A single process makes its own on its first attested request instead.
+        if settings.attested_cert is not None and settings.attested_key is not None:
+            try:
+                attested.configure(attested.Attestor.from_files(settings.attested_cert, settings.attested_key))
+            except ValueError as exc:
+                print(f"fastimds: {exc}", file=sys.stderr)
+                return 2
+        elif settings.workers > 1:
+            attested.configure(attested.Attestor.self_signed())
         # Made before any fork: every process shares it (one region each, and one for the control plane).
         area = TelemetryArea(settings.workers + 1)
         if settings.workers == 1:

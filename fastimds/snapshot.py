@@ -390,7 +390,7 @@ class Snapshot:
         return self._loadbalancer
 
     def remember(self, url: bytes, reply: Reply) -> None:
-        if len(self.url_replies) < MAX_MEMO_ENTRIES:
+        if len(self.url_replies) < MAX_MEMO_ENTRIES and not reply.volatile:
             self.url_replies[url] = reply
 
     def remember_request(self, head: bytes, reply: RequestReply) -> None:

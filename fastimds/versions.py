@@ -33,6 +33,10 @@ NEWEST_VERSIONS: tuple[str, ...] = tuple(reversed(API_VERSIONS[-3:]))
 INSTANCE_FIRST_VERSION = "2017-04-02"
 INSTANCE_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= INSTANCE_FIRST_VERSION)
 
+# /metadata/attested appeared in 2018-10-01.
+ATTESTED_FIRST_VERSION = "2018-10-01"
+ATTESTED_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= ATTESTED_FIRST_VERSION)
+
 # /metadata/loadbalancer appeared in 2020-10-01; later versions serve it too.
 LOADBALANCER_FIRST_VERSION = "2020-10-01"
 LOADBALANCER_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= LOADBALANCER_FIRST_VERSION)

@@ -1,0 +1,149 @@
+"""The attested document: a PKCS#7 SignedData over the VM's identity (spec §9).
+
+Rules of this module:
+- `/metadata/attested/document` answers {"encoding":"pkcs7","signature":
+  base64(DER)}: a CMS SignedData with the content attached, digest SHA-256,
+  signed by this server's certificate and key (given with --attested-cert
+  and --attested-key, or a self-signed pair made at start). Clients that
+  verify with `openssl smime -verify -noverify` and compare the nonce, as
+  Microsoft's samples do, accept it; clients that check the chain up to
+  DigiCert rightly do not.
+- The signed content is compact JSON with the fields of the requested
+  api-version: nonce, plan, timeStamp {createdOn, expiresOn} (format
+  "MM/DD/YY HH:MM:SS -0000") and vmId from 2018-10-01, subscriptionId from
+  2019-04-30, sku from 2019-11-01, licenseType from 2020-09-01 when the VM
+  has one.
+- A nonce is 1 to 32 letters and digits (the Swagger's bound); anything else
+  is a 400. Without one the document carries the current UTC time,
+  YYYYMMDD-HHMMSS, as Azure does.
+- The reply depends on the clock and the nonce, so it is never memoised (a
+  volatile Reply). Signing costs ~1 ms (RSA 2048): this endpoint is for
+  provisioning, not for load; replies are kept for the second they were made
+  in, per (VM generation, version, nonce), in a bounded cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
+
+from fastimds.render import Reply, json_body, make_reply
+
+NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
+# How long the signed document says it is valid (Azure's examples show 5 s to 6 h).
+VALIDITY_S = 300
+# Replies kept for reuse within their second, per (generation, version, nonce).
+MAX_CACHED_DOCUMENTS = 1024
+
+_FIELDS_SINCE = (
+    ("subscriptionId", "2019-04-30"),
+    ("sku", "2019-11-01"),
+    ("licenseType", "2020-09-01"),
+)
+
+
+class Attestor:
+    """Signs attested documents with one certificate and key."""
+
+    def __init__(self, key: rsa.RSAPrivateKey, certificate: x509.Certificate) -> None:
+        self.key = key
+        self.certificate = certificate
+        self._cache: OrderedDict[tuple[int, str, str, int], Reply] = OrderedDict()
+
+    @classmethod
+    def self_signed(cls) -> Attestor:
+        """A fresh RSA 2048 key and a certificate for it, valid for a year (made at start, ~50 ms)."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastimds attested document signer")])
+        now = dt.datetime.now(dt.UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, certificate)
+
+    @classmethod
+    def from_files(cls, certificate_path: Path, key_path: Path) -> Attestor:
+        """A PEM certificate and its PEM RSA key; ValueError naming the problem."""
+        try:
+            certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load the attested-document signer: {exc}") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("the attested-document key must be an RSA key")
+        return cls(key, certificate)
+
+    def reply(self, vm: Any, generation: int, version: str, nonce: str | None, now: float) -> Reply:
+        """The signed document for one request (from the cache within its second)."""
+        second = int(now)
+        key = (generation, version, nonce or "", second)
+        reply = self._cache.get(key)
+        if reply is None:
+            content = signed_content(vm, version, nonce, second)
+            signature = (
+                pkcs7.PKCS7SignatureBuilder()
+                .set_data(content)
+                .add_signer(self.certificate, self.key, hashes.SHA256())
+                .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+            )
+            body = json_body({"encoding": "pkcs7", "signature": base64.b64encode(signature).decode()})
+            reply = make_reply(200, body)
+            reply.volatile = True
+            self._cache[key] = reply
+            while len(self._cache) > MAX_CACHED_DOCUMENTS:
+                self._cache.popitem(last=False)
+        return reply
+
+
+def signed_content(vm: Any, version: str, nonce: str | None, now: int) -> bytes:
+    """The JSON the signature covers, with the fields of `version`."""
+    compute = vm.instance.get("compute", {})
+    plan = compute.get("plan", {}) if isinstance(compute.get("plan"), dict) else {}
+    created = dt.datetime.fromtimestamp(now, dt.UTC)
+    content: dict[str, Any] = {
+        "nonce": nonce if nonce is not None else created.strftime("%Y%m%d-%H%M%S"),
+        "plan": {key: str(plan.get(key, "")) for key in ("name", "product", "publisher")},
+        "timeStamp": {
+            "createdOn": created.strftime("%m/%d/%y %H:%M:%S -0000"),
+            "expiresOn": (created + dt.timedelta(seconds=VALIDITY_S)).strftime("%m/%d/%y %H:%M:%S -0000"),
+        },
+        "vmId": str(compute.get("vmId", "")),
+    }
+    for field, since in _FIELDS_SINCE:
+        value = compute.get(field, "")
+        if version >= since and (field != "licenseType" or value):
+            content[field] = str(value)
+    return json_body(content)
+
+
+_ATTESTOR: Attestor | None = None
+
+
+def configure(attestor: Attestor) -> None:
+    """Set the process's signer (before any fork, so workers share the key)."""
+    global _ATTESTOR  # noqa: PLW0603 - one signer per process, set once at start
+    _ATTESTOR = attestor
+
+
+def attestor() -> Attestor:
+    global _ATTESTOR  # noqa: PLW0603 - made on first use where serve() did not configure one
+    if _ATTESTOR is None:
+        _ATTESTOR = Attestor.self_signed()
+    return _ATTESTOR

@@ -1,0 +1,134 @@
+"""/metadata/attested/document: a PKCS#7 SignedData that openssl verifies, as Microsoft's samples do."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from fastimds.attested import Attestor, signed_content
+from fastimds.datafile import parse_vm
+from fastimds.render import BAD_API_VERSION_MESSAGE
+from fastimds.routing import resolve
+from fastimds.snapshot import build_snapshot
+from tests.fakes import sample_vm
+from tests.server_process import running_server
+from tests.test_e2e import fresh_get
+
+DOCUMENT = "/metadata/attested/document?api-version=2021-02-01"
+VM_ID = sample_vm().instance["compute"]["vmId"]
+
+
+def verified_content(signature_b64: str, tmp_path: Path) -> dict[str, Any]:
+    """What `openssl smime -verify -noverify` extracts from the signature (it fails on a bad one)."""
+    der = tmp_path / "signature.der"
+    der.write_bytes(base64.b64decode(signature_b64))
+    done = subprocess.run(
+        ["openssl", "smime", "-verify", "-noverify", "-inform", "DER", "-in", str(der)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Verification successful" in done.stderr
+    content: dict[str, Any] = json.loads(done.stdout)
+    return content
+
+
+def get(target: str) -> tuple[int, Any]:
+    snapshot = build_snapshot(sample_vm(), 1)
+    reply = resolve(snapshot, b"GET", target.encode(), True, False)
+    return reply.status, orjson.loads(reply.body)
+
+
+def test_the_signature_verifies_and_carries_the_nonce_and_vm(tmp_path: Path) -> None:
+    status, body = get(DOCUMENT + "&nonce=1234567890")
+    assert status == 200
+    assert body["encoding"] == "pkcs7"
+    content = verified_content(body["signature"], tmp_path)
+    assert content["nonce"] == "1234567890"
+    assert content["vmId"] == VM_ID
+    assert content["subscriptionId"] == sample_vm().instance["compute"]["subscriptionId"]
+    assert content["sku"] == sample_vm().instance["compute"]["sku"]
+    assert set(content["plan"]) == {"name", "product", "publisher"}
+    assert "licenseType" not in content  # the sample has none
+
+
+def test_fields_follow_the_api_version(tmp_path: Path) -> None:
+    document = copy.deepcopy(sample_vm().document)
+    document["instance"]["compute"]["licenseType"] = "Windows_Server"
+    vm = parse_vm(orjson.dumps(document), "t")
+    now = int(time.time())
+    oldest = json.loads(signed_content(vm, "2018-10-01", "n1", now))
+    assert set(oldest) == {"nonce", "plan", "timeStamp", "vmId"}
+    assert "subscriptionId" in json.loads(signed_content(vm, "2019-04-30", "n1", now))
+    assert "sku" not in json.loads(signed_content(vm, "2019-04-30", "n1", now))
+    assert json.loads(signed_content(vm, "2020-09-01", "n1", now))["licenseType"] == "Windows_Server"
+
+
+def test_without_a_nonce_the_time_is_the_nonce_and_the_stamps_are_azures_format(tmp_path: Path) -> None:
+    now = int(time.time())
+    content = json.loads(signed_content(sample_vm(), "2021-02-01", None, now))
+    assert content["nonce"] == time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    created, expires = content["timeStamp"]["createdOn"], content["timeStamp"]["expiresOn"]
+    assert created == time.strftime("%m/%d/%y %H:%M:%S -0000", time.gmtime(now))
+    assert expires > created or expires[:8] != created[:8]
+
+
+@pytest.mark.parametrize("nonce", ["", "12345678901234567890123456789012x", "abc-def", "a%20b"])
+def test_a_bad_nonce_is_400(nonce: str) -> None:
+    status, body = get(DOCUMENT + f"&nonce={nonce}")
+    assert status == 400
+    assert "nonce" in body["error"]
+
+
+def test_api_version_starts_at_2018_10_01() -> None:
+    assert get("/metadata/attested/document?api-version=2018-04-02") == (
+        400,
+        {"error": BAD_API_VERSION_MESSAGE, "newest-versions": ["2025-04-07", "2024-07-17", "2024-03-15"]},
+    )
+
+
+def test_it_is_never_memoised() -> None:
+    snapshot = build_snapshot(sample_vm(), 1)
+    resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False)
+    assert snapshot.url_replies == {}
+
+
+def test_a_configured_certificate_signs(tmp_path: Path) -> None:
+    made = Attestor.self_signed()
+    cert = tmp_path / "cert.pem"
+    key = tmp_path / "key.pem"
+    cert.write_bytes(made.certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        made.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with running_server("--attested-cert", str(cert), "--attested-key", str(key), "--workers", "2") as server:
+        signatures = set()
+        for _ in range(6):  # any worker: one signer for all
+            status, body = fresh_get(server.port, DOCUMENT + "&nonce=abcde12345")
+            assert status == 200
+            payload = orjson.loads(body)
+            content = verified_content(payload["signature"], tmp_path)
+            assert content["nonce"] == "abcde12345"
+            signatures.add(payload["signature"])
+        signer = tmp_path / "signer.pem"
+        der = tmp_path / "signature.der"
+        der.write_bytes(base64.b64decode(signatures.pop()))
+        subprocess.run(
+            ["openssl", "pkcs7", "-inform", "DER", "-in", str(der), "-print_certs", "-out", str(signer)],
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        assert made.certificate.public_bytes(serialization.Encoding.PEM) in signer.read_bytes()
