@@ -13,7 +13,8 @@ Rules of this module:
 - Not a hot path: plain code, one request at a time per connection.
 
 Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
-GET /metrics (Prometheus text; like /healthz and /readyz it needs no token).
+GET /metrics (Prometheus text), GET /jwks (the managed-identity token key); like
+/healthz and /readyz they need no token.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, cast
 import httptools
 import orjson
 
+from fastimds import identity
 from fastimds.control import Control, UpdateError
 from fastimds.datafile import MAX_VM_FILE_BYTES
 from fastimds.render import STATUS_LINES
@@ -97,6 +99,9 @@ class AdminApi:
             ready, detail = self.readiness() if self.readiness else (True, {})
             detail = {"status": "ready" if ready else "not ready", "vms": len(self.control.registry.live()), **detail}
             return json_response(200 if ready else 503, detail)
+        if path == "/jwks":
+            # The public key of managed-identity tokens, for a test service to validate them.
+            return json_response(200, identity.issuer().jwks)
         if path == "/metrics":
             if self.metrics is None:
                 return json_response(404, {"error": "telemetry is off (--no-telemetry)"})

@@ -144,6 +144,33 @@ def _loadbalancer_problems(section: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _identities_problems(section: dict[str, Any]) -> list[str]:
+    """The managed identities: {"tenantId", "systemAssigned": {...}, "userAssigned": [{...}]}."""
+    problems = []
+    for key in sorted(set(section) - {"tenantId", "systemAssigned", "userAssigned"}):
+        problems.append(f"$.identities.{key}: unknown key (allowed: tenantId, systemAssigned, userAssigned)")
+    if not isinstance(section.get("tenantId"), str):
+        problems.append("$.identities.tenantId: required, a string")
+    identities: list[tuple[str, Any, tuple[str, ...]]] = []
+    if "systemAssigned" in section:
+        identities.append(("$.identities.systemAssigned", section["systemAssigned"], ("clientId", "objectId")))
+    user_assigned = section.get("userAssigned", [])
+    if not isinstance(user_assigned, list):
+        problems.append(f"$.identities.userAssigned: expected an array, got {_json_type(user_assigned)}")
+        user_assigned = []
+    for index, entry in enumerate(user_assigned):
+        path = f"$.identities.userAssigned[{index}]"
+        identities.append((path, entry, ("clientId", "objectId", "resourceId")))
+    for path, entry, fields in identities:
+        if not isinstance(entry, dict):
+            problems.append(f"{path}: expected an object, got {_json_type(entry)}")
+            continue
+        for name in fields:
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                problems.append(f"{path}.{name}: required, a non-empty string")
+    return problems
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -188,6 +215,8 @@ def validate_document(doc: Any) -> list[str]:
 
     if isinstance(doc.get("loadbalancer"), dict):
         problems.extend(_loadbalancer_problems(doc["loadbalancer"]))
+    if isinstance(doc.get("identities"), dict):
+        problems.extend(_identities_problems(doc["identities"]))
 
     extended = doc.get("extended")
     if extended is not None:

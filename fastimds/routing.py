@@ -21,12 +21,14 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qsl, unquote
 
+from fastimds import identity
 from fastimds.attested import NONCE_PATTERN, attestor
 from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
 from fastimds.snapshot import Snapshot, newest_view
 from fastimds.versions import (
     ATTESTED_VERSIONS,
     EXTENDED_FIRST_VERSION,
+    IDENTITY_VERSIONS,
     INSTANCE_VERSIONS,
     LOADBALANCER_VERSIONS,
 )
@@ -58,7 +60,8 @@ def resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok
 
 def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
     if not metadata_ok:
-        return _MISSING_HEADER
+        # The identity family answers in its own error shape (azure-identity reads it).
+        return identity.ERRORS["missing_header"] if category_of(target) == "identity" else _MISSING_HEADER
     if forwarded:
         return _FORWARDED
     raw_path, _, raw_query = target.decode("latin-1").partition("?")
@@ -80,6 +83,17 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
         return VERSIONS_REPLY
+    if category == "identity" and route in (["oauth2", "token"], ["info"]):
+        if method not in READ_METHODS:
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
+        if query.get("api-version") not in IDENTITY_VERSIONS:
+            return _BAD_VERSION
+        if snapshot is None:
+            return ERRORS["no_vm"]
+        if route == ["info"]:
+            return identity.info_reply(snapshot.vm)
+        # Tokens count down (expires_in): rendered per request, volatile.
+        return identity.token_reply(identity.issuer(), snapshot.vm, snapshot.generation, query, time.time())
     if category == "attested" and route == ["document"]:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)

@@ -38,7 +38,7 @@ from typing import Any
 
 import uvloop
 
-from fastimds import attested
+from fastimds import attested, identity
 from fastimds.admin import AdminApi, admin_factory
 from fastimds.bus import Bus
 from fastimds.config import Settings
@@ -435,6 +435,8 @@ def serve(settings: Settings) -> int:
                 return 2
         elif settings.workers > 1:
             attested.configure(attested.Attestor.self_signed())
+        if settings.workers > 1:  # every worker, and the control's /jwks, with one token key
+            identity.configure(identity.TokenIssuer())
         # Made before any fork: every process shares it (one region each, and one for the control plane).
         area = TelemetryArea(settings.workers + 1)
         if settings.workers == 1:

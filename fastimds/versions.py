@@ -33,6 +33,9 @@ NEWEST_VERSIONS: tuple[str, ...] = tuple(reversed(API_VERSIONS[-3:]))
 INSTANCE_FIRST_VERSION = "2017-04-02"
 INSTANCE_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= INSTANCE_FIRST_VERSION)
 
+# /metadata/identity appeared in 2018-02-01 (every SDK sends exactly that).
+IDENTITY_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= "2018-02-01")
+
 # /metadata/attested appeared in 2018-10-01.
 ATTESTED_FIRST_VERSION = "2018-10-01"
 ATTESTED_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= ATTESTED_FIRST_VERSION)

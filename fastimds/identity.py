@@ -1,0 +1,163 @@
+"""Managed identity: /metadata/identity/oauth2/token and /metadata/identity/info (spec §7).
+
+Rules of this module:
+- A VM's identities come from its description's optional "identities"
+  section: {"tenantId", "systemAssigned": {"clientId", "objectId"},
+  "userAssigned": [{"clientId", "objectId", "resourceId"}]}.
+- A token request names its identity by at most one of client_id, object_id
+  or msi_res_id; none means the system-assigned identity. `resource` is
+  required. Errors use the identity family's shape, {"error",
+  "error_description"}: "Identity not found" for an identity the VM does
+  not have, as Azure answers and as azure-identity and MSAL recognise.
+- Tokens are real JWTs, RS256, signed with a key made at start (or given);
+  `aud` is the resource, with oid, appid, tid, sub and xms_mirid claims.
+  The public key is published as a JWKS on the admin listener (/jwks), so
+  a test service can validate them.
+- A token is minted once per (VM generation, identity, resource) and reused
+  until REMINT_BEFORE_S before it expires; every reply is rendered at
+  request time (expires_in counts down) and is volatile: never memoised.
+- Every value in a token reply is a string, `resource` always present.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from fastimds.render import Reply, json_reply
+
+# Managed identity tokens live about a day (Azure's `expires_in` ≈ 86,300).
+TOKEN_LIFETIME_S = 86_400
+# A cached token is replaced when it has less than this left.
+REMINT_BEFORE_S = 300
+MAX_CACHED_TOKENS = 4096
+
+SELECTORS = ("client_id", "object_id", "msi_res_id")
+
+
+def identity_error(description: str, error: str = "invalid_request", status: int = 400) -> Reply:
+    return json_reply(status, {"error": error, "error_description": description})
+
+
+ERRORS: dict[str, Reply] = {
+    "missing_header": identity_error("Required metadata header not specified"),
+    "not_found": identity_error("Identity not found"),
+    "no_resource": identity_error("Required query variable 'resource' is missing"),
+    "several_selectors": identity_error("Only one of client_id, object_id or msi_res_id may be given"),
+}
+
+
+def _b64url_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class TokenIssuer:
+    def __init__(self, key: rsa.RSAPrivateKey | None = None) -> None:
+        self.key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        numbers = self.key.public_key().public_numbers()
+        self.kid = uuid.uuid5(uuid.NAMESPACE_OID, str(numbers.n)).hex
+        self.jwks = {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "use": "sig",
+                    "alg": "RS256",
+                    "kid": self.kid,
+                    "n": _b64url_uint(numbers.n),
+                    "e": _b64url_uint(numbers.e),
+                }
+            ]
+        }
+        self._tokens: dict[tuple[Any, ...], tuple[str, int, int]] = {}  # -> (token, not_before, expires_on)
+
+    def token(self, key: tuple[Any, ...], claims: dict[str, Any], now: int) -> tuple[str, int, int]:
+        cached = self._tokens.get(key)
+        if cached is not None and cached[2] - now > REMINT_BEFORE_S:
+            return cached
+        expires_on = now + TOKEN_LIFETIME_S
+        payload = {**claims, "iat": now, "nbf": now, "exp": expires_on}
+        token = jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": self.kid})
+        if len(self._tokens) >= MAX_CACHED_TOKENS:
+            self._tokens.clear()
+        self._tokens[key] = minted = (token, now, expires_on)
+        return minted
+
+
+def find_identity(section: dict[str, Any], query: dict[str, str]) -> dict[str, Any] | None:
+    """The identity a token request selects (by client_id, object_id or msi_res_id; else system-assigned)."""
+    system = section.get("systemAssigned")
+    candidates = [*section.get("userAssigned", []), *([system] if isinstance(system, dict) else [])]
+    for selector, field in (("client_id", "clientId"), ("object_id", "objectId"), ("msi_res_id", "resourceId")):
+        if selector in query:
+            wanted = query[selector].lower()  # GUIDs and ARM ids compare without case
+            return next((i for i in candidates if str(i.get(field, "")).lower() == wanted), None)
+    return system if isinstance(system, dict) else None
+
+
+def token_reply(issuer: TokenIssuer, vm: Any, generation: int, query: dict[str, str], now: float) -> Reply:
+    section = vm.reserved.get("identities") or {}
+    if sum(selector in query for selector in SELECTORS) > 1:
+        return ERRORS["several_selectors"]
+    resource = query.get("resource")
+    if not resource:
+        return ERRORS["no_resource"]
+    identity = find_identity(section, query)
+    if identity is None:
+        return ERRORS["not_found"]
+    tenant = str(section.get("tenantId", ""))
+    object_id = str(identity.get("objectId", ""))
+    client_id = str(identity.get("clientId", ""))
+    mirid = str(identity.get("resourceId") or vm.instance.get("compute", {}).get("resourceId", ""))
+    claims = {
+        "aud": resource,
+        "iss": f"https://sts.windows.net/{tenant}/",
+        "oid": object_id,
+        "sub": object_id,
+        "appid": client_id,
+        "tid": tenant,
+        "xms_mirid": mirid,
+    }
+    second = int(now)
+    token, not_before, expires_on = issuer.token((generation, client_id, object_id, resource), claims, second)
+    reply = json_reply(
+        200,
+        {
+            "access_token": token,
+            "client_id": client_id,
+            "expires_in": str(expires_on - second),
+            "expires_on": str(expires_on),
+            "ext_expires_in": str(expires_on - second),
+            "not_before": str(not_before),
+            "resource": resource,
+            "token_type": "Bearer",
+        },
+    )
+    reply.volatile = True
+    return reply
+
+
+def info_reply(vm: Any) -> Reply:
+    section = vm.reserved.get("identities") or {}
+    if "tenantId" not in section:
+        return ERRORS["not_found"]
+    return json_reply(200, {"tenantId": str(section["tenantId"])})
+
+
+_ISSUER: TokenIssuer | None = None
+
+
+def configure(issuer: TokenIssuer) -> None:
+    global _ISSUER  # noqa: PLW0603 - one issuer per process, set before any fork
+    _ISSUER = issuer
+
+
+def issuer() -> TokenIssuer:
+    global _ISSUER  # noqa: PLW0603 - made on first use where serve() did not configure one
+    if _ISSUER is None:
+        _ISSUER = TokenIssuer()
+    return _ISSUER
