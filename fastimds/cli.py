@@ -15,6 +15,7 @@ from fastimds import __version__, admin_client, logs_cli, probe
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.datafile import DataError, load_vm
 from fastimds.requestlog import parse_retention, prepare_directory
+from fastimds.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
 
 # (flag, Limits field, type, help) for every per-request limit.
 LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backlog", type=int, help="listen() backlog")
     serve.add_argument("--log-file", help="event log: a file to append to, or - for stdout (default: stderr)")
     serve.add_argument("--request-log", type=Path, help="log every request to rotated files in this folder")
+    serve.add_argument(
+        "--throttle", choices=("off", "azure"), default="off", help="per-caller limits: azure = 5 req/s, identity 20"
+    )
+    serve.add_argument("--throttle-rps", type=int, help="instance-family requests/s per caller (turns throttling on)")
+    serve.add_argument("--throttle-identity-rps", type=int, help="identity requests/s per caller (turns it on)")
     serve.add_argument("--attested-cert", type=Path, help="PEM certificate that signs attested documents")
     serve.add_argument("--attested-key", type=Path, help="its PEM RSA key (default: a self-signed pair made at start)")
     serve.add_argument(
@@ -71,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     logs_cli.add_arguments(commands.add_parser("logs", help="filter the request log (--request-log DIR)"))
     probe.add_arguments(commands.add_parser("probe", help="send real IMDS requests; report availability and latency"))
     return parser
+
+
+def _throttle(args: argparse.Namespace) -> tuple[int, int] | None:
+    if args.throttle == "off" and args.throttle_rps is None and args.throttle_identity_rps is None:
+        return None
+    limits = (
+        args.throttle_rps if args.throttle_rps is not None else AZURE_INSTANCE_RPS,
+        args.throttle_identity_rps if args.throttle_identity_rps is not None else AZURE_IDENTITY_RPS,
+    )
+    if min(limits) < 1:
+        raise ConfigError(f"throttle limits must be at least 1 request a second, got {limits}")
+    return limits
 
 
 def _retention(text: str) -> tuple[int, float | None]:
@@ -108,6 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_file=args.log_file,
         request_log_dir=args.request_log,
         request_log_retain=_retention(args.request_log_retain),
+        throttle=_throttle(args),
         attested_cert=args.attested_cert,
         attested_key=args.attested_key,
         host=args.host,

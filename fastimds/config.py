@@ -77,6 +77,7 @@ class Settings:
     log_file: str | None = None  # event log: None for stderr, "-" for stdout, else a file
     request_log_dir: Path | None = None  # the cold path: every request, in rotated files
     request_log_retain: tuple[int, float | None] = (48, None)  # rotated files kept per worker, max age
+    throttle: tuple[int, int] | None = None  # (instance-family, identity) requests/s per caller; None: off
     attested_cert: Path | None = None  # PEM certificate signing attested documents (else self-signed)
     attested_key: Path | None = None  # its PEM RSA key
     limits: Limits = field(default_factory=Limits)

@@ -52,6 +52,7 @@ from fastimds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait
 from fastimds.snapshot import LogStub, RequestReply
 from fastimds.store import SnapshotStore
 from fastimds.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOUT, new_counters
+from fastimds.throttle import CallerWindow, Throttle
 
 # Reads larger than this are fed to the parser in slices of this size, so one
 # read of tiny pipelined requests cannot produce an unbounded reply batch. A
@@ -73,6 +74,7 @@ _WATCHED_HEADER_SIZES |= {len(name) for name in _BODY_FRAMING_HEADERS}
 _REMEMBERED_METHODS = frozenset({b"GET", b"HEAD"})
 
 _MALFORMED = ERRORS["malformed"]
+_THROTTLED = ERRORS["throttled"]
 _HEAD_TOO_LARGE = ERRORS["head_too_large"]
 _URI_TOO_LONG = ERRORS["uri_too_long"]
 _BODY_TOO_LARGE = ERRORS["body_too_large"]
@@ -133,6 +135,7 @@ class ServerState:
         "draining",
         "counters",
         "request_log",
+        "throttle",
     )
 
     def __init__(
@@ -142,6 +145,7 @@ class ServerState:
         # This worker's hot-path counters (fastimds.telemetry.LAYOUT); None turns telemetry off.
         self.counters: list[int] | None = new_counters() if telemetry else None
         self.request_log: RequestLog | None = None  # the cold path, when --request-log is on
+        self.throttle: Throttle | None = None  # per-caller limits, when --throttle is on
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.date_block = date_block(unix_time)
@@ -179,6 +183,7 @@ class HttpProtocol(asyncio.Protocol):
         "replies_in_read",
         "request_log",
         "logged",
+        "window",
         # ---- per request ----
         "in_request",
         "head_done",
@@ -214,6 +219,7 @@ class HttpProtocol(asyncio.Protocol):
         self.replies_in_read = 0  # replies produced by the current read, for the latency histogram
         self.request_log = state.request_log
         self.logged: list[tuple[LogStub, int]] = []  # this read's replies, for the request log
+        self.window: CallerWindow | None = None  # the caller's throttle window, when throttling is on
         self.in_request = False
         self.head_done = False
         self.head_pending = 0
@@ -229,6 +235,8 @@ class HttpProtocol(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         # The caller's VM is decided once per connection (house rule: not per request).
         self.vm = self.state.registry.store_for(self.peer or None)
+        if self.state.throttle is not None:
+            self.window = self.state.throttle.for_caller(self.peer)
         self.state.connections.add(self)
         if self.counters is not None:
             self.counters[_OPENED_SLOT] += 1
@@ -252,7 +260,8 @@ class HttpProtocol(asyncio.Protocol):
             self.backlog += data
             self._feed_backlog()
         else:
-            if self.in_request or self.state.draining or not data.endswith(END_OF_HEAD):
+            # A throttled caller's requests take the parser, where the limit is checked.
+            if self.in_request or self.state.draining or self.window is not None or not data.endswith(END_OF_HEAD):
                 self._feed(data)
             elif not self._answer_known(data):
                 self._feed_and_remember(data)
@@ -508,7 +517,11 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         method = self.parser.get_method()
         url = self.url
-        reply = resolve(self.vm.current, method, url, self.metadata_ok, self.forwarded)
+        window = self.window
+        if window is not None and not window.allow(category_of(url) == "identity", int(state.now)):
+            reply = _THROTTLED  # decided before any routing: cheaper than serving
+        else:
+            reply = resolve(self.vm.current, method, url, self.metadata_ok, self.forwarded)
         if (
             self.parser.should_keep_alive()
             and not reply.close

@@ -176,6 +176,9 @@ ERRORS: dict[str, Reply] = {
     ),
     "json_only": error_reply(400, "Bad request. This endpoint only serves format=json"),
     "bad_nonce": error_reply(400, "Bad request. nonce must be 1 to 32 letters and digits"),
+    "throttled": json_reply(
+        429, {"error": "Too many requests. Retry after the time in Retry-After"}, extra_headers=b"Retry-After: 1\r\n"
+    ),
     "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True),
     "head_too_large": error_reply(431, "Request header fields too large", close=True),
     "uri_too_long": error_reply(414, "Request-URI too long", close=True),
@@ -192,6 +195,7 @@ REJECT_REASONS: dict[str, str] = {
     "uri_too_long": "too_large",
     "body_too_large": "too_large",
     "malformed": "parse_error",
+    "throttled": "throttled",
 }
 for _name, _reason in REJECT_REASONS.items():
     ERRORS[_name].reject = _reason

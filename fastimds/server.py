@@ -50,6 +50,7 @@ from fastimds.registry import VmRegistry
 from fastimds.requestlog import RequestLog
 from fastimds.store import DEFAULT_VM_ID
 from fastimds.telemetry import LAYOUT, ScrapeSources, TelemetryArea, VmState, render_metrics
+from fastimds.throttle import Throttle, ThrottleLimits
 
 TICK_INTERVAL_S = 1.0
 # The request log is written this often, at most this many records at a time
@@ -281,6 +282,8 @@ async def _run_worker(
         tasks.append(await Follower(bus, registry).start())
     state = ServerState(registry, settings.limits, loop.time(), time.time(), telemetry=False)
     state.counters = telemetry.counters
+    if settings.throttle is not None:
+        state.throttle = Throttle(ThrottleLimits(*settings.throttle))
     request_log = None
     if settings.request_log_dir is not None:
         retain_files, retain_age_s = settings.request_log_retain
