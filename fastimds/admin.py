@@ -101,7 +101,7 @@ class AdminApi:
             return json_response(200 if ready else 503, detail)
         if path == "/jwks":
             # The public key of managed-identity tokens, for a test service to validate them.
-            return json_response(200, identity.issuer().jwks)
+            return json_response(200, identity.ISSUER.get().jwks)
         if path == "/metrics":
             if self.metrics is None:
                 return json_response(404, {"error": "telemetry is off (--no-telemetry)"})

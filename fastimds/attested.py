@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
+from fastimds.once import Once
 from fastimds.render import Reply, json_body, make_reply
 
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
@@ -133,17 +134,5 @@ def signed_content(vm: Any, version: str, nonce: str | None, now: int) -> bytes:
     return json_body(content)
 
 
-_ATTESTOR: Attestor | None = None
-
-
-def configure(attestor: Attestor) -> None:
-    """Set the process's signer (before any fork, so workers share the key)."""
-    global _ATTESTOR  # noqa: PLW0603 - one signer per process, set once at start
-    _ATTESTOR = attestor
-
-
-def attestor() -> Attestor:
-    global _ATTESTOR  # noqa: PLW0603 - made on first use where serve() did not configure one
-    if _ATTESTOR is None:
-        _ATTESTOR = Attestor.self_signed()
-    return _ATTESTOR
+# The process's signer: loaded or made before fork with workers, else on first use.
+SIGNER: Once[Attestor] = Once(Attestor.self_signed)

@@ -28,6 +28,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from fastimds.once import Once
 from fastimds.render import Reply, json_reply
 
 # Managed identity tokens live about a day (Azure's `expires_in` ≈ 86,300).
@@ -148,16 +149,5 @@ def info_reply(vm: Any) -> Reply:
     return json_reply(200, {"tenantId": str(section["tenantId"])})
 
 
-_ISSUER: TokenIssuer | None = None
-
-
-def configure(issuer: TokenIssuer) -> None:
-    global _ISSUER  # noqa: PLW0603 - one issuer per process, set before any fork
-    _ISSUER = issuer
-
-
-def issuer() -> TokenIssuer:
-    global _ISSUER  # noqa: PLW0603 - made on first use where serve() did not configure one
-    if _ISSUER is None:
-        _ISSUER = TokenIssuer()
-    return _ISSUER
+# The process's token issuer: made before fork with workers, else on first use.
+ISSUER: Once[TokenIssuer] = Once(TokenIssuer)

@@ -22,7 +22,7 @@ import time
 from urllib.parse import parse_qsl, unquote
 
 from fastimds import identity
-from fastimds.attested import NONCE_PATTERN, attestor
+from fastimds.attested import NONCE_PATTERN, SIGNER
 from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
 from fastimds.snapshot import Snapshot, newest_view
 from fastimds.versions import (
@@ -93,7 +93,7 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
         if route == ["info"]:
             return identity.info_reply(snapshot.vm)
         # Tokens count down (expires_in): rendered per request, volatile.
-        return identity.token_reply(identity.issuer(), snapshot.vm, snapshot.generation, query, time.time())
+        return identity.token_reply(identity.ISSUER.get(), snapshot.vm, snapshot.generation, query, time.time())
     if category == "attested" and route == ["document"]:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
@@ -119,7 +119,7 @@ def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply
     if nonce is not None and not NONCE_PATTERN.fullmatch(nonce):
         return ERRORS["bad_nonce"]
     # The one reply that reads the clock: the document is signed with its time.
-    return attestor().reply(snapshot.vm, snapshot.generation, version, nonce, time.time())
+    return SIGNER.get().reply(snapshot.vm, snapshot.generation, version, nonce, time.time())
 
 
 def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:

@@ -432,14 +432,14 @@ def serve(settings: Settings) -> int:
         # A single process makes its own on its first attested request instead.
         if settings.attested_cert is not None and settings.attested_key is not None:
             try:
-                attested.configure(attested.Attestor.from_files(settings.attested_cert, settings.attested_key))
+                attested.SIGNER.set(attested.Attestor.from_files(settings.attested_cert, settings.attested_key))
             except ValueError as exc:
                 print(f"fastimds: {exc}", file=sys.stderr)
                 return 2
         elif settings.workers > 1:
-            attested.configure(attested.Attestor.self_signed())
+            attested.SIGNER.set(attested.Attestor.self_signed())
         if settings.workers > 1:  # every worker, and the control's /jwks, with one token key
-            identity.configure(identity.TokenIssuer())
+            identity.ISSUER.set(identity.TokenIssuer())
         # Made before any fork: every process shares it (one region each, and one for the control plane).
         area = TelemetryArea(settings.workers + 1)
         if settings.workers == 1:
