@@ -86,10 +86,10 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
     if category == "identity" and route in (["oauth2", "token"], ["info"]):
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
-        if query.get("api-version") not in IDENTITY_VERSIONS:
-            return _BAD_VERSION
-        if snapshot is None:
-            return ERRORS["no_vm"]
+        refused = _refusal(snapshot, query.get("api-version"), IDENTITY_VERSIONS)
+        if refused is not None:
+            return refused
+        assert snapshot is not None  # _refusal checked it
         if route == ["info"]:
             return identity.info_reply(snapshot.vm)
         # Tokens count down (expires_in): rendered per request, volatile.
@@ -111,10 +111,10 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
 
 def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
     version = query.get("api-version")
-    if version not in ATTESTED_VERSIONS:
-        return _BAD_VERSION
-    if snapshot is None:
-        return ERRORS["no_vm"]
+    refused = _refusal(snapshot, version, ATTESTED_VERSIONS)
+    if refused is not None:
+        return refused
+    assert snapshot is not None and version is not None  # _refusal checked both
     nonce = query.get("nonce")
     if nonce is not None and not NONCE_PATTERN.fullmatch(nonce):
         return ERRORS["bad_nonce"]
@@ -122,11 +122,20 @@ def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply
     return SIGNER.get().reply(snapshot.vm, snapshot.generation, version, nonce, time.time())
 
 
-def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
-    if query.get("api-version") not in LOADBALANCER_VERSIONS:
+def _refusal(snapshot: Snapshot | None, version: str | None, valid: frozenset[str]) -> Reply | None:
+    """What every per-VM endpoint checks first, in this order: its api-version, then that the caller has a VM."""
+    if version not in valid:
         return _BAD_VERSION
     if snapshot is None:
         return ERRORS["no_vm"]
+    return None
+
+
+def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
+    refused = _refusal(snapshot, query.get("api-version"), LOADBALANCER_VERSIONS)
+    if refused is not None:
+        return refused
+    assert snapshot is not None  # _refusal checked it
     text = _wants_text(query.get("format"))
     if text is None:
         return ERRORS["bad_format"]
@@ -138,10 +147,10 @@ def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> R
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:
     version = query.get("api-version")
-    if version not in INSTANCE_VERSIONS:
-        return _BAD_VERSION
-    if snapshot is None:
-        return ERRORS["no_vm"]
+    refused = _refusal(snapshot, version, INSTANCE_VERSIONS)
+    if refused is not None:
+        return refused
+    assert snapshot is not None and version is not None  # _refusal checked both
     text = _wants_text(query.get("format"))
     if text is None:
         return ERRORS["bad_format"]

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +317,16 @@ def vm_document(
     if with_id:
         document["id"] = vm_id
     return document
+
+
+def poll_until(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """True as soon as `condition()` is, False if it still is not after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
 
 
 def log_events(server: ServerProcess, event: str) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import fastimds
 from fastimds.datafile import load_vm
 from tests.server_process import (
     RawReader,
+    RawResponse,
     ServerProcess,
     ServerStartError,
     connect,
@@ -36,6 +37,7 @@ from tests.server_process import (
     get_from,
     get_request,
     log_events,
+    poll_until,
     running_server,
     serve_command,
 )
@@ -52,7 +54,6 @@ NEWEST_VERSIONS = ["2025-04-07", "2024-07-17", "2024-03-15"]
 LOCATION_TEXT = f"/metadata/instance/compute/location?api-version={API}&format=text"
 INSTANCE_JSON = f"/metadata/instance?api-version={API}"
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
-POLL_TIMEOUT_S = 5.0
 
 
 def client_env() -> dict[str, str]:
@@ -60,15 +61,6 @@ def client_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES}
     env["NO_PROXY"] = env["no_proxy"] = "*"
     return env
-
-
-def poll_until(condition: Callable[[], bool], timeout: float = POLL_TIMEOUT_S, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def fresh_get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -402,40 +394,32 @@ def test_connection_close_request_closes(server: ServerProcess) -> None:
         assert reader.at_eof()
 
 
-def test_garbage_gets_400_and_close(server: ServerProcess) -> None:
-    with connect(server.port) as sock:
-        sock.sendall(b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n")
+def assert_error_and_close(port: int, request: bytes, status: int) -> RawResponse:
+    """Send `request` raw; the reply must be `status` with a JSON error, then the server closes."""
+    with connect(port) as sock:
+        sock.sendall(request)
         reader = RawReader(sock)
         response = reader.read_response()
-        assert response.status == 400
+        assert response.status == status
         assert response.header("Connection") == "close"
-        assert response.header("Content-Type") == JSON_TYPE
         assert "error" in json.loads(response.body)
         assert reader.at_eof()
+    return response
+
+
+def test_garbage_gets_400_and_close(server: ServerProcess) -> None:
+    response = assert_error_and_close(server.port, b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n", 400)
+    assert response.header("Content-Type") == JSON_TYPE
 
 
 def test_url_over_limit_is_414(server: ServerProcess) -> None:
     target = f"/metadata/instance?api-version={API}&pad=" + "a" * 3000
-    with connect(server.port) as sock:
-        sock.sendall(get_request(target, "Metadata: true"))
-        reader = RawReader(sock)
-        response = reader.read_response()
-        assert response.status == 414
-        assert response.header("Connection") == "close"
-        assert "error" in json.loads(response.body)
-        assert reader.at_eof()
+    assert_error_and_close(server.port, get_request(target, "Metadata: true"), 414)
 
 
 def test_too_many_headers_is_431(server: ServerProcess) -> None:
     headers = [f"X-Filler-{index}: {index}" for index in range(70)]
-    with connect(server.port) as sock:
-        sock.sendall(get_request(INSTANCE_JSON, "Metadata: true", *headers))
-        reader = RawReader(sock)
-        response = reader.read_response()
-        assert response.status == 431
-        assert response.header("Connection") == "close"
-        assert "error" in json.loads(response.body)
-        assert reader.at_eof()
+    assert_error_and_close(server.port, get_request(INSTANCE_JSON, "Metadata: true", *headers), 431)
 
 
 # What curl --http2 sends on plain http:// (an h2c upgrade offer).
@@ -472,14 +456,7 @@ def test_h2c_upgrade_offer_gets_an_announced_close_or_a_usable_connection(server
 def test_body_over_limit_is_413(limits_server: ServerProcess) -> None:
     body = b"x" * 200
     request = get_request(INSTANCE_JSON, "Metadata: true", f"Content-Length: {len(body)}", method="POST") + body
-    with connect(limits_server.port) as sock:
-        sock.sendall(request)
-        reader = RawReader(sock)
-        response = reader.read_response()
-        assert response.status == 413
-        assert response.header("Connection") == "close"
-        assert "error" in json.loads(response.body)
-        assert reader.at_eof()
+    assert_error_and_close(limits_server.port, request, 413)
 
 
 def test_body_under_limit_is_not_413(limits_server: ServerProcess) -> None:

@@ -33,6 +33,7 @@ from tests.server_process import (
     get_from,
     http_from,
     log_events,
+    poll_until,
     running_server,
     vm_document,
     vm_uuid,
@@ -53,15 +54,6 @@ UPDATE_TARGET_P99_S = 0.1
 
 
 # ---- helpers ----
-
-
-def poll_until(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def time_until(condition: Callable[[], bool], timeout: float = 5.0) -> float | None:
