@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: serve test lint typecheck unit bench bench-tools bench-compare loadtest clean system-deps
+.PHONY: serve test lint typecheck unit bench bench-tools bench-compare loadtest fuzz-long clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,13 @@ bench-compare: $(VENV)/.installed-bench bench-tools
 # Locust at a fixed rate against latency SLOs (loadtest/run.py); non-zero when one is broken.
 loadtest: $(VENV)/.installed-test
 	$(BIN)/python -m loadtest.run $(ARGS)
+
+# The long fuzz run (reliability.md): the two fuzz suites with FUZZ_EXAMPLES random
+# examples per test instead of `make test`'s fixed, derandomised CI budget.
+FUZZ_EXAMPLES ?= 20000
+fuzz-long: $(VENV)/.installed-test
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -p no:cacheprovider --hypothesis-show-statistics \
+		tests/test_fuzz_protocol.py tests/test_fuzz_admin.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis

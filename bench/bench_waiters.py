@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from fastimds.config import Limits
 from fastimds.datafile import parse_vm
 from fastimds.protocol import HttpProtocol, ServerState
 from fastimds.store import SnapshotStore
@@ -22,6 +23,8 @@ from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, reques
 
 WAITERS = 10_000
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")
+# Every waiter here comes from one fake address: let it hold them all.
+ONE_CALLER_LIMITS = Limits(max_connections_per_caller=WAITERS + 1)
 LONG_POLL = request("/metadata/instance/compute/location?api-version=2021-02-01&format=text&wait_for_change=true")
 
 
@@ -38,7 +41,7 @@ def park_waiters(state: ServerState, count: int) -> list[HttpProtocol]:
 @pytest.mark.parametrize("waiters", [0, WAITERS])
 def test_keep_alive_request_beside_parked_waiters(benchmark: Any, waiters: int) -> None:
     store = SnapshotStore(sample_vm())
-    protocol, _transport, state = make_connection(store=store)
+    protocol, _transport, state = make_connection(ONE_CALLER_LIMITS, store=store)
     protocol.write = lambda _data: None
     parked = park_waiters(state, waiters)
     protocol.data_received(LEAF)
@@ -48,7 +51,7 @@ def test_keep_alive_request_beside_parked_waiters(benchmark: Any, waiters: int) 
 
 
 def test_deadline_sweep_over_parked_waiters(benchmark: Any) -> None:
-    _protocol, _transport, state = make_connection()
+    _protocol, _transport, state = make_connection(ONE_CALLER_LIMITS)
     park_waiters(state, WAITERS)
     now = [1.0]
 
@@ -62,7 +65,7 @@ def test_deadline_sweep_over_parked_waiters(benchmark: Any) -> None:
 
 def test_publish_that_wakes_no_waiter(benchmark: Any) -> None:
     store = SnapshotStore(sample_vm())
-    _protocol, _transport, state = make_connection(store=store)
+    _protocol, _transport, state = make_connection(ONE_CALLER_LIMITS, store=store)
     park_waiters(state, WAITERS)
     document = copy.deepcopy(sample_vm().document)
     document["instance"]["compute"]["name"] = "renamed"  # not the location the waiters watch

@@ -14,7 +14,12 @@ Rules of this module:
 
 Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
 GET /metrics (Prometheus text), GET /jwks (the managed-identity token key); like
-/healthz and /readyz they need no token.
+/healthz and /readyz they need no token. Scheduled events (fastimds.events):
+GET|POST /vms/{id}/scheduledevents, DELETE /vms/{id}/scheduledevents/{EventId},
+and for a group of VMs POST /scheduledevents ({"vms": [...]} or
+{"vmScaleSetName": ...} beside the event) and DELETE /scheduledevents/{EventId}.
+Injected faults (fastimds.faults): GET|POST|DELETE /faults (POST: every VM, or
+"vms": [...] beside the fault), DELETE /faults/{id}, POST|DELETE /vms/{id}/faults.
 """
 
 from __future__ import annotations
@@ -116,13 +121,22 @@ class AdminApi:
                     body,
                 )
             )
-        if path != "/vms" and not path.startswith("/vms/"):
+        resource = path.split("/")[1] if path.startswith("/") else ""  # "*" and "http://..." are targets too
+        if resource not in ("vms", "scheduledevents", "faults"):
             return json_response(404, {"error": f"no admin route {path}"})
         if over_tcp and not self._authorized(authorization):
             return json_response(
                 401, {"error": "a bearer token is required"}, b'WWW-Authenticate: Bearer realm="fastimds"\r\n'
             )
         try:
+            if resource == "scheduledevents":
+                return self._group_events(method, path, body)
+            if resource == "faults":
+                return self._faults(method, path, body)
+            if path.count("/") >= 3 and path.split("/")[3] == "scheduledevents":
+                return self._vm_events(method, path, body)
+            if path.count("/") == 3 and path.split("/")[3] == "faults":
+                return self._vm_faults(method, path, body)
             return self._vms(method, path, body)
         except UpdateError as exc:
             error: dict[str, Any] = {"error": exc.message}
@@ -135,6 +149,72 @@ class AdminApi:
             return False
         scheme, _, credential = authorization.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token.encode())
+
+    def _vm_events(self, method: str, path: str, body: bytes) -> bytes:
+        """/vms/{id}/scheduledevents[/{EventId}]."""
+        parts = path.split("/")  # "", "vms", id, "scheduledevents"[, EventId]
+        vm_id = parts[2]
+        if len(parts) == 4 and method == "GET":
+            return json_response(200, {"id": vm_id, **self.control.events_of(vm_id)})
+        if len(parts) == 4 and method == "POST":
+            event_id, generations = self.control.add_event([vm_id], _json_body(body))
+            return json_response(201, {"EventId": event_id, "generations": generations})
+        if len(parts) == 5 and method == "DELETE":
+            return json_response(200, {"EventId": parts[4], "generations": self.control.cancel_event(parts[4], vm_id)})
+        allow = b"GET, POST" if len(parts) == 4 else b"DELETE"
+        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
+
+    def _group_events(self, method: str, path: str, body: bytes) -> bytes:
+        """/scheduledevents (POST: one event on a group of VMs) and /scheduledevents/{EventId} (DELETE)."""
+        parts = path.split("/")  # "", "scheduledevents"[, EventId]
+        if len(parts) == 2 and method == "POST":
+            request = _json_body(body)
+            if not isinstance(request, dict):
+                raise UpdateError(400, "the body must be a JSON object: an event plus 'vms' or 'vmScaleSetName'")
+            event = dict(request)
+            vm_ids, scale_set = event.pop("vms", None), event.pop("vmScaleSetName", None)
+            if scale_set is not None and vm_ids is None and isinstance(scale_set, str):
+                vm_ids = self.control.vms_in_scale_set(scale_set)
+                if not vm_ids:
+                    raise UpdateError(404, f"no VM has vmScaleSetName {scale_set!r}")
+            elif not (scale_set is None and isinstance(vm_ids, list) and vm_ids):
+                raise UpdateError(400, "give either 'vms' (a non-empty array of VM ids) or 'vmScaleSetName'")
+            if not all(isinstance(vm_id, str) for vm_id in vm_ids):
+                raise UpdateError(400, "'vms' must hold VM ids (strings)")
+            event_id, generations = self.control.add_event(sorted(set(vm_ids)), event)
+            return json_response(201, {"EventId": event_id, "generations": generations})
+        if len(parts) == 3 and method == "DELETE":
+            return json_response(200, {"EventId": parts[2], "generations": self.control.cancel_event(parts[2])})
+        allow = b"POST" if len(parts) == 2 else b"DELETE"
+        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
+
+    def _faults(self, method: str, path: str, body: bytes) -> bytes:
+        """/faults (GET, POST, DELETE all) and /faults/{id} (DELETE)."""
+        parts = path.split("/")  # "", "faults"[, id]
+        if len(parts) == 2 and method == "GET":
+            return json_response(200, {"faults": self.control.live_faults()})
+        if len(parts) == 2 and method == "POST":
+            request = _json_body(body)
+            vm_ids = request.pop("vms", None) if isinstance(request, dict) else None
+            if vm_ids is not None and not (
+                isinstance(vm_ids, list) and vm_ids and all(isinstance(vm_id, str) for vm_id in vm_ids)
+            ):
+                raise UpdateError(400, "'vms' must be a non-empty array of VM ids (or absent: every VM)")
+            return json_response(201, self.control.add_fault(request, sorted(set(vm_ids)) if vm_ids else None))
+        if method == "DELETE" and len(parts) in (2, 3):
+            removed = self.control.remove_faults(fault_id=parts[2] if len(parts) == 3 else None)
+            return json_response(200, {"removed": removed})
+        allow = b"GET, POST, DELETE" if len(parts) == 2 else b"DELETE"
+        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
+
+    def _vm_faults(self, method: str, path: str, body: bytes) -> bytes:
+        """/vms/{id}/faults: POST one for this VM; DELETE this VM's own."""
+        vm_id = path.split("/")[2]
+        if method == "POST":
+            return json_response(201, self.control.add_fault(_json_body(body), [vm_id]))
+        if method == "DELETE":
+            return json_response(200, {"removed": self.control.remove_faults(vm_id=vm_id)})
+        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: POST, DELETE\r\n")
 
     def _vms(self, method: str, path: str, body: bytes) -> bytes:
         control = self.control
@@ -149,10 +229,7 @@ class AdminApi:
             generation = control.delete(vm_id)
             return json_response(200, {"id": vm_id, "deleted": True, "generation": generation})
         if method in ("PUT", "PATCH"):
-            try:
-                document = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise UpdateError(400, f"the body is not valid JSON: {exc}") from None
+            document = _json_body(body)
             existed = vm_id in control.registry.live()
             generation = control.put(vm_id, document) if method == "PUT" else control.patch(vm_id, document)
             return json_response(
@@ -161,6 +238,13 @@ class AdminApi:
         return json_response(
             405, {"error": f"{method} is not allowed on /vms/{{id}}"}, b"Allow: GET, PUT, PATCH, DELETE\r\n"
         )
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UpdateError(400, f"the body is not valid JSON: {exc}") from None
 
 
 class AdminProtocol(asyncio.Protocol):
@@ -186,6 +270,8 @@ class AdminProtocol(asyncio.Protocol):
         assert self.transport is not None
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.transport.close()  # Upgrade or CONNECT: answered (on_message_complete); we speak nothing else
         except httptools.HttpParserError:
             reply = self.failure or json_response(400, {"error": "malformed HTTP request"}, close=True)
             self.transport.write(reply)

@@ -18,8 +18,10 @@ Rules of this module:
   YYYYMMDD-HHMMSS, as Azure does.
 - The reply depends on the clock and the nonce, so it is never memoised (a
   volatile Reply). Signing costs ~1 ms (RSA 2048): this endpoint is for
-  provisioning, not for load; replies are kept for the second they were made
-  in, per (VM generation, version, nonce), in a bounded cache.
+  provisioning, not for load; replies are kept in a bounded cache keyed by
+  the signed content itself (which holds the VM's fields, the nonce and the
+  second), never by generation: VMs share generation numbers, and one VM's
+  document must never answer another's request.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Attestor:
     def __init__(self, key: rsa.RSAPrivateKey, certificate: x509.Certificate) -> None:
         self.key = key
         self.certificate = certificate
-        self._cache: OrderedDict[tuple[int, str, str, int], Reply] = OrderedDict()
+        self._cache: OrderedDict[bytes, Reply] = OrderedDict()  # signed content -> its reply
 
     @classmethod
     def self_signed(cls) -> Attestor:
@@ -92,12 +94,10 @@ class Attestor:
         return cls(key, certificate)
 
     def reply(self, vm: Any, generation: int, version: str, nonce: str | None, now: float) -> Reply:
-        """The signed document for one request (from the cache within its second)."""
-        second = int(now)
-        key = (generation, version, nonce or "", second)
-        reply = self._cache.get(key)
+        """The signed document for one request (from the cache when this content was signed before)."""
+        content = signed_content(vm, version, nonce, int(now))
+        reply = self._cache.get(content)
         if reply is None:
-            content = signed_content(vm, version, nonce, second)
             signature = (
                 pkcs7.PKCS7SignatureBuilder()
                 .set_data(content)
@@ -107,7 +107,7 @@ class Attestor:
             body = json_body({"encoding": "pkcs7", "signature": base64.b64encode(signature).decode()})
             reply = make_reply(200, body)
             reply.volatile = True
-            self._cache[key] = reply
+            self._cache[content] = reply
             while len(self._cache) > MAX_CACHED_DOCUMENTS:
                 self._cache.popitem(last=False)
         return reply

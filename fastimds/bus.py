@@ -2,7 +2,9 @@
 
 Rules of this module:
 - The control plane is the only writer; every worker reads. A file is
-  `<vm id>.json` holding {"generation": N, "source": "...", "vm": {...}}.
+  `<vm id>.json` holding {"generation": N, "source": "...", "vm": {...},
+  "events": {...}}, "events" being the VM's live scheduled events
+  (fastimds.events; null when it has none).
   A removed VM keeps its file as a tombstone ("vm": null) so its generation
   survives: a control process that restarts numbers the VM's next version
   above everything any worker has seen.
@@ -14,6 +16,8 @@ Rules of this module:
   server serves the last good data before any source speaks; without it the
   bus is a private temporary directory and nothing is fsynced.
 - A file that cannot be read or parsed is reported and skipped, never served.
+- One more file, FAULTS_FILE (fastimds.faults), holds the injected faults;
+  its name is no VM id, so VM scans pass it by.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import orjson
 
 from fastimds.datafile import VM_ID_PATTERN
+from fastimds.faults import FAULTS_FILE
 from fastimds.log import log_event
 
 SUFFIX = ".json"
@@ -51,6 +56,7 @@ class BusEntry:
     generation: int
     source: str
     document: dict[str, Any] | None  # None: the VM was removed (a tombstone)
+    events: dict[str, Any] | None = None  # the live scheduled events, when there are any
 
 
 class Bus:
@@ -68,17 +74,38 @@ class Bus:
 
     def write(self, entry: BusEntry) -> None:
         data = orjson.dumps(
-            {"generation": entry.generation, "source": entry.source, "vm": entry.document},
+            {"generation": entry.generation, "source": entry.source, "vm": entry.document, "events": entry.events},
             option=orjson.OPT_SORT_KEYS,
         )
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{entry.vm_id}.", dir=self.directory)
+        self._replace(self.path_of(entry.vm_id), data)
+
+    def write_faults(self, records: list[dict[str, Any]]) -> None:
+        self._replace(self.directory / FAULTS_FILE, orjson.dumps({"faults": records}))
+
+    def read_faults(self) -> list[dict[str, Any]]:
+        """The fault records; [] when there are none or the file is unreadable (reported)."""
+        path = self.directory / FAULTS_FILE
+        try:
+            records = orjson.loads(path.read_bytes())["faults"]
+            if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+                raise ValueError("'faults' must be a list of objects")
+        except FileNotFoundError:
+            return []
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log_event("faults_file_corrupt", path=str(path), error=str(exc))
+            return []
+        return records
+
+    def _replace(self, path: Path, data: bytes) -> None:
+        """Write `path` whole under a temp name, then rename it into place (see the module rules)."""
+        descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", dir=self.directory)
         try:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
                 if self.durable:
                     handle.flush()
                     os.fsync(handle.fileno())
-            os.replace(temp_name, self.path_of(entry.vm_id))
+            os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
             raise
@@ -105,7 +132,9 @@ class Bus:
             return None
         try:
             record = orjson.loads(raw)
-            entry = BusEntry(vm_id, int(record["generation"]), str(record["source"]), record["vm"])
+            entry = BusEntry(
+                vm_id, int(record["generation"]), str(record["source"]), record["vm"], record.get("events")
+            )
             if not (entry.document is None or isinstance(entry.document, dict)) or entry.generation < 1:
                 raise ValueError("bad generation or document")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -17,7 +17,7 @@ from fastimds.datafile import DataError, load_vm
 from fastimds.requestlog import parse_retention, prepare_directory
 from fastimds.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
 
-# (flag, Limits field, type, help) for every per-request limit.
+# (flag, Limits field, type, help) for every per-request and per-connection limit.
 LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-request-head-bytes", "max_request_head_bytes", int, "header bytes per request (431 over it)"),
     ("--max-header-count", "max_header_count", int, "headers per request (431 over it)"),
@@ -26,6 +26,13 @@ LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--keep-alive-timeout", "keep_alive_timeout_s", float, "seconds an idle connection is kept"),
     ("--request-timeout", "request_timeout_s", float, "seconds a started request has to finish (408)"),
     ("--send-stall-timeout", "send_stall_timeout_s", float, "seconds a client may stop reading"),
+    (
+        "--max-connections-per-worker",
+        "max_connections_per_worker",
+        int,
+        "open connections per worker (503 over it; lowered to fit the open-files limit)",
+    ),
+    ("--max-connections-per-caller", "max_connections_per_caller", int, "open connections per caller address (503)"),
 )
 
 

@@ -30,6 +30,19 @@ KEEP_ALIVE_TIMEOUT_S = 15.0
 REQUEST_TIMEOUT_S = 10.0
 # A client that stops reading (transport paused) is dropped after this.
 SEND_STALL_TIMEOUT_S = 30.0
+# Open connections one worker holds at once (idle, slow or long-polling); the
+# next is answered 503 and closed. 64 Ki is 128 VMs at their full per-caller
+# allowance: ~170 MiB of worker memory at the ~2.6 KiB an open connection
+# costs it (measured over 5,000 connections; the kernel's socket memory aside).
+# At start the server raises its open-files limit to the hard limit and
+# lowers this to fit under it (fastimds.server.fit_fd_limit): a refusal needs
+# a free descriptor to accept and answer, and accept() past EMFILE cannot.
+MAX_CONNECTIONS_PER_WORKER = 64 * 1024
+# Open connections one caller address holds per worker. A busy VM (a
+# Kubernetes node's 250 pods behind one address, each SDK keeping a
+# connection or two alive) stays under 512; one hostile VM can hold under 1%
+# of a worker's default allowance.
+MAX_CONNECTIONS_PER_CALLER = 512
 # SIGTERM waits this long for connections to finish before aborting them.
 SHUTDOWN_GRACE_S = 5.0
 # listen() backlog; the kernel caps it at net.core.somaxconn (tuning.md).
@@ -52,6 +65,8 @@ class Limits:
     keep_alive_timeout_s: float = KEEP_ALIVE_TIMEOUT_S
     request_timeout_s: float = REQUEST_TIMEOUT_S
     send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
+    max_connections_per_worker: int = MAX_CONNECTIONS_PER_WORKER
+    max_connections_per_caller: int = MAX_CONNECTIONS_PER_CALLER
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

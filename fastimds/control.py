@@ -18,21 +18,43 @@ Rules of this module:
   serves, so replays and its own control's writes are no-ops.
 - Watches are known to run before the scan that precedes serving, so no
   write falls between the scan and the watch.
+- Scheduled events live beside each VM's description (fastimds.events) and
+  their lifecycle runs here: the event clock starts and removes events on
+  time, approvals arrive from the workers (fastimds.approvals), and every
+  change is a new generation of the VM, written and published like any
+  update. A VM keeps its events across updates that leave its description's
+  "scheduledEvents" alone; changing that list replaces them.
+- Injected faults (fastimds.faults) are one list, owned here like VM data:
+  validated, written to the bus, then loaded into this process's fault table
+  and, through the bus, every worker's.
 - All of this runs on the event loop thread, between requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from fastimds import events, faults
+from fastimds.approvals import approvals_directory, take_approvals
 from fastimds.bus import Bus, BusEntry, file_stamps, until_watching, watch_directory
-from fastimds.datafile import MAX_VM_FILE_BYTES, VM_ID_PATTERN, DataError, describe_vm, load_vm, parse_vm
+from fastimds.datafile import (
+    MAX_VM_FILE_BYTES,
+    VM_ID_PATTERN,
+    DataError,
+    VmDescription,
+    describe_vm,
+    load_vm,
+    parse_vm,
+)
 from fastimds.log import log_event
 from fastimds.registry import ConflictError, VmRegistry
 from fastimds.store import DEFAULT_VM_ID
@@ -42,6 +64,9 @@ DATA_DIR_SOURCE_PREFIX = "data-dir:"
 # A watch is expected to start within this; past it we serve anyway and rely
 # on the once-a-second rescan.
 WATCH_START_TIMEOUT_S = 5.0
+# The event clock wakes at least this often, so a wall-clock step cannot
+# delay an event's start or removal for long.
+EVENT_CLOCK_MAX_SLEEP_S = 5.0
 
 
 class UpdateError(Exception):
@@ -74,6 +99,18 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def encoded_size(document: Any) -> int:
+    """`document`'s size as JSON, or UpdateError if it cannot be stored.
+
+    orjson parses 1024 levels of nesting but encodes only 254, so a parsed
+    body can be too deep for the bus (and for merge_patch's recursion).
+    """
+    try:
+        return len(orjson.dumps(document))
+    except orjson.JSONEncodeError as exc:
+        raise UpdateError(400, "invalid VM description", [f"$: not storable as JSON: {exc}"]) from None
+
+
 class Control:
     def __init__(self, bus: Bus, registry: VmRegistry) -> None:
         self.bus = bus
@@ -81,6 +118,15 @@ class Control:
         self.data_dir_stamps: dict[Path, tuple[int, int]] = {}
         # Telemetry: updates by (result, source kind), read at scrape time.
         self.updates: Counter[tuple[str, str]] = Counter()
+        self.events_changed = asyncio.Event()  # wakes the event clock (run_event_clock)
+        self.fault_records: list[dict[str, Any]] = bus.read_faults()  # a restart keeps them (--state-dir)
+        # This process's faults: the ones it applies when it also serves (one worker).
+        self.fault_table = faults.FaultTable()
+        try:
+            self.fault_table.load(self.fault_records, time.time())
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log_event("faults_file_invalid", error=repr(exc))  # served without them; the next write replaces it
+            self.fault_records = []
 
     # ---- reads ----
 
@@ -114,7 +160,7 @@ class Control:
             raise UpdateError(400, f"{vm_id!r} is not a VM id (letters, digits, '.', '_', '-'; at most 128)")
         if isinstance(document, dict) and document.get("id", vm_id) != vm_id:
             raise UpdateError(400, f"the document's id {document['id']!r} does not match the VM id {vm_id!r}")
-        if len(orjson.dumps(document)) > MAX_VM_FILE_BYTES:
+        if encoded_size(document) > MAX_VM_FILE_BYTES:
             raise UpdateError(413, f"a VM description is limited to {MAX_VM_FILE_BYTES} bytes")
         try:
             vm = describe_vm(document, source)
@@ -125,14 +171,34 @@ class Control:
             raise UpdateError(409, str(exc)) from None
         for old_id in sorted(replacing - {vm_id}):
             self.delete(old_id, source)
+        vm = replace(vm, scheduled=self._events_after_update(vm_id, vm))
         generation = self._next_generation(vm_id)
-        self.bus.write(BusEntry(vm_id, generation, source, vm.document))  # durable before acknowledged
+        # Durable before acknowledged.
+        self.bus.write(BusEntry(vm_id, generation, source, vm.document, vm.scheduled))
         self.registry.publish(vm_id, vm, generation)
         log_event("update_accepted", vm=vm_id, generation=generation, source=source)
+        self.events_changed.set()
         return generation
+
+    def _events_after_update(self, vm_id: str, vm: VmDescription) -> dict[str, Any] | None:
+        """The VM's events once `vm` replaces what it serves (see the module rules)."""
+        previous = self._served(vm_id)
+        given = vm.reserved.get("scheduledEvents")
+        if previous is not None and previous.reserved.get("scheduledEvents") == given:
+            return previous.scheduled
+        if given is None and (previous is None or previous.scheduled is None):
+            return None
+        now = time.time()
+        made = [events.make_event(event, now, [_vm_name(vm_id, vm)]) for event in given or []]
+        return events.with_events(previous.scheduled if previous is not None else None, made)
+
+    def _served(self, vm_id: str) -> VmDescription | None:
+        store = self.registry.stores.get(vm_id)
+        return store.current.vm if store is not None and store.current is not None else None
 
     def patch(self, vm_id: str, patch: Any) -> int:
         current = self.document(vm_id)["vm"]
+        encoded_size(patch)  # refuses nesting merge_patch could not recurse through
         return self.put(vm_id, merge_patch(current, patch))
 
     def delete(self, vm_id: str, source: str = ADMIN_SOURCE) -> int:
@@ -150,6 +216,168 @@ class Control:
     def _next_generation(self, vm_id: str) -> int:
         store = self.registry.stores.get(vm_id)
         return (store.generation if store is not None else 0) + 1
+
+    # ---- scheduled events ----
+
+    def events_of(self, vm_id: str) -> dict[str, Any]:
+        """A VM's events state, private timing fields included (the admin API shows it)."""
+        vm = self._served(vm_id)
+        if vm is None:
+            raise UpdateError(404, f"no VM {vm_id!r}")
+        return vm.scheduled if vm.scheduled is not None else events.EMPTY_STATE
+
+    def add_event(self, vm_ids: list[str], request: Any) -> tuple[str, dict[str, int]]:
+        """Schedule one event on every VM in `vm_ids`; returns its EventId and each VM's new generation.
+
+        Its Resources default to the names of all of them: one event, as Azure
+        sends it to every VM of an availability set or scale set.
+        """
+        problems = events.event_problems(request, "$")
+        if problems:
+            raise UpdateError(400, "invalid scheduled event", problems)
+        served = {vm_id: self._served(vm_id) for vm_id in vm_ids}
+        missing = sorted(vm_id for vm_id, vm in served.items() if vm is None)
+        if missing:
+            raise UpdateError(404, f"no VM {missing[0]!r}")
+        names = [_vm_name(vm_id, vm) for vm_id, vm in served.items() if vm is not None]
+        event = events.make_event(request, time.time(), names)
+        try:  # every VM's new state first, so a refusal changes nothing
+            states = {vm_id: events.add(vm.scheduled, event) for vm_id, vm in served.items() if vm is not None}
+        except events.EventError as exc:
+            raise UpdateError(exc.status, exc.message) from None
+        generations = {vm_id: self._publish_events(vm_id, state) for vm_id, state in states.items()}
+        log_event("event_scheduled", vms=sorted(vm_ids), event_id=event["EventId"], type=event["EventType"])
+        return event["EventId"], generations
+
+    def vms_in_scale_set(self, name: str) -> list[str]:
+        """The VMs whose compute.vmScaleSetName is `name`."""
+        return sorted(
+            vm_id
+            for vm_id, store in self.registry.live().items()
+            if store.current is not None and store.current.vm.instance.get("compute", {}).get("vmScaleSetName") == name
+        )
+
+    def cancel_event(self, event_id: str, vm_id: str | None = None) -> dict[str, int]:
+        """Remove an event from one VM, or from every VM that has it; returns their new generations."""
+        holders = [vm_id] if vm_id is not None else self._holders(frozenset({event_id}))
+        if vm_id is not None and self._served(vm_id) is None:
+            raise UpdateError(404, f"no VM {vm_id!r}")
+        try:
+            states = {holder: events.cancel(self.events_of(holder), event_id) for holder in holders}
+        except events.EventError as exc:
+            raise UpdateError(exc.status, exc.message) from None
+        if not states:
+            raise UpdateError(404, f"no event {event_id}")
+        log_event("event_cancelled", vms=sorted(states), event_id=event_id)
+        return {holder: self._publish_events(holder, state) for holder, state in states.items()}
+
+    def approve(self, event_ids: frozenset[str]) -> None:
+        """Start the approved events on every VM that has them (an approval covers all its Resources)."""
+        now = time.time()
+        for vm_id in self._holders(event_ids):
+            vm = self._served(vm_id)
+            assert vm is not None  # _holders only names served VMs
+            state = events.approve(vm.scheduled, event_ids, now)
+            if state is not vm.scheduled and state is not None:
+                self._publish_events(vm_id, state)
+                log_event("event_approved", vm=vm_id, events=sorted(event_ids & events.event_ids(state)))
+
+    def advance_events(self, now: float) -> None:
+        """Start the events whose time has come and remove the finished ones."""
+        for vm_id, store in list(self.registry.live().items()):
+            assert store.current is not None  # live() holds only served VMs
+            state = store.current.vm.scheduled
+            advanced = events.advance(state, now)
+            if advanced is not state and advanced is not None:
+                self._publish_events(vm_id, advanced)
+
+    def next_event_change(self) -> float | None:
+        moments = [
+            moment
+            for store in self.registry.live().values()
+            if store.current is not None and (moment := events.next_change(store.current.vm.scheduled)) is not None
+        ]
+        return min(moments, default=None)
+
+    async def run_event_clock(self) -> None:
+        """Run every VM's events on time, waking early when an update or approval changes them."""
+        while True:
+            self.advance_events(time.time())
+            next_change = self.next_event_change()
+            sleep_s = EVENT_CLOCK_MAX_SLEEP_S if next_change is None else next_change - time.time()
+            self.events_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.events_changed.wait(), min(max(sleep_s, 0.001), EVENT_CLOCK_MAX_SLEEP_S))
+
+    async def start_approvals_watch(self) -> asyncio.Task[None]:
+        """Apply the approvals the workers drop in the bus (fastimds.approvals)."""
+        directory = approvals_directory(self.bus.directory)
+
+        def apply_approvals() -> None:
+            approved = take_approvals(directory)
+            if approved:
+                self.approve(approved)
+
+        return await start_watch(directory, on_change=lambda _names: apply_approvals(), on_idle=apply_approvals)
+
+    def _holders(self, event_ids: frozenset[str]) -> list[str]:
+        return sorted(
+            vm_id
+            for vm_id, store in self.registry.live().items()
+            if store.current is not None and events.event_ids(store.current.vm.scheduled) & event_ids
+        )
+
+    def _publish_events(self, vm_id: str, state: dict[str, Any]) -> int:
+        """A new generation of a served VM with `state` as its events: written, then published."""
+        vm = self._served(vm_id)
+        assert vm is not None
+        generation = self._next_generation(vm_id)
+        self.bus.write(BusEntry(vm_id, generation, vm.source, vm.document, state))
+        self.registry.publish(vm_id, replace(vm, scheduled=state), generation)
+        self.events_changed.set()
+        return generation
+
+    # ---- injected faults ----
+
+    def live_faults(self) -> list[dict[str, Any]]:
+        return faults.live(self.fault_records, time.time())
+
+    def add_fault(self, request: Any, vm_ids: list[str] | None) -> dict[str, Any]:
+        """Inject a fault on `vm_ids` (None: every VM, present and future); returns its record."""
+        problems = faults.fault_problems(request)
+        if problems:
+            raise UpdateError(400, "invalid fault", problems)
+        for vm_id in vm_ids or []:
+            if self._served(vm_id) is None:
+                raise UpdateError(404, f"no VM {vm_id!r}")
+        records = self.live_faults()
+        if len(records) >= faults.MAX_FAULTS:
+            raise UpdateError(409, f"at most {faults.MAX_FAULTS} faults at a time")
+        record = faults.make_fault(request, vm_ids, time.time(), faults.free_slot(records))
+        self._write_faults([*records, record])
+        log_event("fault_added", fault=record)
+        return record
+
+    def remove_faults(self, fault_id: str | None = None, vm_id: str | None = None) -> list[str]:
+        """Remove one fault, or a VM's own faults, or (neither given) all; returns the ids removed."""
+        records = self.live_faults()
+        if fault_id is not None:
+            removed = [record for record in records if record["id"] == fault_id]
+            if not removed:
+                raise UpdateError(404, f"no fault {fault_id!r}")
+        elif vm_id is not None:
+            removed = [record for record in records if record["vms"] == [vm_id]]
+        else:
+            removed = records
+        self._write_faults([record for record in records if record not in removed])
+        log_event("faults_removed", faults=[record["id"] for record in removed])
+        return [record["id"] for record in removed]
+
+    def _write_faults(self, records: list[dict[str, Any]]) -> None:
+        self.bus.write_faults(records)  # durable before acknowledged, as VM updates are
+        self.fault_records = records
+        self.fault_table.load(records, time.time())
+        self.registry.forget_requests()
 
     # ---- sources ----
 
@@ -271,6 +499,12 @@ async def start_watch(
     return task
 
 
+def _vm_name(vm_id: str, vm: VmDescription) -> str:
+    """What an event's Resources call this VM: its compute.name, else its id."""
+    name = vm.instance.get("compute", {}).get("name")
+    return name if isinstance(name, str) and name else vm_id
+
+
 def apply_entries(registry: VmRegistry, entries: list[BusEntry]) -> None:
     """Apply bus entries; an address can move between VMs within one batch, so
     apply whatever does not conflict, then retry the rest while that helps."""
@@ -293,6 +527,11 @@ def apply_entry(registry: VmRegistry, entry: BusEntry) -> bool:
         return True
     try:
         vm = describe_vm(entry.document, entry.source)
+        if entry.events is not None:
+            problems = events.state_problems(entry.events)
+            if problems:
+                raise DataError(entry.source, problems)
+            vm = replace(vm, scheduled=entry.events)
         registry.publish(entry.vm_id, vm, entry.generation)
         log_event("update_applied", vm=entry.vm_id, generation=entry.generation)
     except DataError as exc:
@@ -310,12 +549,28 @@ class Follower:
         self.bus = bus
         self.registry = registry
         self.stamps: dict[str, tuple[int, int]] = {}  # what each VM file looked like when last applied
+        self.fault_table = faults.FaultTable()  # the injected faults this worker applies
+        self.faults_stamp: tuple[int, int] | None = None
 
     def rescan(self) -> None:
         """Apply every file that changed, appeared or vanished since the last look."""
         stamps = self.bus.stamps()
         changed = {vm_id for vm_id, stamp in stamps.items() if self.stamps.get(vm_id) != stamp}
         self.apply(changed | (set(self.stamps) - set(stamps)))
+        path = self.bus.directory / faults.FAULTS_FILE
+        if file_stamps([path]).get(path) != self.faults_stamp:
+            self.load_faults()
+
+    def load_faults(self) -> None:
+        path = self.bus.directory / faults.FAULTS_FILE
+        self.faults_stamp = file_stamps([path]).get(path)
+        records = self.bus.read_faults()
+        try:
+            self.fault_table.load(records, time.time())
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log_event("faults_file_invalid", error=repr(exc))
+            return
+        self.registry.forget_requests()
 
     def apply(self, vm_ids: set[str]) -> None:
         entries = []
@@ -331,12 +586,15 @@ class Follower:
                 entries.append(entry)
         apply_entries(self.registry, entries)
 
+    def _on_change(self, names: set[str]) -> None:
+        self.apply({name[:-5] for name in names if name.endswith(".json") and VM_ID_PATTERN.fullmatch(name[:-5])})
+        if faults.FAULTS_FILE in names:
+            self.load_faults()
+
     async def start(self) -> asyncio.Task[None]:
         """Start following; returns once the watch runs and the bus is applied."""
         return await start_watch(
             self.bus.directory,
-            on_change=lambda names: self.apply(
-                {name[:-5] for name in names if name.endswith(".json") and VM_ID_PATTERN.fullmatch(name[:-5])}
-            ),
+            on_change=self._on_change,
             on_idle=self.rescan,
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from fastimds.events import MAX_EVENTS_PER_VM, event_problems
 from fastimds.versions import INSTANCE_FIELD_KIND, child_pattern
 
 # A data file larger than this is refused before parsing: a VM description is
@@ -32,7 +33,7 @@ MAX_VM_FILE_BYTES = 1024 * 1024
 # Deeper nesting than this is refused: the real schema is 7 levels deep.
 MAX_NESTING_DEPTH = 32
 
-# Reserved for later endpoints; accepted with a type check now.
+# Sections for the other endpoints, type-checked here and validated below.
 RESERVED_KEYS: dict[str, type] = {
     "id": str,
     "callers": list,
@@ -68,6 +69,8 @@ class VmDescription:
     source: str
     reserved: dict[str, Any] = field(default_factory=dict)
     document: dict[str, Any] = field(default_factory=dict)  # as given, before normalising
+    # The live scheduled events (fastimds.events), set by the control plane, never by a file.
+    scheduled: dict[str, Any] | None = None
 
 
 def _kind(value: Any) -> str:
@@ -217,6 +220,16 @@ def validate_document(doc: Any) -> list[str]:
         problems.extend(_loadbalancer_problems(doc["loadbalancer"]))
     if isinstance(doc.get("identities"), dict):
         problems.extend(_identities_problems(doc["identities"]))
+    if isinstance(doc.get("scheduledEvents"), list):
+        if len(doc["scheduledEvents"]) > MAX_EVENTS_PER_VM:
+            problems.append(f"$.scheduledEvents: at most {MAX_EVENTS_PER_VM} events")
+        given_ids = []
+        for index, event in enumerate(doc["scheduledEvents"]):
+            problems.extend(event_problems(event, f"$.scheduledEvents[{index}]"))
+            if isinstance(event, dict) and isinstance(event.get("EventId"), str):
+                given_ids.append(event["EventId"])
+        for event_id in sorted({event_id for event_id in given_ids if given_ids.count(event_id) > 1}):
+            problems.append(f"$.scheduledEvents: EventId {event_id!r} is given more than once")
 
     extended = doc.get("extended")
     if extended is not None:
@@ -273,7 +286,7 @@ def describe_vm(doc: Any, source: str) -> VmDescription:
     if problems:
         raise DataError(source, problems)
     extended_compute = dict(EXTENDED_DEFAULTS)
-    extended_compute.update(doc.get("extended", {}).get("compute", {}))
+    extended_compute.update((doc.get("extended") or {}).get("compute", {}))  # "extended": null is no extended
     return VmDescription(
         instance=normalise(doc["instance"]),
         extended={"compute": normalise(extended_compute)},

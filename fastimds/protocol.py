@@ -12,6 +12,13 @@ Rules of this module:
 - Limits are checked where the bytes arrive: the URL in `on_url`, header
   count and size in `on_header` (plus a cap on an unfinished head between
   reads), the body in `on_body`. Breaking one gets its status and a close.
+- Connection limits are checked once, on accept (`connection_made`): per
+  worker and per caller address (ServerState.callers). A connection over
+  either is never admitted: it gets a pre-rendered 503, its write side is
+  shut, and it lingers in `ServerState.refused` (reading and discarding)
+  until the client closes or REFUSED_LINGER_S passes, so the client reads
+  the 503 instead of a reset. Refusals are rejects in telemetry, not
+  connections, and are logged under the event log's rate limit.
 - Deadlines, not timers (house rule 6): each connection stores when it must
   next make progress; `ServerState.tick` sweeps them once a second and also
   refreshes the Date block, so no request reads the wall clock for them.
@@ -21,9 +28,15 @@ Rules of this module:
   off, and then cost one `is None` test each.
 - A long-poll (`wait_for_change`) parks its connection in its VM store's
   watchers: reading pauses, the replies to requests behind it wait, and the
-  store's next publish (or the deadline sweep) answers it.
+  store's next publish (or the deadline sweep) answers it. One is held per
+  connection: a long-poll pipelined behind a held one is answered with the
+  current value, in its place after it.
 - Any bytes either parse or get a 400 and a close; no input raises out of
   `data_received`.
+- Injected faults (fastimds.faults) are applied on the parser path only; the
+  fault table keeps the memo clear of anything a fault could match. Injected
+  latency holds the connection like a long-poll (`_DELAYED`): its reply and
+  those behind it wait, in order. A reset closes with SO_LINGER 0 (an RST).
 - Known requests skip the parser. A read that starts between requests and
   ends with a blank line is split at blank lines; when every piece is a
   request head this snapshot has already answered (`request_replies`), the
@@ -36,6 +49,9 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from time import perf_counter_ns, time
@@ -44,6 +60,7 @@ from typing import cast
 import httptools
 
 from fastimds.config import Limits
+from fastimds.faults import Fault, FaultTable
 from fastimds.log import EVENT_LOG
 from fastimds.registry import NOBODY, VmRegistry
 from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
@@ -79,6 +96,17 @@ _HEAD_TOO_LARGE = ERRORS["head_too_large"]
 _URI_TOO_LONG = ERRORS["uri_too_long"]
 _BODY_TOO_LARGE = ERRORS["body_too_large"]
 _REQUEST_TIMEOUT = ERRORS["request_timeout"]
+_WORKER_CONNECTIONS_FULL = ERRORS["worker_connections_full"]
+_CALLER_CONNECTIONS_FULL = ERRORS["caller_connections_full"]
+
+# A refused connection is kept this long (swept by the tick, so 1-2 s more)
+# for its client to read the 503 and close first: closing a socket with
+# unread input sends a reset, and a reset may destroy the 503 before the
+# client reads it. At most MAX_LINGERING_REFUSALS linger per worker; past
+# that a refusal closes at once (a flood of refusals must not take every
+# file descriptor), which fastimds.server keeps free of the connection limit.
+REFUSED_LINGER_S = 1.0
+MAX_LINGERING_REFUSALS = 256
 
 # `head_pending` value meaning "this head began during the current feed":
 # its bytes are not counted until the next read, so bytes of earlier
@@ -98,6 +126,11 @@ class _Wait:
     connection: bytes
     closes: bool
 
+
+# A connection whose replies wait out injected latency: `waiting` holds this.
+_DELAYED = _Wait(b"", b"", False, False, None, b"", False)
+# SO_LINGER on, zero seconds: close() sends an RST instead of a FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 # Counter offsets the hot path uses, read once (fastimds.telemetry.LAYOUT).
 _LATENCY_SLOT = LAYOUT.latency
@@ -136,6 +169,9 @@ class ServerState:
         "counters",
         "request_log",
         "throttle",
+        "callers",
+        "refused",
+        "faults",
     )
 
     def __init__(
@@ -146,8 +182,11 @@ class ServerState:
         self.counters: list[int] | None = new_counters() if telemetry else None
         self.request_log: RequestLog | None = None  # the cold path, when --request-log is on
         self.throttle: Throttle | None = None  # per-caller limits, when --throttle is on
+        self.faults = FaultTable()  # injected faults (admin API); replaced by the server's table
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
+        self.callers: dict[str, int] = {}  # caller address -> its admitted connections open now
+        self.refused: set[HttpProtocol] = set()  # refused connections lingering until their 503 is read
         self.date_block = date_block(unix_time)
         self.now = now  # loop.time() as of the last tick
         self.now_unix = unix_time  # time.time() as of the last tick
@@ -160,6 +199,9 @@ class ServerState:
         self.date_block = date_block(unix_time)
         for connection in list(self.connections):
             connection.check_deadlines(now)
+        for connection in [c for c in self.refused if now >= c.deadline]:
+            self.refused.discard(connection)
+            connection.transport.abort()
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -197,7 +239,7 @@ class HttpProtocol(asyncio.Protocol):
         "upgrade_asked",
         "plain",
         "if_none_match",
-        "body_bytes",
+        "body",
         "reject",
     )
 
@@ -233,11 +275,20 @@ class HttpProtocol(asyncio.Protocol):
         self.write = self.transport.write
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        state = self.state
         # The caller's VM is decided once per connection (house rule: not per request).
-        self.vm = self.state.registry.store_for(self.peer or None)
-        if self.state.throttle is not None:
-            self.window = self.state.throttle.for_caller(self.peer)
-        self.state.connections.add(self)
+        self.vm = state.registry.store_for(self.peer or None)
+        open_by_caller = state.callers.get(self.peer, 0)
+        if open_by_caller >= self.limits.max_connections_per_caller:
+            self._refuse(_CALLER_CONNECTIONS_FULL, open_by_caller, self.limits.max_connections_per_caller)
+            return
+        if len(state.connections) >= self.limits.max_connections_per_worker:
+            self._refuse(_WORKER_CONNECTIONS_FULL, len(state.connections), self.limits.max_connections_per_worker)
+            return
+        state.callers[self.peer] = open_by_caller + 1
+        if state.throttle is not None:
+            self.window = state.throttle.for_caller(self.peer)
+        state.connections.add(self)
         if self.counters is not None:
             self.counters[_OPENED_SLOT] += 1
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
@@ -245,12 +296,48 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.backlog = b""
-        self.state.connections.discard(self)
+        state = self.state
+        if self not in state.connections:
+            state.refused.discard(self)  # refused on accept: never admitted, never counted
+            return
+        state.connections.remove(self)
+        still_open = state.callers[self.peer] - 1
+        if still_open:
+            state.callers[self.peer] = still_open
+        else:
+            del state.callers[self.peer]  # the table holds only callers with connections open
         if self.counters is not None:
             self.counters[_CLOSED_SLOT] += 1
         if self.waiting is not None:
             self.waiting = None
             self.vm.watchers.discard(self)
+
+    def _refuse(self, reply: Reply, open_now: int, limit: int) -> None:
+        """Over a connection limit: a 503 before any request, then shut our side and linger."""
+        state = self.state
+        self.closing = True  # whatever the client sends is read and discarded
+        if self.counters is not None and reply.reject is not None:
+            self.counters[LAYOUT.reject_slot(reply.reject)] += 1
+        if EVENT_LOG.allow("connection_refused", state.now_unix):
+            current = self.vm.current
+            EVENT_LOG.write(
+                "connection_refused",
+                state.now_unix,
+                {
+                    "caller": self.peer,
+                    "vm": self.vm.vm_id if current is not None else None,
+                    "reason": reply.reject,
+                    "open": open_now,
+                    "limit": limit,
+                },
+            )
+        self.write(b"".join((reply.head, CONNECTION_CLOSE, state.date_block, reply.body)))
+        if len(state.refused) < MAX_LINGERING_REFUSALS:
+            self.deadline = state.now + REFUSED_LINGER_S
+            state.refused.add(self)
+            self.transport.write_eof()  # the client reads the 503, then our end of file
+        else:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -456,7 +543,7 @@ class HttpProtocol(asyncio.Protocol):
         self.upgrade_asked = False
         self.plain = True  # no body framing: the head alone decides the reply
         self.if_none_match: bytes | None = None
-        self.body_bytes = 0
+        self.body = b""  # kept whole (up to max_body_bytes): only an approval POST has one
 
     def on_message_begin(self) -> None:
         self.in_request = True
@@ -497,7 +584,7 @@ class HttpProtocol(asyncio.Protocol):
             self.if_none_match = value
         elif name in _BODY_FRAMING_HEADERS:
             self.plain = False
-            if name == b"expect" and value.lower() == b"100-continue":
+            if name == b"expect" and value.lower() == b"100-continue" and not self.closing:
                 # Let a client that waits for it send its body (the limit still applies).
                 self.out.append(CONTINUE)
 
@@ -505,10 +592,10 @@ class HttpProtocol(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
-        self.body_bytes += len(body)
-        if self.body_bytes > self.limits.max_body_bytes:
+        if len(self.body) + len(body) > self.limits.max_body_bytes:
             self.reject = _BODY_TOO_LARGE
             raise _Reject
+        self.body += body
 
     def on_message_complete(self) -> None:
         if self.closing:
@@ -518,10 +605,16 @@ class HttpProtocol(asyncio.Protocol):
         method = self.parser.get_method()
         url = self.url
         window = self.window
+        fault = None
         if window is not None and not window.allow(category_of(url) == "identity", int(state.now)):
             reply = _THROTTLED  # decided before any routing: cheaper than serving
+        elif state.faults.active and (fault := state.faults.match(self.vm.vm_id, url, time())) is not None:
+            injected = self._inject(fault, method, url)
+            if injected is None:
+                return  # the connection was reset
+            reply = injected
         else:
-            reply = resolve(self.vm.current, method, url, self.metadata_ok, self.forwarded)
+            reply = resolve(self.vm.current, method, url, self.metadata_ok, self.forwarded, body=self.body)
         if (
             self.parser.should_keep_alive()
             and not reply.close
@@ -540,7 +633,11 @@ class HttpProtocol(asyncio.Protocol):
             wait = wait_spec(url)
             if isinstance(wait, Reply):
                 reply = wait
-            elif wait is not None and (wait.last_etag is None or wait.last_etag == reply.etag):
+            elif (
+                wait is not None
+                and self.waiting is None  # one held per connection: one pipelined behind it is answered now, in order
+                and (wait.last_etag is None or wait.last_etag == reply.etag)
+            ):
                 self._hold(_Wait(method, url, self.metadata_ok, self.forwarded, reply.etag, connection, closes))
                 self.deadline = state.now + wait.timeout_s
                 self._reset_request()
@@ -552,12 +649,56 @@ class HttpProtocol(asyncio.Protocol):
         slots = _slots(category_of(url), status, reply.reject)
         stub = (method.decode("latin-1"), url.decode("utf-8", "backslashreplace"), status)
         self._note(slots, len(body), stub)
+        if fault is not None and fault.latency_s:
+            self._delay(fault.latency_s)
         if self.captured is not None:
-            if self.plain and method in _REMEMBERED_METHODS and not reply.volatile:
+            if self.plain and method in _REMEMBERED_METHODS and not reply.volatile and fault is None:
                 self.captured.append((head + connection, body, closes, *slots, (stub, len(body))))
             else:
                 self.captured = None
         self._reset_request()
+
+    def _inject(self, fault: Fault, method: bytes, url: bytes) -> Reply | None:
+        """A fault's reply to this request (for latency: the real one, delayed later); None after a reset."""
+        if self.counters is not None:
+            self.counters[LAYOUT.fault_slot(fault.kind)] += 1
+        if fault.reply is not None:
+            if fault.identity_reply is not None and category_of(url) == "identity":
+                return fault.identity_reply
+            return fault.reply
+        if fault.latency_s:
+            return resolve(self.vm.current, method, url, self.metadata_ok, self.forwarded, body=self.body)
+        # A reset: what was answered before it goes out first (and may be lost to the RST, as on a real network).
+        self.closing = True
+        self._reset_request()
+        if self.out:
+            self.write(b"".join(self.out))
+            self.out.clear()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.transport.abort()
+        return None
+
+    def _delay(self, seconds: float) -> None:
+        """Hold this reply, and any behind it, for `seconds` (injected latency)."""
+        if self.waiting is not None:
+            return  # already held (a long-poll or an earlier delay): this reply waits behind it, in order
+        self.waiting = _DELAYED
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(seconds, self._end_delay)
+
+    def _end_delay(self) -> None:
+        if self.waiting is not _DELAYED:
+            return  # the connection was lost meanwhile
+        self.waiting = None
+        if not self.closing:
+            self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+            self.transport.resume_reading()
+        self._flush()
+        if self.backlog:
+            self._feed_backlog()
 
     def _sample_error(self, event: str, status: int, target: bytes) -> None:
         """Warm path: log a refused request, as often as the event log's rate limit lets it."""
@@ -606,7 +747,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _hold(self, wait: _Wait) -> None:
         """Park a long-poll: costs no CPU until the VM publishes or the deadline passes."""
-        self._flush()  # replies to the requests before it go now
+        if self.out:  # replies to the requests before it go now; not _flush: if it closes, its reply must go first
+            self.write(b"".join(self.out))
+            self.out.clear()
         self.waiting = wait
         self.vm.watchers.add(self)
         self.transport.pause_reading()  # nothing after it is answered before it
@@ -614,7 +757,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_publish(self) -> None:
         """The VM changed: answer the held long-poll if its view did."""
         wait = self.waiting
-        if wait is None:
+        if wait is None or wait is _DELAYED:
             return
         reply = resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded)
         if reply.etag != wait.awaited:
@@ -664,7 +807,7 @@ class HttpProtocol(asyncio.Protocol):
     # ---- deadlines and shutdown ----
 
     def check_deadlines(self, now: float) -> None:
-        if (self.closing and self.waiting is None) or now < self.deadline:
+        if (self.closing and self.waiting is None) or now < self.deadline or self.waiting is _DELAYED:
             return
         if self.waiting is not None:
             self._release_with_current()  # timeout_sec passed: answer with the current value
@@ -679,10 +822,23 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()  # idle keep-alive
 
     def shutdown(self) -> None:
-        """Close now if idle; otherwise the pending reply closes (state.draining)."""
+        """Half-close now if idle; otherwise the pending reply closes (state.draining).
+
+        Idle closes in stages (RFC 9112 §9.6): a FIN now, then whatever arrives
+        is read and dropped (`closing`) until the client closes its side or
+        `finish_shutdown`. A request already on its way meets a clean end of
+        stream, never a reset (a close with unread input sends RST).
+        """
+        if self.waiting is _DELAYED:
+            return  # its delayed reply goes when the delay ends (the grace period caps it)
         if self.waiting is not None:
             self._release_with_current()
             return
         if not self.in_request and not self.backlog and not self.closing:
             self.closing = True
+            self.transport.write_eof()
+
+    def finish_shutdown(self) -> None:
+        """The linger is over: fully close a connection that is closing (a started request keeps its grace)."""
+        if self.closing:
             self.transport.close()

@@ -176,6 +176,10 @@ ERRORS: dict[str, Reply] = {
     ),
     "json_only": error_reply(400, "Bad request. This endpoint only serves format=json"),
     "bad_nonce": error_reply(400, "Bad request. nonce must be 1 to 32 letters and digits"),
+    "bad_approval": error_reply(
+        400, 'Bad request. The body must be JSON: {"StartRequests": [{"EventId": "<id>"}, ...]}'
+    ),
+    "unknown_event": error_reply(400, "Bad request. An EventId in StartRequests is not a scheduled event of this VM"),
     "throttled": json_reply(
         429, {"error": "Too many requests. Retry after the time in Retry-After"}, extra_headers=b"Retry-After: 1\r\n"
     ),
@@ -184,6 +188,19 @@ ERRORS: dict[str, Reply] = {
     "uri_too_long": error_reply(414, "Request-URI too long", close=True),
     "body_too_large": error_reply(413, "Request body too large", close=True),
     "request_timeout": error_reply(408, "Request not completed in time", close=True),
+    # Written on accept, before any request is read (fastimds.protocol connection limits).
+    "worker_connections_full": json_reply(
+        503,
+        {"error": "Service unavailable. Too many connections are open; retry after the time in Retry-After"},
+        extra_headers=b"Retry-After: 1\r\n",
+        close=True,
+    ),
+    "caller_connections_full": json_reply(
+        503,
+        {"error": "Service unavailable. This caller has too many connections open; close one or retry later"},
+        extra_headers=b"Retry-After: 1\r\n",
+        close=True,
+    ),
 }
 
 # Which ERRORS count as rejects in telemetry, and under which reason.
@@ -196,6 +213,8 @@ REJECT_REASONS: dict[str, str] = {
     "body_too_large": "too_large",
     "malformed": "parse_error",
     "throttled": "throttled",
+    "worker_connections_full": "connection_limit",
+    "caller_connections_full": "caller_connection_limit",
 }
 for _name, _reason in REJECT_REASONS.items():
     ERRORS[_name].reject = _reason

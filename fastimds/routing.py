@@ -2,9 +2,10 @@
 
 Rules of this module:
 - Pure: no I/O, no asyncio, no clock, except the attested document, which is
-  signed with its time (a volatile Reply, never memoised). The protocol hands
-  over the method, the raw request target and two header facts; this returns
-  a pre-rendered Reply.
+  signed with its time (a volatile Reply, never memoised), and a scheduled
+  event's approval, which is handed to fastimds.approvals. The protocol hands
+  over the method, the raw request target, two header facts and the body (only
+  an approval has one); this returns a pre-rendered Reply.
 - Failures are replies, not exceptions (house rule 10).
 - Checks run in a fixed order, because clients depend on it (spec §3.3): the
   Metadata header, X-Forwarded-For, query syntax (duplicates), the category,
@@ -21,7 +22,8 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qsl, unquote
 
-from fastimds import identity
+from fastimds import events, identity
+from fastimds.approvals import APPROVALS
 from fastimds.attested import NONCE_PATTERN, SIGNER
 from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
 from fastimds.snapshot import Snapshot, newest_view
@@ -31,9 +33,11 @@ from fastimds.versions import (
     IDENTITY_VERSIONS,
     INSTANCE_VERSIONS,
     LOADBALANCER_VERSIONS,
+    SCHEDULED_EVENTS_VERSIONS,
 )
 
 ALLOW_GET_HEAD = b"GET, HEAD"
+ALLOW_GET_HEAD_POST = b"GET, HEAD, POST"
 
 # Long-polling (as GCE's metadata server does it): present in a target that asks to wait.
 WAIT_MARK = b"wait_for_change="
@@ -47,18 +51,22 @@ _NOT_FOUND = ERRORS["not_found"]
 _BAD_VERSION = ERRORS["bad_api_version"]
 
 
-def resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
+def resolve(
+    snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool, *, body: bytes = b""
+) -> Reply:
     """The reply to one request against one VM's snapshot (None: the caller has no VM)."""
     if snapshot is not None and metadata_ok and not forwarded and method in READ_METHODS:
         reply = snapshot.url_replies.get(target)
         if reply is None:
-            reply = _resolve(snapshot, method, target, metadata_ok, forwarded)
+            reply = _resolve(snapshot, method, target, metadata_ok, forwarded, body=body)
             snapshot.remember(target, reply)
         return reply
-    return _resolve(snapshot, method, target, metadata_ok, forwarded)
+    return _resolve(snapshot, method, target, metadata_ok, forwarded, body=body)
 
 
-def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool) -> Reply:
+def _resolve(
+    snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool, *, body: bytes
+) -> Reply:
     if not metadata_ok:
         # The identity family answers in its own error shape (azure-identity reads it).
         return identity.ERRORS["missing_header"] if category_of(target) == "identity" else _MISSING_HEADER
@@ -98,6 +106,10 @@ def _resolve(snapshot: Snapshot | None, method: bytes, target: bytes, metadata_o
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
         return _resolve_attested(snapshot, query)
+    if category == "scheduledevents" and not route:
+        if method not in READ_METHODS and method != b"POST":
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD_POST)
+        return _resolve_scheduled_events(snapshot, method, query, body)
     if category == "loadbalancer" and not route:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
@@ -143,6 +155,28 @@ def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> R
         return ERRORS["json_only"]
     reply = snapshot.loadbalancer
     return reply if reply is not None else ERRORS["no_loadbalancer"]
+
+
+def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: dict[str, str], body: bytes) -> Reply:
+    version = query.get("api-version")
+    refused = _refusal(snapshot, version, SCHEDULED_EVENTS_VERSIONS)
+    if refused is not None:
+        return refused
+    assert snapshot is not None and version is not None  # _refusal checked both
+    text = _wants_text(query.get("format"))
+    if text is None:
+        return ERRORS["bad_format"]
+    if text:
+        return ERRORS["json_only"]
+    if method != b"POST":
+        return snapshot.scheduled_events(version)
+    approved = events.approval_ids(body)
+    if approved is None:
+        return ERRORS["bad_approval"]
+    if not set(approved) <= events.event_ids(snapshot.vm.scheduled):
+        return ERRORS["unknown_event"]
+    APPROVALS.get().approve(frozenset(approved))
+    return events.APPROVED
 
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:

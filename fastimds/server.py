@@ -16,6 +16,10 @@ Rules of this module:
   old data keeps serving. SIGTERM stops accepting, lets in-flight replies
   finish (with `Connection: close`), closes idle connections and exits 0.
 - Exactly one line goes to stdout, when the server is accepting connections.
+- At start, before any fork, the open-files soft limit is raised to the hard
+  limit and the per-worker connection limit is lowered, if need be, to fit
+  under it with FD_RESERVE to spare (`fit_fd_limit`), so every refusal can
+  still be accepted and answered.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import errno
 import gc
 import os
+import resource
 import select
 import shutil
 import signal
@@ -40,12 +45,13 @@ import uvloop
 
 from fastimds import attested, identity
 from fastimds.admin import AdminApi, admin_factory
+from fastimds.approvals import APPROVALS, BusApprovals
 from fastimds.bus import Bus
 from fastimds.config import Settings
 from fastimds.control import Control, Follower, UpdateError
 from fastimds.datafile import DataError
 from fastimds.log import EVENT_LOG, log_event
-from fastimds.protocol import HttpProtocol, ServerState
+from fastimds.protocol import MAX_LINGERING_REFUSALS, HttpProtocol, ServerState
 from fastimds.registry import VmRegistry
 from fastimds.requestlog import RequestLog
 from fastimds.store import DEFAULT_VM_ID
@@ -64,6 +70,19 @@ WORKER_START_TIMEOUT_S = 15.0
 # not restarted again: something is wrong with every start, not with one.
 CRASH_LOOP_WINDOW_S = 2.0
 CRASH_LOOP_LIMIT = 5
+# On SIGTERM an idle keep-alive connection is kept this long, so that a client
+# mid-burst (its next request within milliseconds, or a thread descheduled on
+# a busy host) gets that request answered, with Connection: close. It ends as
+# soon as no connection is left, so an idle server stops at once.
+DRAIN_ANSWER_S = 0.25
+# Then idle connections are half-closed (a FIN) and read from for this long,
+# so a request sent as the FIN crossed it meets a clean end of stream rather
+# than a reset (Go's net/http waits 500 ms for the same reason).
+DRAIN_LINGER_S = 0.5
+# Descriptors a worker keeps out of its connection limit: its own (listener,
+# bus and log files, inotify, pipes: well under 64) and the refused
+# connections that linger until their 503 is read.
+FD_RESERVE = 64 + MAX_LINGERING_REFUSALS
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -74,6 +93,34 @@ def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
+
+
+def fit_fd_limit(settings: Settings) -> tuple[Settings, dict[str, Any]]:
+    """Raise the open-files soft limit to the hard limit; fit the per-worker connection limit under it.
+
+    A distribution's default soft limit (often 1024) would cap a worker near
+    1,000 connections, and accept() past it fails with EMFILE instead of a
+    clean 503. Called once, before any fork: every worker inherits both.
+    Returns the fitted settings and the fields of the `fd_limit` log line.
+    """
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if before != hard:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit may not be settable
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    wanted = settings.limits.max_connections_per_worker
+    room = wanted if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, soft // 2)
+    fitted = min(wanted, room)
+    report = {
+        "open_files_before": before,
+        "open_files": soft,
+        "open_files_hard": hard,
+        "max_connections_per_worker": fitted,
+        "lowered_from": wanted if fitted < wanted else None,
+    }
+    if fitted < wanted:
+        settings = replace(settings, limits=replace(settings.limits, max_connections_per_worker=fitted))
+    return settings, report
 
 
 def _url(host: str, port: int) -> str:
@@ -220,6 +267,7 @@ class AdminSockets:
 
     def __init__(self, settings: Settings) -> None:
         self.unix: socket.socket | None = None
+        self.unix_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file bound here
         self.tcp: socket.socket | None = None
         self.token = settings.admin_token
         if settings.admin_socket is not None:
@@ -234,8 +282,19 @@ class AdminSockets:
                 self.unix.bind(str(path))
             finally:
                 os.umask(old_umask)
+            status = path.lstat()
+            self.unix_file = (status.st_dev, status.st_ino)
         if settings.admin_port is not None:
             self.tcp = make_listen_socket("127.0.0.1", settings.admin_port, reuse_port=False)
+
+    def remove_unix_file(self, settings: Settings) -> None:
+        """Remove the socket file at stop, if it is still the one bound here: never another server's file."""
+        if settings.admin_socket is None or self.unix_file is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            status = settings.admin_socket.lstat()
+            if (status.st_dev, status.st_ino) == self.unix_file:
+                settings.admin_socket.unlink()
 
     def describe(self, settings: Settings) -> str:
         names = []
@@ -277,11 +336,17 @@ async def _run_worker(
     tasks: list[asyncio.Task[None]] = []
     if control is not None:
         registry = control.registry
+        fault_table = control.fault_table
+        APPROVALS.set(control)  # scheduled-event approvals go straight to the control plane
     else:
         registry = VmRegistry(default_vm_id=settings.default_vm if settings.data_dir else DEFAULT_VM_ID)
-        tasks.append(await Follower(bus, registry).start())
+        follower = Follower(bus, registry)
+        fault_table = follower.fault_table
+        tasks.append(await follower.start())
+        APPROVALS.set(BusApprovals(bus.directory, bus.durable))  # through the bus to the control process
     state = ServerState(registry, settings.limits, loop.time(), time.time(), telemetry=False)
     state.counters = telemetry.counters
+    state.faults = fault_table
     if settings.throttle is not None:
         state.throttle = Throttle(ThrottleLimits(*settings.throttle))
     request_log = None
@@ -297,7 +362,7 @@ async def _run_worker(
     admin_servers: list[asyncio.Server] = []
     if control is not None:
         telemetry.control = control
-        admin_servers, control_tasks = await _start_control(settings, control, admin, telemetry)
+        admin_servers, control_tasks = await _start_control(settings, control, admin, telemetry, approvals_watch=False)
         tasks.extend(control_tasks)
 
     def tick() -> None:
@@ -341,12 +406,21 @@ async def _run_worker(
         task.cancel()
     for admin_server in admin_servers:
         admin_server.close()
-    state.draining = True
+    state.draining = True  # from here every reply says Connection: close and closes
     server.close()
-    for connection in list(state.connections):
-        connection.shutdown()
     give_up_at = loop.time() + settings.shutdown_grace_s
+    # Idle keep-alive connections stay open a moment: a request already on its
+    # way is answered (and its connection closed) instead of meeting a close.
+    answer_until = loop.time() + DRAIN_ANSWER_S
+    while state.connections and loop.time() < answer_until:
+        await asyncio.sleep(0.02)
+    for connection in list(state.connections):
+        connection.shutdown()  # idle ones are half-closed: a FIN, reading on
+    linger_until = loop.time() + DRAIN_LINGER_S
     while state.connections and loop.time() < give_up_at:
+        if loop.time() >= linger_until:
+            for connection in list(state.connections):
+                connection.finish_shutdown()
         await asyncio.sleep(0.02)
     for connection in list(state.connections):
         connection.transport.abort()
@@ -356,13 +430,18 @@ async def _run_worker(
 
 
 async def _start_control(
-    settings: Settings, control: Control, admin: AdminSockets | None, telemetry: Telemetry
+    settings: Settings, control: Control, admin: AdminSockets | None, telemetry: Telemetry, *, approvals_watch: bool
 ) -> tuple[list[asyncio.Server], list[asyncio.Task[None]]]:
-    """The control plane's listeners and watches, on the running loop."""
+    """The control plane's listeners, watches and event clock, on the running loop.
+
+    `approvals_watch`: workers in other processes send scheduled-event approvals through the bus.
+    """
     servers = await admin.serve(control, settings.backlog, telemetry) if admin is not None else []
-    tasks = []
+    tasks = [asyncio.ensure_future(control.run_event_clock())]
     if settings.data_dir is not None:
         tasks.append(await control.start_data_dir_watch(settings.data_dir))
+    if approvals_watch:
+        tasks.append(await control.start_approvals_watch())
     return servers, tasks
 
 
@@ -375,7 +454,7 @@ async def _run_control(
     EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
     control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
     telemetry.control = control
-    servers, tasks = await _start_control(settings, control, admin, telemetry)
+    servers, tasks = await _start_control(settings, control, admin, telemetry, approvals_watch=True)
 
     def tick() -> None:
         EVENT_LOG.tick()
@@ -403,8 +482,11 @@ def serve(settings: Settings) -> int:
     0: stopped by a signal; 1: could not listen or workers failed; 2: bad data.
     """
     EVENT_LOG.configure(path=settings.log_file, role="server" if settings.workers == 1 else "supervisor")
+    settings, fd_report = fit_fd_limit(settings)
     log_event("config", **settings.describe())
+    log_event("fd_limit", **fd_report)
     bus = Bus(settings.state_dir, durable=True) if settings.state_dir is not None else Bus.private()
+    admin: AdminSockets | None = None  # bound below; only what was bound here is removed at exit
     try:
         try:
             control = prepare_control(settings, bus)
@@ -456,9 +538,8 @@ def serve(settings: Settings) -> int:
     finally:
         if settings.state_dir is None:
             shutil.rmtree(bus.directory, ignore_errors=True)
-        if settings.admin_socket is not None and os.getpid() == _MAIN_PID:
-            with contextlib.suppress(FileNotFoundError):
-                settings.admin_socket.unlink()
+        if admin is not None and os.getpid() == _MAIN_PID:
+            admin.remove_unix_file(settings)
 
 
 _MAIN_PID = os.getpid()

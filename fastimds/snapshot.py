@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from fastimds import events
 from fastimds.datafile import VmDescription
 from fastimds.render import CONTENT_TYPE_JSON, CONTENT_TYPE_TEXT, ERRORS, Reply, json_body, make_reply, render_listing
 from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INSTANCE_FIRST_VERSION
@@ -356,7 +357,16 @@ class _ExtendedDocument:
 class Snapshot:
     """One published version of one VM."""
 
-    __slots__ = ("generation", "vm", "root", "_extended_views", "_loadbalancer", "url_replies", "request_replies")
+    __slots__ = (
+        "generation",
+        "vm",
+        "root",
+        "_extended_views",
+        "_loadbalancer",
+        "_scheduled_events",
+        "url_replies",
+        "request_replies",
+    )
 
     def __init__(self, generation: int, vm: VmDescription, root: Node) -> None:
         self.generation = generation
@@ -364,6 +374,7 @@ class Snapshot:
         self.root = root
         self._extended_views: tuple[View, ...] | None = None
         self._loadbalancer: Reply | None = None
+        self._scheduled_events: dict[str, Reply] = {}  # by api-version
         self.url_replies: dict[bytes, Reply] = {}
         self.request_replies: dict[bytes, RequestReply] = {}
 
@@ -388,6 +399,13 @@ class Snapshot:
             document = {key: section.get(key, []) for key in ("publicIpAddresses", "inboundRules", "outboundRules")}
             self._loadbalancer = _json_reply({"loadbalancer": document})
         return self._loadbalancer
+
+    def scheduled_events(self, version: str) -> Reply:
+        """/metadata/scheduledevents' reply at `version` (a valid one), rendered on first use."""
+        reply = self._scheduled_events.get(version)
+        if reply is None:
+            reply = self._scheduled_events[version] = events.reply_at(self.vm.scheduled, version)
+        return reply
 
     def remember(self, url: bytes, reply: Reply) -> None:
         if len(self.url_replies) < MAX_MEMO_ENTRIES and not reply.volatile:

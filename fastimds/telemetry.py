@@ -51,7 +51,11 @@ REJECT_REASONS: tuple[str, ...] = (
     "throttled",
     "too_large",
     "parse_error",
+    "connection_limit",  # a connection refused: the worker holds its maximum
+    "caller_connection_limit",  # a connection refused: its caller holds its maximum
 )
+# Injected faults (fastimds.faults), by kind: the status answered, or what was done.
+FAULT_KINDS: tuple[str, ...] = ("410", "429", "500", "503", "latency", "reset")
 # Latency bucket upper bounds: 2**k nanoseconds for k in this range
 # (1.0 µs .. 8.6 s); slower requests land in the last bucket.
 LATENCY_BUCKET_BITS = range(10, 34)
@@ -73,6 +77,7 @@ EXPORTED_METRICS: frozenset[str] = frozenset(
         "fastimds_updates_total",
         "fastimds_workers",
         "fastimds_log_lines_suppressed_total",
+        "fastimds_faults_injected_total",
     }
 )
 
@@ -103,8 +108,9 @@ class Layout:
         self.connections_closed = self.connections_opened + 1
         self.rejects = self.connections_closed + 1  # [reason]
         self.log_suppressed = self.rejects + len(reasons)
+        self.faults = self.log_suppressed + 1  # [fault kind]
         # Per-region gauges, set at each tick and read per region, never summed.
-        self.vms_served = self.log_suppressed + 1
+        self.vms_served = self.faults + len(FAULT_KINDS)
         self.tick_unix = self.vms_served + 1
         self.size = self.tick_unix + 1
 
@@ -117,6 +123,9 @@ class Layout:
 
     def reject_slot(self, reason: str) -> int:
         return self.rejects + self.reasons.index(reason)
+
+    def fault_slot(self, kind: str) -> int:
+        return self.faults + FAULT_KINDS.index(kind)
 
 
 LAYOUT = Layout()
@@ -238,7 +247,9 @@ class Collector:
         open_now = totals[layout.connections_opened] - totals[layout.connections_closed]
         yield GaugeMetricFamily("fastimds_connections", "Connections open now (a second old at most).", value=open_now)
 
-        rejects = CounterMetricFamily("fastimds_rejects", "Requests refused, by reason.", labels=["reason"])
+        rejects = CounterMetricFamily(
+            "fastimds_rejects", "Requests (and connections) refused, by reason.", labels=["reason"]
+        )
         for reason in layout.reasons:
             rejects.add_metric([reason], totals[layout.reject_slot(reason)])
         yield rejects
@@ -271,6 +282,12 @@ class Collector:
             "Event log lines dropped by the log rate limit.",
             value=totals[layout.log_suppressed],
         )
+        faults = CounterMetricFamily(
+            "fastimds_faults_injected", "Faults injected on purpose (admin API /faults), by kind.", labels=["kind"]
+        )
+        for kind in FAULT_KINDS:
+            faults.add_metric([kind], totals[layout.fault_slot(kind)])
+        yield faults
 
 
 def render_metrics(sources: ScrapeSources) -> bytes:

@@ -44,6 +44,12 @@ ATTESTED_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= AT
 LOADBALANCER_FIRST_VERSION = "2020-10-01"
 LOADBALANCER_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= LOADBALANCER_FIRST_VERSION)
 
+# /metadata/scheduledevents has versions of its own, not all in API_VERSIONS
+# (spec §4); 2017-03-01 was a preview with other field names.
+SCHEDULED_EVENTS_VERSIONS: frozenset[str] = frozenset(
+    {"2017-08-01", "2017-11-01", "2019-01-01", "2019-04-01", "2019-08-01", "2020-07-01"}
+)
+
 # `extended=true` is honoured from this version on; older versions ignore it.
 EXTENDED_FIRST_VERSION = "2021-03-01"
 

@@ -38,12 +38,20 @@ class FakeTransport(asyncio.Transport):
         self.writes: list[bytes] = []
         self.closed = False
         self.aborted = False
+        self.eof_written = False  # half-closed: a FIN sent, reading goes on
         self.reading = True
         self.pause_count = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "write after close"
+        assert not self.eof_written, "write after write_eof"
         self.writes.append(bytes(data))
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def can_write_eof(self) -> bool:
+        return True
 
     def close(self) -> None:
         self.closed = True

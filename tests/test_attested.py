@@ -20,7 +20,7 @@ from fastimds.render import BAD_API_VERSION_MESSAGE
 from fastimds.routing import resolve
 from fastimds.snapshot import build_snapshot
 from tests.fakes import sample_vm
-from tests.server_process import running_server
+from tests.server_process import running_server, vm_document, vm_uuid
 from tests.test_e2e import fresh_get
 
 DOCUMENT = "/metadata/attested/document?api-version=2021-02-01"
@@ -101,6 +101,18 @@ def test_it_is_never_memoised() -> None:
     snapshot = build_snapshot(sample_vm(), 1)
     resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False)
     assert snapshot.url_replies == {}
+
+
+def test_vms_at_the_same_generation_never_share_a_document(tmp_path: Path) -> None:
+    # Regression: the signer's cache was keyed by (generation, version, nonce, second), and
+    # every VM's first publish is generation 1, so VM b got VM a's signed vmId in that second.
+    signer = Attestor.self_signed()
+    now = time.time()
+    for name in ("a", "b", "a"):
+        vm = parse_vm(orjson.dumps(vm_document(name)), name)
+        reply = signer.reply(vm, 1, "2021-02-01", "1234", now)
+        content = verified_content(orjson.loads(reply.body)["signature"], tmp_path)
+        assert content["vmId"] == vm_uuid(name)
 
 
 def test_a_configured_certificate_signs(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from fastimds.config import Limits
 from fastimds.datafile import VmDescription, parse_vm
 from fastimds.protocol import HttpProtocol
 from fastimds.registry import VmRegistry
@@ -151,6 +152,43 @@ def test_pipelined_requests_after_a_long_poll_are_answered_after_it() -> None:
     assert first.json() == after.json()
 
 
+def test_a_long_poll_pipelined_behind_a_held_one_is_answered_in_its_place() -> None:
+    # Regression (found by tests/test_fuzz_protocol.py): the second long-poll replaced the
+    # held one, whose reply was lost, so the second one's answer went out in its place.
+    store = SnapshotStore(sample_vm())
+    protocol, transport, _ = make_connection(store=store)
+    vm_id = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text&wait_for_change=true"
+    versions = request("/metadata/versions")
+    protocol.data_received(request(vm_id) + versions + request(LOCATION + "&wait_for_change=true") + versions)
+    assert transport.output == b""
+    store.publish(vm_with(location="eastus"))  # the held one's view (vmId) is unchanged: still held
+    assert transport.output == b""
+    store.publish(vm_with(location="eastus", vmId="changed"))
+    held, first, behind, after = split_responses(transport.output)
+    assert (held.body, behind.body) == (b"changed", b"westeurope")  # each its own view, in request order
+    assert first.json() == after.json() == {"apiVersions": first.json()["apiVersions"]}
+    assert transport.reading and protocol not in store.watchers
+
+
+@pytest.mark.parametrize("why", ["connection_close", "draining"])
+def test_a_long_poll_that_closes_is_answered_before_the_close(why: str) -> None:
+    # Regression (found by tests/test_fuzz_protocol.py): holding it flushed the replies
+    # before it and, the connection being marked closing, closed it: no answer ever came.
+    store = SnapshotStore(sample_vm())
+    protocol, transport, state = make_connection(store=store)
+    headers = (("Metadata", "true"), ("Connection", "close")) if why == "connection_close" else (("Metadata", "true"),)
+    state.draining = why == "draining"
+    before = request("/metadata/versions") if why == "connection_close" else b""  # while draining it would close
+    long_poll = request(LOCATION + "&wait_for_change=true", headers=headers)
+    protocol.data_received(before + long_poll + request("/metadata/versions"))
+    answered = len(split_responses(transport.output))
+    assert answered == (1 if before else 0) and not transport.closed  # held, still open
+    store.publish(vm_with(location="eastus"))
+    held = split_responses(transport.output)[answered:]
+    assert [(r.body, r.headers["connection"]) for r in held] == [(b"eastus", "close")]  # nothing after it
+    assert transport.closed
+
+
 def test_removing_the_vm_answers_its_long_polls_with_404() -> None:
     registry = VmRegistry(default_vm_id=DEFAULT_VM_ID)
     registry.publish(DEFAULT_VM_ID, sample_vm())
@@ -209,7 +247,8 @@ def test_long_polls_are_never_remembered() -> None:
 def test_a_waiter_costs_a_few_hundred_bytes() -> None:
     store = SnapshotStore(sample_vm())
     data = request(LOCATION + "&wait_for_change=true&timeout_sec=3600")
-    warm, _, state = make_connection(store=store)
+    # Every waiter comes from one fake address: let it hold them all.
+    warm, _, state = make_connection(Limits(max_connections_per_caller=1001), store=store)
     warm.data_received(data)
     tracemalloc.start()
     before = tracemalloc.take_snapshot()

@@ -244,3 +244,4 @@ def test_the_dashboard_plots_what_the_issue_asks_for() -> None:
     assert "fastimds_snapshot_age_seconds" in by_title["Snapshot age per VM (oldest 20)"]
     assert "by (result, source)" in by_title["Updates by result"]
     assert "fastimds_log_lines_suppressed_total" in by_title["Log lines suppressed"]
+    assert "sum by (kind)" in by_title["Injected faults by kind"]

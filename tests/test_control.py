@@ -255,7 +255,12 @@ def test_bus_write_is_readable_and_leaves_only_the_vm_file(bus: Bus) -> None:
     bus.write(BusEntry("a", 7, "admin", document))
     assert sorted(path.name for path in bus.directory.iterdir()) == ["a.json"]
     assert bus.read("a") == BusEntry("a", 7, "admin", document)
-    assert orjson.loads(bus.path_of("a").read_bytes()) == {"generation": 7, "source": "admin", "vm": document}
+    assert orjson.loads(bus.path_of("a").read_bytes()) == {
+        "generation": 7,
+        "source": "admin",
+        "vm": document,
+        "events": None,
+    }
     assert bus.ids() == ["a"]
     assert bus.read_all() == [BusEntry("a", 7, "admin", document)]
     assert bus.read("missing") is None

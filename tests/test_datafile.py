@@ -36,6 +36,13 @@ def test_numbers_booleans_and_null_are_served_as_strings() -> None:
     assert vm.instance["compute"]["osProfile"]["disablePasswordAuthentication"] == "true"
 
 
+def test_a_null_extended_section_is_no_extended_section() -> None:
+    # Regression (found by tests/test_fuzz_admin.py): the validator let "extended": null
+    # through as absent, then building the VM raised AttributeError (a 500 on the admin API).
+    vm = parse_vm(orjson.dumps({"instance": INSTANCE, "extended": None}), "t")
+    assert vm.extended == {"compute": {"ppsType": "None", "hasCustomData": "false"}}
+
+
 def test_every_problem_is_listed_with_its_path() -> None:
     compute = INSTANCE["compute"] | {"tagsList": {"name": "x"}, "osProfile": "nope", "vmId": ["a"]}
     problems = problems_of({"instance": {"compute": compute}, "bogus": 1, "extended": []})

@@ -312,7 +312,17 @@ def test_shutdown_closes_idle_connections_and_lets_a_started_request_finish() ->
     state.draining = True
     idle.shutdown()
     busy.shutdown()
+    # The idle one is half-closed (a FIN), not closed: a request that crossed the
+    # FIN is read and dropped, so the client sees an end of stream, not a reset.
+    assert idle_transport.eof_written
+    assert not idle_transport.closed
+    idle.data_received(GET_VERSIONS)
+    assert idle_transport.output == b""
+    idle.finish_shutdown()
     assert idle_transport.closed
+    assert not busy_transport.closed
+    assert not busy_transport.eof_written
+    busy.finish_shutdown()  # a started request keeps the grace to finish
     assert not busy_transport.closed
     busy.data_received(GET_VERSIONS[20:])
     (response,) = split_responses(busy_transport.output)
@@ -357,6 +367,18 @@ def test_expect_100_continue_gets_an_interim_response() -> None:
     protocol.data_received(b"hello")
     (final,) = split_responses(transport.output[len(b"HTTP/1.1 100 Continue\r\n\r\n") :])
     assert final.status == 405
+
+
+def test_no_100_continue_follows_a_reply_that_closed() -> None:
+    # Regression (found by tests/test_fuzz_protocol.py): while draining, the parser reads on
+    # past a reply that closes, and an Expect header behind it sent a 100 Continue after it.
+    protocol, transport, state = make_connection()
+    state.draining = True
+    expect = request(method="POST", headers=(("Metadata", "true"), ("Expect", "100-continue")), body=b"hello")
+    protocol.data_received(GET_VERSIONS + expect)
+    (response,) = split_responses(transport.output)
+    assert response.headers["connection"] == "close"
+    assert transport.closed
 
 
 def test_connection_lost_unregisters_and_ignores_late_data() -> None:

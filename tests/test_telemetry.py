@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastimds.protocol import HttpProtocol
 from fastimds.telemetry import (
     EXPORTED_METRICS,
+    FAULT_KINDS,
     LATENCY_BUCKET_BITS,
     LAYOUT,
     ScrapeSources,
@@ -57,6 +58,7 @@ def test_slots_are_distinct_and_inside_the_layout() -> None:
     slots += [LAYOUT.latency_sum_ns, LAYOUT.connections_opened, LAYOUT.connections_closed]
     slots += [LAYOUT.reject_slot(r) for r in LAYOUT.reasons]
     slots += [LAYOUT.log_suppressed, LAYOUT.vms_served, LAYOUT.tick_unix]
+    slots += [LAYOUT.fault_slot(kind) for kind in FAULT_KINDS]
     assert len(slots) == len(set(slots)) == LAYOUT.size
     assert min(slots) == 0
     # The request memo stores 0 for "no reject", so no reject slot may be 0.

@@ -1,0 +1,335 @@
+"""Scheduled events: their validation, their lifecycle and their wire documents.
+
+Rules of this module:
+- Pure: every function takes the time as an argument; nothing here reads the
+  clock or does I/O. The control process owns the lifecycle (fastimds.control)
+  and publishes each change as a new generation of the VM.
+- A VM's events state is plain JSON, so it travels through the bus beside
+  the VM description: {"DocumentIncarnation": N, "Events": [event, ...]}.
+  Each event holds its wire fields at the newest api-version, plus three
+  private fields that are never served: "startsAt" (NotBefore, unix seconds),
+  "startedFor" (seconds from Started to removal) and "endsAt" (when a Started
+  event is removed; null while Scheduled).
+- States are never changed in place: a change returns a new state whose
+  DocumentIncarnation is one higher (Azure increments it whenever Events
+  change); no change returns the same object.
+- The lifecycle (spec §8): Scheduled -> Started at NotBefore or on approval
+  (NotBefore becomes "") -> removed `startedFor` seconds later. A cancelled
+  event just vanishes.
+- Version gating (spec §8): Preempt events appear from 2017-11-01 and
+  Terminate events from 2019-01-01; Description from 2019-04-01, EventSource
+  from 2019-08-01, DurationInSeconds from 2020-07-01.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Any
+
+import orjson
+
+from fastimds.render import CONTENT_TYPE_JSON, SERVER_HEADER, STATUS_LINES, Reply, make_reply
+
+EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+EVENT_SOURCES = ("Platform", "User")
+EVENT_STATUSES = ("Scheduled", "Started")
+
+# Azure's minimum notice per event type (spec §8); an event with no NotBefore
+# gets this much, counted from when it is added.
+NOTICE_S: dict[str, float] = {"Freeze": 900, "Reboot": 900, "Redeploy": 600, "Preempt": 30, "Terminate": 600}
+# DurationInSeconds when not given: a Live Migration pause is ~5 s; the rest is "unknown" (-1).
+DEFAULT_DURATION_S: dict[str, int] = {"Freeze": 5, "Reboot": -1, "Redeploy": -1, "Preempt": -1, "Terminate": -1}
+# A Started event whose duration is unknown or zero is removed after this (spec §8: "~10 min").
+DEFAULT_STARTED_FOR_S = 600.0
+DESCRIPTIONS: dict[str, str] = {
+    "Freeze": "Virtual machine is being paused because of a memory-preserving Live Migration operation.",
+    "Reboot": "Virtual machine is going to be restarted as requested by an authorized user.",
+    "Redeploy": "Virtual machine is going to be moved to a different host because of a maintenance operation.",
+    "Preempt": "Virtual machine is being evicted because it is a Spot virtual machine.",
+    "Terminate": "Virtual machine is going to be deleted as requested by an authorized user.",
+}
+
+# When each event type and field first appears in a response.
+EVENT_TYPE_SINCE: dict[str, str] = {"Preempt": "2017-11-01", "Terminate": "2019-01-01"}
+FIELD_SINCE: dict[str, str] = {
+    "Description": "2019-04-01",
+    "EventSource": "2019-08-01",
+    "DurationInSeconds": "2020-07-01",
+}
+# Wire order, as Azure's documented sample sends it.
+WIRE_FIELDS = (
+    "EventId",
+    "EventStatus",
+    "EventType",
+    "ResourceType",
+    "Resources",
+    "NotBefore",
+    "Description",
+    "EventSource",
+    "DurationInSeconds",
+)
+# What a VM description's "scheduledEvents" entry or an admin request may give.
+INPUT_FIELDS = frozenset({*WIRE_FIELDS, "NotBeforeSeconds", "StartedForSeconds"})
+MAX_EVENT_ID_CHARS = 64
+MAX_RESOURCES = 1000
+MAX_EVENTS_PER_VM = 100
+# NotBeforeSeconds and StartedForSeconds are capped so that every moment they
+# make is a date formatdate can write (Azure's longest notice is ~7 days).
+MAX_SECONDS = 10 * 366 * 86400
+
+EMPTY_STATE: dict[str, Any] = {"DocumentIncarnation": 1, "Events": []}
+
+# The answer to an approval: 200 with no body (spec §8).
+APPROVED = Reply(200, STATUS_LINES[200] + SERVER_HEADER + b"Content-Length: 0\r\n", b"")
+
+
+class EventError(Exception):
+    """A request about events that cannot be done; `status` is the admin API's answer."""
+
+    def __init__(self, status: int, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.problems = problems or []
+
+
+# ---- validating what users give ----
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_not_before(text: str) -> float | None:
+    """An RFC 1123 date ("Mon, 11 Apr 2026 22:26:58 GMT") as unix seconds; None if it is not one."""
+    try:
+        moment = parsedate_to_datetime(text)
+        if moment.tzinfo is None:
+            return None
+        seconds = moment.timestamp()
+        formatdate(seconds, usegmt=True)  # past year 9999 once in GMT ("Fri, 31 Dec 9999 23:59:59 -1200")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return seconds
+
+
+def event_problems(value: Any, path: str) -> list[str]:
+    """Every problem with one event as a user gives it, each naming its JSON path."""
+    if not isinstance(value, dict):
+        return [f"{path}: expected an object"]
+    problems = [f"{path}.{key}: unknown key" for key in sorted(set(value) - INPUT_FIELDS)]
+    event_type = value.get("EventType")
+    if event_type not in EVENT_TYPES:
+        problems.append(f"{path}.EventType: required, one of {', '.join(EVENT_TYPES)}")
+    event_id = value.get("EventId")
+    if "EventId" in value and not (
+        isinstance(event_id, str) and 0 < len(event_id) <= MAX_EVENT_ID_CHARS and event_id.isprintable()
+    ):
+        problems.append(f"{path}.EventId: a non-empty printable string of at most {MAX_EVENT_ID_CHARS} characters")
+    for key, allowed in (
+        ("EventStatus", EVENT_STATUSES),
+        ("EventSource", EVENT_SOURCES),
+        ("ResourceType", ("VirtualMachine",)),
+    ):
+        if key in value and value[key] not in allowed:
+            problems.append(f"{path}.{key}: one of {', '.join(allowed)}")
+    resources = value.get("Resources")
+    if "Resources" in value and not (
+        isinstance(resources, list)
+        and 0 < len(resources) <= MAX_RESOURCES
+        and all(isinstance(name, str) and name for name in resources)
+    ):
+        problems.append(f"{path}.Resources: a non-empty array of non-empty strings (at most {MAX_RESOURCES})")
+    if "Description" in value and not isinstance(value["Description"], str):
+        problems.append(f"{path}.Description: a string")
+    duration = value.get("DurationInSeconds")
+    if "DurationInSeconds" in value and not (
+        isinstance(duration, int) and not isinstance(duration, bool) and duration >= -1
+    ):
+        problems.append(f"{path}.DurationInSeconds: a whole number, -1 (unknown) or more")
+    if "NotBefore" in value and "NotBeforeSeconds" in value:
+        problems.append(f"{path}: NotBefore and NotBeforeSeconds exclude each other")
+    not_before = value.get("NotBefore")
+    if "NotBefore" in value and not (isinstance(not_before, str) and parse_not_before(not_before) is not None):
+        problems.append(f"{path}.NotBefore: an RFC 1123 date such as 'Mon, 11 Apr 2026 22:26:58 GMT'")
+    for key in ("NotBeforeSeconds", "StartedForSeconds"):
+        if key in value and not (_is_number(value[key]) and 0 <= value[key] <= MAX_SECONDS):
+            problems.append(f"{path}.{key}: a number of seconds, from 0 to {MAX_SECONDS}")
+    return problems
+
+
+def make_event(value: dict[str, Any], now: float, default_resources: list[str]) -> dict[str, Any]:
+    """A full event (wire fields and timing) from a validated user event, as of `now`."""
+    event_type = value["EventType"]
+    duration = value.get("DurationInSeconds", DEFAULT_DURATION_S[event_type])
+    if "NotBefore" in value:
+        starts_at = parse_not_before(value["NotBefore"])
+        assert starts_at is not None  # event_problems checked it
+    else:
+        starts_at = now + float(value.get("NotBeforeSeconds", NOTICE_S[event_type]))
+    started_for = float(value.get("StartedForSeconds", duration if duration > 0 else DEFAULT_STARTED_FOR_S))
+    event: dict[str, Any] = {
+        "EventId": value.get("EventId") or str(uuid.uuid4()).upper(),
+        "EventStatus": "Scheduled",
+        "EventType": event_type,
+        "ResourceType": value.get("ResourceType", "VirtualMachine"),
+        "Resources": list(value.get("Resources") or default_resources),
+        "NotBefore": formatdate(starts_at, usegmt=True),
+        "Description": value.get("Description", DESCRIPTIONS[event_type]),
+        "EventSource": value.get("EventSource", "Platform"),
+        "DurationInSeconds": duration,
+        "startsAt": starts_at,
+        "startedFor": started_for,
+        "endsAt": None,
+    }
+    if value.get("EventStatus") == "Started":
+        event = _started(event, now)
+    return event
+
+
+def state_problems(state: Any) -> list[str]:
+    """What is wrong with an events state read back from the bus (a hand-edited state dir, say)."""
+    if not isinstance(state, dict) or not isinstance(state.get("DocumentIncarnation"), int):
+        return ["events: expected {'DocumentIncarnation': int, 'Events': [...]}"]
+    events = state.get("Events")
+    if not isinstance(events, list):
+        return ["events.Events: expected an array"]
+    problems = []
+    for index, event in enumerate(events):
+        path = f"events.Events[{index}]"
+        if not isinstance(event, dict):
+            problems.append(f"{path}: expected an object")
+            continue
+        # NotBefore is checked on its own: a Started event's is "".
+        given = {key: value for key, value in event.items() if key in INPUT_FIELDS and key != "NotBefore"}
+        problems.extend(event_problems(given, path))
+        if not isinstance(event.get("EventId"), str) or not isinstance(event.get("NotBefore"), str):
+            problems.append(f"{path}: EventId and NotBefore are required strings")
+        if not (_is_number(event.get("startsAt")) and _is_number(event.get("startedFor"))):
+            problems.append(f"{path}: startsAt and startedFor are required numbers")
+        if event.get("endsAt") is not None and not _is_number(event["endsAt"]):
+            problems.append(f"{path}.endsAt: a number or null")
+    return problems
+
+
+# ---- the lifecycle ----
+
+
+def _started(event: dict[str, Any], now: float) -> dict[str, Any]:
+    return {**event, "EventStatus": "Started", "NotBefore": "", "endsAt": now + event["startedFor"]}
+
+
+def _next(state: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"DocumentIncarnation": state["DocumentIncarnation"] + 1, "Events": events}
+
+
+def event_ids(state: dict[str, Any] | None) -> frozenset[str]:
+    return frozenset(event["EventId"] for event in state["Events"]) if state is not None else frozenset()
+
+
+def add(state: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
+    """`state` with `event` added; EventError if its EventId is taken or the VM has too many."""
+    state = state if state is not None else EMPTY_STATE
+    if event["EventId"] in event_ids(state):
+        raise EventError(409, f"event {event['EventId']} already exists")
+    if len(state["Events"]) >= MAX_EVENTS_PER_VM:
+        raise EventError(409, f"a VM holds at most {MAX_EVENTS_PER_VM} events")
+    return _next(state, [*state["Events"], event])
+
+
+def with_events(state: dict[str, Any] | None, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A VM's events replaced wholesale (its description's list changed).
+
+    No state reads as EMPTY_STATE (incarnation 1, no events), so events that
+    appear where there were none make incarnation 2, as `add` does.
+    """
+    if state is None and not events:
+        return EMPTY_STATE
+    return _next(state if state is not None else EMPTY_STATE, events)
+
+
+def cancel(state: dict[str, Any] | None, event_id: str) -> dict[str, Any]:
+    """`state` without the event; EventError(404) if it has no such event."""
+    if event_id not in event_ids(state):
+        raise EventError(404, f"no event {event_id}")
+    assert state is not None
+    return _next(state, [event for event in state["Events"] if event["EventId"] != event_id])
+
+
+def approve(state: dict[str, Any] | None, approved: frozenset[str], now: float) -> dict[str, Any] | None:
+    """Start the approved events that are still Scheduled (approving a Started one is a no-op)."""
+    if state is None or not any(
+        event["EventId"] in approved and event["EventStatus"] == "Scheduled" for event in state["Events"]
+    ):
+        return state
+    events = [
+        _started(event, now) if event["EventId"] in approved and event["EventStatus"] == "Scheduled" else event
+        for event in state["Events"]
+    ]
+    return _next(state, events)
+
+
+def advance(state: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """Start the events whose NotBefore has come and remove the ones whose time is up."""
+    if state is None:
+        return None
+    events = []
+    changed = False
+    for event in state["Events"]:
+        current = event
+        if current["EventStatus"] == "Scheduled" and current["startsAt"] <= now:
+            current, changed = _started(current, now), True
+        if current["EventStatus"] == "Started" and current["endsAt"] <= now:
+            changed = True
+            continue
+        events.append(current)
+    return _next(state, events) if changed else state
+
+
+def next_change(state: dict[str, Any] | None) -> float | None:
+    """When `advance` will next change `state` (unix seconds); None if never."""
+    if state is None:
+        return None
+    return min(
+        (event["startsAt"] if event["EventStatus"] == "Scheduled" else event["endsAt"] for event in state["Events"]),
+        default=None,
+    )
+
+
+# ---- what the endpoint answers ----
+
+
+def document_at(state: dict[str, Any] | None, version: str) -> dict[str, Any]:
+    """The wire document at `version`: gated event types and fields, no private fields."""
+    state = state if state is not None else EMPTY_STATE
+    events = []
+    for event in state["Events"]:
+        if EVENT_TYPE_SINCE.get(event["EventType"], "") > version:
+            continue
+        events.append({key: event[key] for key in WIRE_FIELDS if FIELD_SINCE.get(key, "") <= version})
+    return {"DocumentIncarnation": state["DocumentIncarnation"], "Events": events}
+
+
+def reply_at(state: dict[str, Any] | None, version: str) -> Reply:
+    """GET /metadata/scheduledevents at `version`, in Azure's field order (not key-sorted)."""
+    return make_reply(200, orjson.dumps(document_at(state, version)), CONTENT_TYPE_JSON)
+
+
+def approval_ids(body: bytes) -> list[str] | None:
+    """The EventIds of an approval body ({"StartRequests": [{"EventId": ...}, ...]}); None if malformed."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    requests = value.get("StartRequests") if isinstance(value, dict) else None
+    if not isinstance(requests, list) or not requests:
+        return None
+    ids = []
+    for request in requests:
+        event_id = request.get("EventId") if isinstance(request, dict) else None
+        if not isinstance(event_id, str) or not event_id:
+            return None
+        ids.append(event_id)
+    return ids

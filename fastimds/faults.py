@@ -1,0 +1,216 @@
+"""Fault injection: make chosen requests fail the ways Azure's IMDS can, on purpose.
+
+Rules of this module:
+- A fault answers the requests it matches (one VM, some VMs or all; a target
+  prefix) with a status Azure documents for retry (410, 429, 500, 503), adds
+  latency to their replies, or resets their connections; for a duration, for
+  a count, or until removed. Users test their clients' retry logic with it.
+- The control plane owns the list (admin API) and writes it to the bus as one
+  file, FAULTS_FILE, whose name is no VM id; every worker loads it into its
+  `FaultTable`. A fault's count is shared by every worker: it lives in
+  `BUDGETS`, a slot of shared memory made at import (before any fork), taken
+  under a lock, so "fail the next 3 requests" means 3 however many workers.
+- Free when unused: the request memo answers known requests without the
+  parser, so faults are checked on the parser path only, and loading a fault
+  list empties every snapshot's request memo; a faulted reply is never
+  remembered, and a request a fault could match is never answered from the
+  memo while that fault lives. With no live fault the check is one attribute
+  test per parsed request.
+- Every injected fault is counted in telemetry (fastimds.telemetry FAULT_KINDS).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import multiprocessing
+import struct
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from fastimds.render import Reply, json_reply
+
+FAULTS_FILE = "_faults.json"
+STATUSES = (410, 429, 500, 503)
+MAX_LATENCY_MS = 600_000  # ten minutes: longer than any client waits
+MAX_DURATION_S = 7 * 24 * 3600
+MAX_FAULTS = 1000
+INPUT_FIELDS = frozenset({"status", "latencyMs", "reset", "path", "durationSeconds", "count", "retryAfter"})
+
+# Bodies in the words of Azure's error table (spec §3.5); identity requests get
+# the identity family's shape, which their clients parse.
+_MESSAGES = {
+    410: "Retry after some time for a max of 70 seconds",
+    429: "Too many requests",
+    500: "Internal server error. Retry later",
+    503: "Internal service unavailable. Retry later",
+}
+_IDENTITY_ERRORS = {410: "service_unavailable", 429: "throttled", 500: "unknown_error", 503: "service_unavailable"}
+
+
+class FaultBudgets:
+    """What is left of each fault's count, in memory every process shares (one int64 slot per fault)."""
+
+    _SLOT = struct.Struct("<q")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.memory = mmap.mmap(-1, slots * self._SLOT.size)  # anonymous and shared: children see writes
+        self.lock = multiprocessing.get_context("fork").Lock()
+
+    def set(self, slot: int, remaining: int) -> None:
+        with self.lock:
+            self._SLOT.pack_into(self.memory, slot * self._SLOT.size, remaining)
+
+    def take(self, slot: int) -> bool:
+        """Use one of the slot's count; False if none is left."""
+        with self.lock:
+            (remaining,) = self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)
+            if remaining <= 0:
+                return False
+            self._SLOT.pack_into(self.memory, slot * self._SLOT.size, remaining - 1)
+            return True
+
+    def left(self, slot: int) -> int:
+        return int(self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)[0])
+
+
+def fault_problems(value: Any) -> list[str]:
+    """Every problem with a fault as a user gives it."""
+    if not isinstance(value, dict):
+        return ["$: expected an object"]
+    problems = [f"$.{key}: unknown key" for key in sorted(set(value) - INPUT_FIELDS)]
+    actions = [key for key in ("status", "latencyMs", "reset") if key in value]
+    if len(actions) != 1:
+        problems.append("$: give exactly one of status, latencyMs, reset")
+    if "status" in value and not (_whole(value["status"], 0, 999) and value["status"] in STATUSES):  # 500.0 == 500
+        problems.append(f"$.status: one of {', '.join(map(str, STATUSES))}")
+    if "latencyMs" in value and not _whole(value["latencyMs"], 1, MAX_LATENCY_MS):
+        problems.append(f"$.latencyMs: a whole number from 1 to {MAX_LATENCY_MS}")
+    if "reset" in value and value["reset"] is not True:
+        problems.append("$.reset: true")
+    if "path" in value and not (isinstance(value["path"], str) and value["path"].startswith("/")):
+        problems.append("$.path: a target prefix starting with '/', such as '/metadata/instance'")
+    duration = value.get("durationSeconds")
+    if duration is not None and not (
+        isinstance(duration, (int, float))
+        and not isinstance(duration, bool)
+        and math.isfinite(duration)
+        and 0 < duration <= MAX_DURATION_S
+    ):
+        problems.append(f"$.durationSeconds: a number of seconds above 0, at most {MAX_DURATION_S}")
+    if "count" in value and not _whole(value["count"], 1, 2**31):
+        problems.append("$.count: a whole number, 1 or more")
+    if "retryAfter" in value and not _whole(value["retryAfter"], 0, 3600):
+        problems.append("$.retryAfter: whole seconds from 0 to 3600")
+    if "retryAfter" in value and value.get("status") not in (429, 503):
+        problems.append("$.retryAfter: only with status 429 or 503")
+    return problems
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def make_fault(value: dict[str, Any], vms: list[str] | None, now: float, slot: int) -> dict[str, Any]:
+    """The stored record of a validated fault, as of `now`; its count (if any) goes in BUDGETS[slot]."""
+    duration = value.get("durationSeconds")
+    if value.get("count") is not None:
+        BUDGETS.set(slot, value["count"])
+    return {
+        "id": uuid.uuid4().hex[:12],
+        "slot": slot,
+        "vms": vms,
+        "path": value.get("path", "/metadata"),
+        "status": value.get("status"),
+        "latencyMs": value.get("latencyMs"),
+        "reset": value.get("reset", False),
+        "retryAfter": value.get("retryAfter", 1 if value.get("status") == 429 else None),
+        "until": now + duration if duration is not None else None,
+        "count": value.get("count"),
+        "created": now,
+    }
+
+
+def live(records: Iterable[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """The records whose duration has not run out and whose count is not used up."""
+    return [
+        record
+        for record in records
+        if (record["until"] is None or record["until"] > now)
+        and (record["count"] is None or BUDGETS.left(record["slot"]) > 0)
+    ]
+
+
+def free_slot(records: list[dict[str, Any]]) -> int:
+    """The lowest BUDGETS slot no live record holds."""
+    taken = {record["slot"] for record in records}
+    return next(slot for slot in range(MAX_FAULTS) if slot not in taken)
+
+
+def kind_of(record: dict[str, Any]) -> str:
+    """Its telemetry label: the status, "latency" or "reset"."""
+    if record["status"] is not None:
+        return str(record["status"])
+    return "latency" if record["latencyMs"] is not None else "reset"
+
+
+class Fault:
+    """One loaded fault, ready to apply: what it matches and its pre-rendered replies."""
+
+    __slots__ = ("id", "vms", "path", "kind", "reply", "identity_reply", "latency_s", "until", "slot", "counted")
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.id: str = record["id"]
+        self.vms: frozenset[str] | None = frozenset(record["vms"]) if record["vms"] is not None else None
+        self.path: bytes = record["path"].lower().encode("latin-1", "replace")
+        self.kind = kind_of(record)
+        status = record["status"]
+        self.reply: Reply | None = None
+        self.identity_reply: Reply | None = None
+        if status is not None:
+            retry = record["retryAfter"]
+            headers = f"Retry-After: {retry}\r\n".encode() if retry is not None else b""
+            self.reply = json_reply(status, {"error": _MESSAGES[status]}, extra_headers=headers)
+            identity_body = {"error": _IDENTITY_ERRORS[status], "error_description": _MESSAGES[status]}
+            self.identity_reply = json_reply(status, identity_body, extra_headers=headers)
+        self.latency_s = record["latencyMs"] / 1000 if record["latencyMs"] is not None else 0.0
+        self.until: float | None = record["until"]
+        self.slot: int = record["slot"]
+        self.counted = record["count"] is not None  # its count is in BUDGETS[slot]
+
+
+class FaultTable:
+    """A worker's faults; `active` is False whenever no fault can match."""
+
+    __slots__ = ("faults", "active")
+
+    def __init__(self) -> None:
+        self.faults: list[Fault] = []
+        self.active = False
+
+    def load(self, records: list[dict[str, Any]], now: float) -> None:
+        """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
+        faults = [Fault(record) for record in live(records, now)]
+        self.faults = faults
+        self.active = bool(faults)
+
+    def match(self, vm_id: str, target: bytes, now: float) -> Fault | None:
+        """The fault that takes this request (using one of its count), or None."""
+        lowered = target.lower()
+        live_left = False
+        for fault in self.faults:
+            if (fault.until is not None and fault.until <= now) or (fault.counted and BUDGETS.left(fault.slot) <= 0):
+                continue
+            live_left = True
+            if (fault.vms is None or vm_id in fault.vms) and lowered.startswith(fault.path):
+                if fault.counted and not BUDGETS.take(fault.slot):
+                    continue  # another worker took the last of its count just now
+                return fault
+        if not live_left:
+            self.active = False  # every fault ran out: back to the free path
+        return None
+
+
+BUDGETS = FaultBudgets(MAX_FAULTS)
