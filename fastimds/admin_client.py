@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("vm_id")
         command.add_argument("file", help="a JSON file, or - for standard input")
     commands.add_parser("health", help="GET /healthz")
+    call = commands.add_parser(
+        "call", help="any admin route, e.g. `call POST /vms/a/scheduledevents event.json` or `call GET /faults`"
+    )
+    call.add_argument("method", choices=("GET", "POST", "PUT", "PATCH", "DELETE"))
+    call.add_argument("path", help="the route, starting with /")
+    call.add_argument("file", nargs="?", help="a JSON body file, or - for standard input")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +97,9 @@ def _request_of(args: argparse.Namespace) -> tuple[str, str, bytes | None]:
         return "GET", "/healthz", None
     if command in ("get", "delete"):
         return command.upper(), f"/vms/{args.vm_id}", None
+    method, path = (args.method, args.path) if command == "call" else (command.upper(), f"/vms/{args.vm_id}")
+    if args.file is None:
+        return method, path, None
     source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     with source:
-        return command.upper(), f"/vms/{args.vm_id}", source.read()
+        return method, path, source.read()

@@ -285,6 +285,23 @@ def test_admin_cli_over_the_unix_socket(data_dir: Path, admin_socket: Path, tmp_
         assert [vm["id"] for vm in json.loads(listed.stdout)["vms"]] == ["vm1", "vm2", "vm3"]
         assert [vm["generation"] for vm in json.loads(listed.stdout)["vms"]] == [1, 1, 1]
 
+        # `call` reaches every other route: schedule an event from a file, a fault from stdin.
+        event = tmp_path / "event.json"
+        event.write_text(json.dumps({"EventType": "Reboot", "NotBeforeSeconds": 600}))
+        scheduled = run_admin(*where, "call", "POST", "/vms/vm1/scheduledevents", str(event))
+        assert scheduled.returncode == 0, scheduled.stderr
+        event_id = json.loads(scheduled.stdout)["EventId"]
+        shown = json.loads(run_admin(*where, "call", "GET", "/vms/vm1/scheduledevents").stdout)
+        assert [shown_event["EventId"] for shown_event in shown["Events"]] == [event_id]
+        fault = run_admin(*where, "call", "POST", "/faults", "-", stdin=json.dumps({"status": 503, "count": 1}))
+        assert fault.returncode == 0, fault.stderr
+        assert json.loads(run_admin(*where, "call", "DELETE", "/faults").stdout) == {
+            "removed": [json.loads(fault.stdout)["id"]]
+        }
+        refused = run_admin(*where, "call", "POST", "/faults", "-", stdin=json.dumps({"status": 200}))
+        assert refused.returncode == 1
+        assert "$.status: one of 410, 429, 500, 503" in json.loads(refused.stderr)["problems"]
+
         # No server there, or bad usage: exit 2.
         unreachable = run_admin("--socket", str(tmp_path / "nobody.sock"), "list")
         assert unreachable.returncode == 2
