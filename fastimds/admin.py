@@ -28,6 +28,7 @@ import asyncio
 import hmac
 from collections.abc import Callable
 from typing import Any, cast
+from urllib.parse import unquote
 
 import httptools
 import orjson
@@ -152,7 +153,7 @@ class AdminApi:
 
     def _vm_events(self, method: str, path: str, body: bytes) -> bytes:
         """/vms/{id}/scheduledevents[/{EventId}]."""
-        parts = path.split("/")  # "", "vms", id, "scheduledevents"[, EventId]
+        parts = [unquote(part) for part in path.split("/")]  # "", "vms", id, "scheduledevents"[, EventId]
         vm_id = parts[2]
         if len(parts) == 4 and method == "GET":
             return json_response(200, {"id": vm_id, **self.control.events_of(vm_id)})
@@ -166,7 +167,7 @@ class AdminApi:
 
     def _group_events(self, method: str, path: str, body: bytes) -> bytes:
         """/scheduledevents (POST: one event on a group of VMs) and /scheduledevents/{EventId} (DELETE)."""
-        parts = path.split("/")  # "", "scheduledevents"[, EventId]
+        parts = [unquote(part) for part in path.split("/")]  # "", "scheduledevents"[, EventId]
         if len(parts) == 2 and method == "POST":
             request = _json_body(body)
             if not isinstance(request, dict):

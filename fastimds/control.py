@@ -488,10 +488,13 @@ async def start_watch(
         async for names, probed in watch_directory(directory):
             if probed:
                 active.set()
-            if names:
-                on_change(names)
-            elif not probed:
-                on_idle()  # idle: a safety net for anything the watch missed
+            try:
+                if names:
+                    on_change(names)
+                elif not probed:
+                    on_idle()  # idle: a safety net for anything the watch missed
+            except Exception as exc:  # a bug in one callback must not end the watch for good
+                log_event("watch_callback_failed", directory=str(directory), error=repr(exc))
 
     task = asyncio.ensure_future(follow())
     await until_watching(directory, active, WATCH_START_TIMEOUT_S)

@@ -19,7 +19,15 @@ import orjson
 import pytest
 
 from fastimds.bus import Bus, BusEntry
-from fastimds.control import DATA_DIR_SOURCE_PREFIX, Control, Follower, UpdateError, apply_entry, merge_patch
+from fastimds.control import (
+    DATA_DIR_SOURCE_PREFIX,
+    Control,
+    Follower,
+    UpdateError,
+    apply_entry,
+    merge_patch,
+    start_watch,
+)
 from fastimds.datafile import MAX_VM_FILE_BYTES
 from fastimds.registry import NOBODY, VmRegistry
 from tests.server_process import vm_document, vm_uuid
@@ -649,3 +657,30 @@ def test_load_data_file_is_the_default_vm(control: Control, tmp_path: Path) -> N
     control.load_data_file(None)  # the embedded sample
     assert control.registry.stores["default"].generation == 2
     assert control.document("default")["source"] == "<embedded sample_vm.json>"
+
+
+def test_a_failing_watch_callback_does_not_end_the_watch(tmp_path: Path) -> None:
+    seen: list[set[str]] = []
+
+    def on_change(names: set[str]) -> None:
+        seen.append(names)
+        if len(seen) == 1:
+            raise RuntimeError("a bug in one callback")
+
+    async def scenario() -> None:
+        task = await start_watch(tmp_path, on_change=on_change, on_idle=lambda: None)
+        try:
+            (tmp_path / "first.json").write_bytes(b"{}")
+            deadline = asyncio.get_running_loop().time() + 5
+            while not seen and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            (tmp_path / "second.json").write_bytes(b"{}")
+            while not any("second.json" in names for names in seen) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
+    assert any("second.json" in names for names in seen), seen  # still watching after the exception
