@@ -281,6 +281,17 @@ class RequestLog:
         else:
             self.dropped += 1
 
+    def record_one(  # noqa: PLR0917 - positional on purpose: called once per read on the hot path
+        self, ts: float, caller: str, vm_id: str, latency_us: int, generation: int, reply: tuple[Stub, int]
+    ) -> None:
+        """`record_read` of a read with one reply, without the loop."""
+        (method, target, status), size = reply
+        buffer = self._buffer
+        if len(buffer) < _MAX_BUFFERED_VALUES:
+            buffer += (caller, ts, vm_id, method, target, status, size, latency_us, generation)
+        else:
+            self.dropped += 1
+
     def record_read(  # noqa: PLR0917 - positional on purpose: called once per read on the hot path
         self, ts: float, caller: str, vm_id: str, latency_us: int, generation: int, replies: list[tuple[Stub, int]]
     ) -> None:
