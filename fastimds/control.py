@@ -119,14 +119,31 @@ class Control:
         # Telemetry: updates by (result, source kind), read at scrape time.
         self.updates: Counter[tuple[str, str]] = Counter()
         self.events_changed = asyncio.Event()  # wakes the event clock (run_event_clock)
-        self.fault_records: list[dict[str, Any]] = bus.read_faults()  # a restart keeps them (--state-dir)
+        # Kept across restarts (--state-dir); counted ones are re-armed by `rearm_faults`.
+        self.fault_records: list[dict[str, Any]] = bus.read_faults()
         # This process's faults: the ones it applies when it also serves (one worker).
         self.fault_table = faults.FaultTable()
+        self._load_fault_table()
+
+    def _load_fault_table(self) -> None:
         try:
             self.fault_table.load(self.fault_records, time.time())
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log_event("faults_file_invalid", error=repr(exc))  # served without them; the next write replaces it
             self.fault_records = []
+
+    def rearm_faults(self) -> None:
+        """At server start: counted faults saved in the state dir get their whole count again.
+
+        Counts live in shared memory (fastimds.faults.BUDGETS), which a restart
+        empties. Called once per server start, not when a control process is
+        replaced: that one inherits the counts left.
+        """
+        for record in self.fault_records:
+            slot, count = record.get("slot"), record.get("count")
+            if isinstance(count, int) and isinstance(slot, int) and 0 <= slot < faults.MAX_FAULTS:
+                faults.BUDGETS.set(slot, count)
+        self._load_fault_table()
 
     # ---- reads ----
 

@@ -90,8 +90,10 @@ def fault_problems(value: Any) -> list[str]:
         problems.append(f"$.latencyMs: a whole number from 1 to {MAX_LATENCY_MS}")
     if "reset" in value and value["reset"] is not True:
         problems.append("$.reset: true")
-    if "path" in value and not (isinstance(value["path"], str) and value["path"].startswith("/")):
-        problems.append("$.path: a target prefix starting with '/', such as '/metadata/instance'")
+    if "path" in value and not (
+        isinstance(value["path"], str) and value["path"].startswith("/") and value["path"].isascii()
+    ):
+        problems.append("$.path: an ASCII target prefix starting with '/', such as '/metadata/instance'")
     duration = value.get("durationSeconds")
     if duration is not None and not (
         isinstance(duration, (int, float))
@@ -144,9 +146,20 @@ def live(records: Iterable[dict[str, Any]], now: float) -> list[dict[str, Any]]:
 
 
 def free_slot(records: list[dict[str, Any]]) -> int:
-    """The lowest BUDGETS slot no live record holds."""
+    """A BUDGETS slot no live record holds: the first after the last one given, round the ring.
+
+    Slots are reused as late as possible: a worker that has not reloaded the
+    list yet still holds spent and removed faults, and one whose slot had a
+    new count would come back to life on that count.
+    """
     taken = {record["slot"] for record in records}
-    return next(slot for slot in range(MAX_FAULTS) if slot not in taken)
+    start = _NEXT_SLOT[0]
+    slot = next(slot % MAX_FAULTS for slot in range(start, start + MAX_FAULTS) if slot % MAX_FAULTS not in taken)
+    _NEXT_SLOT[0] = (slot + 1) % MAX_FAULTS
+    return slot
+
+
+_NEXT_SLOT = [0]  # where free_slot looks first (the control plane is its only caller)
 
 
 def kind_of(record: dict[str, Any]) -> str:

@@ -841,6 +841,9 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write_eof()
 
     def finish_shutdown(self) -> None:
-        """The linger is over: fully close a connection that is closing (a started request keeps its grace)."""
-        if self.closing:
+        """The linger is over: fully close a connection that is closing.
+
+        A started request, and a reply held by injected latency, keep the grace period to finish.
+        """
+        if self.closing and self.waiting is None:
             self.transport.close()

@@ -490,6 +490,7 @@ def serve(settings: Settings) -> int:
     try:
         try:
             control = prepare_control(settings, bus)
+            control.rearm_faults()
         except DataError as exc:
             print(f"fastimds: cannot serve {exc.source}:", file=sys.stderr)
             for problem in exc.problems:
