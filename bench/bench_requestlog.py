@@ -32,7 +32,7 @@ def test_record(benchmark: Any, tmp_path: Path) -> None:
     def thousand() -> None:
         for _ in range(1000):
             record(now, "10.0.0.4", "vm-1", b"GET", target, 200, 2915, 87, 7)
-        log._buffer.clear()  # stay far from MAX_BUFFERED_RECORDS
+        log.buffer.clear()  # stay far from MAX_BUFFERED_RECORDS
 
     benchmark(thousand)
     assert log.dropped == 0

@@ -84,7 +84,7 @@ LOG_FILE_NAME: Final = re.compile(r"^requests\.(?:(?P<stamp>\d{8}T\d{6}\.\d{6}Z)
 
 RECORD_KEYS: Final = ("ts", "caller", "vm", "method", "target", "status", "bytes", "latency_us", "generation")
 _WIDTH: Final = len(RECORD_KEYS)
-_MAX_BUFFERED_VALUES: Final = MAX_BUFFERED_RECORDS * _WIDTH
+MAX_BUFFERED_VALUES: Final = MAX_BUFFERED_RECORDS * _WIDTH
 # The order of a record's array on disk: a string first (see the module's rules).
 FIELDS: Final = ("caller", "ts", "vm", "method", "target", "status", "bytes", "latency_us", "generation")
 HEADER: Final = orjson.dumps({"fastimds_request_log": 1, "fields": list(FIELDS)}) + b"\n"
@@ -246,7 +246,7 @@ class RequestLog:
         # strings and numbers holds nothing the cyclic GC tracks, where a
         # tuple per record made every collection walk the whole buffer
         # (measured: 1.0 -> 0.4 µs per request on the protocol's side).
-        self._buffer: list[Any] = []
+        self.buffer: list[Any] = []
         self._fd: int | None = None
         self._size = 0  # bytes in the current file
         self._started_at = 0.0  # Unix time of the current file's first record
@@ -275,19 +275,8 @@ class RequestLog:
         generation: int,
     ) -> None:
         """Remember one request; O(1), no I/O. `caller`, `method` and `target` may be bytes (decoded at flush)."""
-        buffer = self._buffer
-        if len(buffer) < _MAX_BUFFERED_VALUES:
-            buffer += (caller, ts, vm_id, method, target, status, size, latency_us, generation)
-        else:
-            self.dropped += 1
-
-    def record_one(  # noqa: PLR0917 - positional on purpose: called once per read on the hot path
-        self, ts: float, caller: str, vm_id: str, latency_us: int, generation: int, reply: tuple[Stub, int]
-    ) -> None:
-        """`record_read` of a read with one reply, without the loop."""
-        (method, target, status), size = reply
-        buffer = self._buffer
-        if len(buffer) < _MAX_BUFFERED_VALUES:
+        buffer = self.buffer
+        if len(buffer) < MAX_BUFFERED_VALUES:
             buffer += (caller, ts, vm_id, method, target, status, size, latency_us, generation)
         else:
             self.dropped += 1
@@ -296,9 +285,9 @@ class RequestLog:
         self, ts: float, caller: str, vm_id: str, latency_us: int, generation: int, replies: list[tuple[Stub, int]]
     ) -> None:
         """Remember every reply of one read at once: what they share is passed once (the protocol's call)."""
-        buffer = self._buffer
+        buffer = self.buffer
         for (method, target, status), size in replies:
-            if len(buffer) >= _MAX_BUFFERED_VALUES:
+            if len(buffer) >= MAX_BUFFERED_VALUES:
                 self.dropped += 1
                 continue
             buffer += (caller, ts, vm_id, method, target, status, size, latency_us, generation)
@@ -307,7 +296,7 @@ class RequestLog:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer) // _WIDTH
+        return len(self.buffer) // _WIDTH
 
     def flush(self, now: float, max_records: int | None = None) -> None:
         """Write what was recorded, rotate, enforce retention. `now` is Unix time. Never raises.
@@ -318,11 +307,11 @@ class RequestLog:
         so requests are served between slices instead of waiting for one
         long flush.
         """
-        if max_records is None or len(self._buffer) <= max_records * _WIDTH:
-            flat, self._buffer = self._buffer, []
+        if max_records is None or len(self.buffer) <= max_records * _WIDTH:
+            flat, self.buffer = self.buffer, []
         else:
-            flat = self._buffer[: max_records * _WIDTH]
-            del self._buffer[: max_records * _WIDTH]
+            flat = self.buffer[: max_records * _WIDTH]
+            del self.buffer[: max_records * _WIDTH]
         # Back into one tuple per record, in C, for orjson; they die with this call.
         records: list[Record] = list(zip(*[iter(flat)] * _WIDTH, strict=True))
         if self.dropped != self._dropped_seen:

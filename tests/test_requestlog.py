@@ -11,8 +11,10 @@ import pytest
 
 from fastimds.logs_cli import parse_line
 from fastimds.requestlog import (
+    FIELDS,
     HEADER,
     MAX_BUFFERED_RECORDS,
+    MAX_BUFFERED_VALUES,
     UNLIMITED_FILES,
     RequestLog,
     format_stamp,
@@ -412,8 +414,50 @@ def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
 def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastimds import requestlog
 
-    monkeypatch.setattr(requestlog, "_MAX_BUFFERED_VALUES", 2 * len(requestlog.RECORD_KEYS))
+    monkeypatch.setattr(requestlog, "MAX_BUFFERED_VALUES", 2 * len(requestlog.RECORD_KEYS))
     log = RequestLog(tmp_path, worker=0)
     log.record_read(T0, "10.0.0.4", "vm-1", 1, 1, [(("GET", "/a", 200), 1)] * 3)
     assert (log.buffered, log.dropped) == (2, 1)
     log.close(T0)
+
+
+# ---- what the protocol hands over ----
+
+
+def logged_connection(tmp_path: Path) -> tuple[Any, Any, RequestLog]:
+    from tests.fakes import make_connection
+
+    protocol, transport, state = make_connection(peer="10.0.0.9")
+    log = RequestLog(tmp_path, worker=0)
+    protocol.request_log = state.request_log = log
+    return protocol, transport, log
+
+
+def test_the_protocol_records_every_reply_parsed_remembered_or_pipelined(tmp_path: Path) -> None:
+    from tests.fakes import request, split_responses
+
+    protocol, transport, log = logged_connection(tmp_path)
+    leaf = request("/metadata/instance/compute/name?api-version=2021-02-01&format=text")
+    protocol.data_received(leaf)  # parsed, then remembered
+    protocol.data_received(leaf)  # answered from the request memo: the inlined one-reply path
+    protocol.data_received(leaf + request("/metadata/versions", headers=()))  # two replies in one read
+    responses = split_responses(transport.output)
+    buffered = list(zip(*[iter(log.buffer)] * len(FIELDS), strict=True))
+    assert [(r[0], r[2], r[3], r[4], r[5], r[6], r[8]) for r in buffered] == [
+        ("10.0.0.9", "default", "GET", "/metadata/instance/compute/name?api-version=2021-02-01&format=text", 200,
+         len(responses[index].body), 1)
+        for index in range(3)
+    ] + [("10.0.0.9", "default", "GET", "/metadata/versions", 400, len(responses[3].body), 1)]  # fmt: skip
+    assert all(isinstance(r[1], float) and isinstance(r[7], int) for r in buffered)  # ts, latency_us
+
+
+def test_the_protocols_inlined_record_drops_and_counts_when_the_buffer_is_full(tmp_path: Path) -> None:
+    from tests.fakes import request
+
+    protocol, _transport, log = logged_connection(tmp_path)
+    leaf = request("/metadata/instance/compute/name?api-version=2021-02-01&format=text")
+    protocol.data_received(leaf)  # parsed: remembered from now on
+    log.buffer[:] = [0] * MAX_BUFFERED_VALUES
+    protocol.data_received(leaf)
+    protocol.data_received(leaf)
+    assert (len(log.buffer), log.dropped) == (MAX_BUFFERED_VALUES, 2)
