@@ -33,6 +33,13 @@ Rules of this module:
   current value, in its place after it.
 - Any bytes either parse or get a 400 and a close; no input raises out of
   `data_received`.
+- A close the server decides (an error reply, a deadline, draining) is a
+  lingering close (RFC 9112 §9.6): a FIN, then input is read and dropped
+  until the client closes or CLOSE_LINGER_S passes, because closing a socket
+  with unread input sends a reset, which can destroy replies the client has
+  not read yet. A close the client asked for (`Connection: close`) is
+  immediate: it will not send more, and the linger would cost an extra
+  event per connection.
 - Injected faults (fastimds.faults) are applied on the parser path only; the
   fault table keeps the memo clear of anything a fault could match. Injected
   latency holds the connection like a long-poll (`_DELAYED`): its reply and
@@ -108,6 +115,8 @@ _CALLER_CONNECTIONS_FULL = ERRORS["caller_connections_full"]
 # file descriptor), which fastimds.server keeps free of the connection limit.
 REFUSED_LINGER_S = 1.0
 MAX_LINGERING_REFUSALS = 256
+# How long a lingering close reads and drops input before closing (swept by the tick: 1-2 s).
+CLOSE_LINGER_S = 1.0
 
 # `head_pending` value meaning "this head began during the current feed":
 # its bytes are not counted until the next read, so bytes of earlier
@@ -217,6 +226,7 @@ class HttpProtocol(asyncio.Protocol):
         "parser",
         "out",
         "closing",
+        "lingering",
         "write_paused",
         "backlog",
         "deadline",
@@ -252,6 +262,7 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.out: list[bytes] = []
         self.closing = False
+        self.lingering = False  # closing with a FIN sent, reading and dropping until the client closes
         self.write_paused = False
         self.backlog = b""  # unread input held while the transport is paused
         self.deadline = 0.0  # when this connection must next have progressed
@@ -521,7 +532,21 @@ class HttpProtocol(asyncio.Protocol):
             out.clear()
         if self.closing:
             self.backlog = b""
-            self.transport.close()
+            if self.lingering:
+                self._linger()
+            else:
+                self.transport.close()
+
+    def _linger(self) -> None:
+        """Half-close: our FIN now; the tick closes us CLOSE_LINGER_S later if the client has not."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.deadline = self.state.now + CLOSE_LINGER_S
+        else:
+            transport.close()
 
     def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
         """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
@@ -536,7 +561,7 @@ class HttpProtocol(asyncio.Protocol):
         out.append(reply.head)
         if not keep_alive:
             out.append(CONNECTION_CLOSE)
-            self.closing = True
+            self.closing = self.lingering = True  # the server's decision: the client may still be sending
         elif self.keep_alive_asked:
             out.append(CONNECTION_KEEP_ALIVE)  # HTTP/1.0 keep-alive must be confirmed
         out.append(self.state.date_block)
@@ -640,6 +665,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             connection = CONNECTION_CLOSE
             closes = self.closing = True
+            # Lingering unless the client itself asked to close (see the module rules).
+            self.lingering = reply.close or state.draining or self.upgrade_asked or self.parser.should_keep_alive()
         if WAIT_MARK in url and reply.status == 200:
             self.plain = False  # its answer depends on time: never remembered
             wait = wait_spec(url)
@@ -784,7 +811,7 @@ class HttpProtocol(asyncio.Protocol):
         self.out.clear()
         connection = wait.connection
         if self.state.draining and not wait.closes:
-            connection, self.closing = CONNECTION_CLOSE, True
+            connection, self.closing, self.lingering = CONNECTION_CLOSE, True, True
         _head, body = self._append_reply(reply, wait.method, connection, None)
         if self.counters is not None:
             # Counted, but not in the latency histogram: its wait is the client's choice.
@@ -819,7 +846,11 @@ class HttpProtocol(asyncio.Protocol):
     # ---- deadlines and shutdown ----
 
     def check_deadlines(self, now: float) -> None:
-        if (self.closing and self.waiting is None) or now < self.deadline or self.waiting is _DELAYED:
+        if now < self.deadline or self.waiting is _DELAYED:
+            return
+        if self.closing and self.waiting is None:
+            if self.lingering:
+                self.transport.close()  # the linger is over
             return
         if self.waiting is not None:
             self._release_with_current()  # timeout_sec passed: answer with the current value
@@ -830,8 +861,8 @@ class HttpProtocol(asyncio.Protocol):
             self._flush()
             self.replies_in_read = 0  # not a read's reply: no latency to record
         else:
-            self.closing = True
-            self.transport.close()  # idle keep-alive
+            self.closing = self.lingering = True
+            self._linger()  # idle keep-alive: a request may be on its way
 
     def shutdown(self) -> None:
         """Half-close now if idle; otherwise the pending reply closes (state.draining).

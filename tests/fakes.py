@@ -50,6 +50,11 @@ class FakeTransport(asyncio.Transport):
     def write_eof(self) -> None:
         self.eof_written = True
 
+    @property
+    def ended(self) -> bool:
+        """Our side is done: closed, or half-closed (a lingering close, fastimds.protocol)."""
+        return self.closed or self.eof_written
+
     def can_write_eof(self) -> bool:
         return True
 

@@ -323,9 +323,9 @@ def test_protocol_keep_alive_and_split_bodies(api: AdminApi) -> None:
     responses = split_responses(transport.output)
     assert [r.status for r in responses] == [201, 200, 200]
     assert responses[1].json()["vms"][0]["id"] == "a"
-    assert not transport.closed
+    assert not transport.ended
     protocol.data_received(http_request("GET", "/readyz", b"", "Connection: close"))
-    assert transport.closed
+    assert transport.ended
     assert split_responses(transport.output)[-1].json() == {"status": "ready", "vms": 1}
 
 
@@ -346,7 +346,7 @@ def test_protocol_refuses_a_body_over_the_limit(api: AdminApi, control: Control)
     assert response.status == 413
     assert response.headers["connection"] == "close"
     assert str(MAX_ADMIN_BODY_BYTES) in response.json()["error"]
-    assert transport.closed
+    assert transport.ended
     assert control.registry.live() == {}
 
 
@@ -355,7 +355,7 @@ def test_protocol_refuses_a_head_over_the_limit(api: AdminApi) -> None:
     protocol.data_received(http_request("GET", "/vms", b"", f"X-Filler: {'y' * MAX_ADMIN_HEAD_BYTES}"))
     [response] = split_responses(transport.output)
     assert response.status == 431
-    assert transport.closed
+    assert transport.ended
 
 
 def test_protocol_answers_garbage_with_400_and_closes(api: AdminApi) -> None:
@@ -364,7 +364,7 @@ def test_protocol_answers_garbage_with_400_and_closes(api: AdminApi) -> None:
     [response] = split_responses(transport.output)
     assert response.status == 400
     assert "malformed" in response.json()["error"]
-    assert transport.closed
+    assert transport.ended
 
 
 def test_protocol_turns_an_internal_error_into_500(

@@ -42,4 +42,4 @@ def test_repeated_requests_leave_no_net_allocations() -> None:
         before = live_blocks_after(protocol, b"", 0)
         after = live_blocks_after(protocol, data, REPEATS)
         assert after - before < ALLOWED_GROWTH_BLOCKS, f"{name}: {after - before} blocks for {REPEATS} requests"
-        assert not transport.closed
+        assert not transport.ended

@@ -105,7 +105,7 @@ def test_wait_for_change_holds_until_the_view_changes() -> None:
     (response,) = split_responses(transport.output)
     assert (response.status, response.body) == (200, b"eastus")
     assert protocol not in store.watchers
-    assert transport.reading and not transport.closed
+    assert transport.reading and not transport.ended
 
 
 def test_last_etag_returns_at_once_when_the_view_already_changed() -> None:
@@ -137,7 +137,7 @@ def test_timeout_sec_answers_with_the_current_value() -> None:
     state.tick(5.5, PINNED_UNIX_TIME + 5.5)
     (response,) = split_responses(transport.output)
     assert (response.status, response.body) == (200, b"westeurope")
-    assert not transport.closed  # a long-poll outlives the keep-alive timeout, then the connection goes on
+    assert not transport.ended  # a long-poll outlives the keep-alive timeout, then the connection goes on
 
 
 def test_pipelined_requests_after_a_long_poll_are_answered_after_it() -> None:
@@ -182,11 +182,11 @@ def test_a_long_poll_that_closes_is_answered_before_the_close(why: str) -> None:
     long_poll = request(LOCATION + "&wait_for_change=true", headers=headers)
     protocol.data_received(before + long_poll + request("/metadata/versions"))
     answered = len(split_responses(transport.output))
-    assert answered == (1 if before else 0) and not transport.closed  # held, still open
+    assert answered == (1 if before else 0) and not transport.ended  # held, still open
     store.publish(vm_with(location="eastus"))
     held = split_responses(transport.output)[answered:]
     assert [(r.body, r.headers["connection"]) for r in held] == [(b"eastus", "close")]  # nothing after it
-    assert transport.closed
+    assert transport.ended
 
 
 def test_removing_the_vm_answers_its_long_polls_with_404() -> None:
@@ -207,7 +207,7 @@ def test_shutdown_answers_long_polls_and_closes() -> None:
     (response,) = split_responses(transport.output)
     assert response.body == b"westeurope"
     assert response.headers["connection"] == "close"
-    assert transport.closed
+    assert transport.ended
 
 
 def test_a_closed_long_poll_is_forgotten() -> None:

@@ -438,7 +438,7 @@ def test_identity_requests_get_the_identity_error_shape() -> None:
     assert (token.status, token.headers["retry-after"]) == (429, "1")
     assert token.json() == {"error": "throttled", "error_description": "Too many requests"}
     assert instance.json() == {"error": "Too many requests"}
-    assert not transport.closed  # an injected status keeps the connection
+    assert not transport.ended  # an injected status keeps the connection
     assert fault_count(state, "429") == 2
 
 
@@ -526,7 +526,7 @@ def test_latency_holds_the_reply_and_those_behind_it_in_order(loop: FakeLoop) ->
     assert loop.fire_next() == 0.25
     assert statuses(transport) == [(200, False), (200, True)]  # the real reply, then the one behind it
     assert split_responses(transport.output)[0].body == VM_ID_TEXT
-    assert transport.reading and not transport.closed
+    assert transport.reading and not transport.ended
     assert fault_count(state, "latency") == 1
     assert state.registry.default.current.request_replies == {}  # a delayed read is never remembered
 
@@ -567,11 +567,11 @@ def test_a_delayed_reply_outlives_the_shutdown_linger(loop: FakeLoop) -> None:
     protocol.data_received(VERSIONS)  # answered while draining: Connection: close, held by the latency
     protocol.shutdown()
     protocol.finish_shutdown()
-    assert not transport.closed and transport.output == b""
+    assert not transport.ended and transport.output == b""
     loop.fire_next()
     [response] = split_responses(transport.output)
     assert (response.status, response.headers["connection"]) == (200, "close")
-    assert transport.closed
+    assert transport.ended
 
 
 @pytest.mark.parametrize("held", [LONG_POLL, VERSIONS], ids=["long-poll", "delayed"])
@@ -599,11 +599,11 @@ def test_a_delayed_connection_close_closes_after_its_reply(loop: FakeLoop) -> No
     protocol, transport, state = make_connection()
     state.faults = real_table({"latencyMs": 100})
     protocol.data_received(request("/metadata/versions", headers=(("Metadata", "true"), ("Connection", "close"))))
-    assert not transport.closed
+    assert not transport.ended
     state.tick(500.0, 1_700_000_500.0)  # deadlines do not cut a delay short
-    assert not transport.closed and transport.output == b""
+    assert not transport.ended and transport.output == b""
     loop.fire_next()
-    assert statuses(transport) == [(200, True)] and transport.closed
+    assert statuses(transport) == [(200, True)] and transport.ended
 
 
 # ---- the control plane and the followers ----

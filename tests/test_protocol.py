@@ -6,7 +6,7 @@ import pytest
 
 from fastimds.config import Limits
 from fastimds.datafile import parse_vm
-from fastimds.protocol import FEED_SLICE_BYTES, HttpProtocol
+from fastimds.protocol import CLOSE_LINGER_S, FEED_SLICE_BYTES, HttpProtocol
 from fastimds.render import ERRORS
 from fastimds.store import SnapshotStore
 from tests.fakes import PINNED_DATE, PINNED_UNIX_TIME, make_connection, request, sample_vm, split_responses
@@ -85,7 +85,7 @@ def test_pipelined_batch_is_answered_in_order_with_one_write() -> None:
     assert [r.status for r in responses] == [200, 200, 400, 200]
     assert responses[0].body == VMID
     assert responses[1].json()["apiVersions"][0] == "2017-03-01"
-    assert not transport.closed
+    assert not transport.ended
 
 
 def test_response_headers() -> None:
@@ -119,7 +119,7 @@ def test_connection_close_closes_after_the_reply_and_ignores_the_rest() -> None:
     protocol.data_received(GET_CLOSE + GET_INSTANCE)
     (response,) = split_responses(transport.output)
     assert response.headers["connection"] == "close"
-    assert transport.closed
+    assert transport.ended
     protocol.data_received(GET_INSTANCE)  # after close: ignored, no write-after-close
     assert len(transport.writes) == 1
 
@@ -128,13 +128,13 @@ def test_http10_closes_unless_keep_alive_was_asked() -> None:
     protocol, transport, _ = make_connection()
     protocol.data_received(request("/metadata/versions", version="1.0"))
     assert split_responses(transport.output)[0].headers["connection"] == "close"
-    assert transport.closed
+    assert transport.ended
 
     protocol, transport, _ = make_connection()
     keep = (("Metadata", "true"), ("Connection", "keep-alive"))
     protocol.data_received(request("/metadata/versions", version="1.0", headers=keep))
     assert split_responses(transport.output)[0].headers["connection"] == "keep-alive"
-    assert not transport.closed
+    assert not transport.ended
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_unparseable_bytes_get_400_and_close(data: bytes) -> None:
     (response,) = split_responses(transport.output)
     assert response.status == 400
     assert response.json() == {"error": "Bad request. Malformed HTTP request"}
-    assert transport.closed
+    assert transport.ended
 
 
 def test_url_over_the_limit_gets_414_and_close() -> None:
@@ -162,7 +162,7 @@ def test_url_over_the_limit_gets_414_and_close() -> None:
     protocol.data_received(request("/metadata/instance?api-version=2021-02-01&pad=" + "x" * 100))
     (response,) = split_responses(transport.output)
     assert response.status == 414
-    assert transport.closed
+    assert transport.ended
     # Exactly at the limit is fine.
     target = "/metadata/versions?pad="
     protocol, transport, _ = make_connection(limits)
@@ -183,7 +183,7 @@ def test_too_many_headers_gets_431() -> None:
     protocol.data_received(request(headers=headers))
     (response,) = split_responses(transport.output)
     assert response.status == 431
-    assert transport.closed
+    assert transport.ended
 
 
 def test_header_bytes_over_the_limit_get_431() -> None:
@@ -199,10 +199,10 @@ def test_a_head_that_never_ends_is_capped_between_reads() -> None:
     protocol, transport, _ = make_connection(limits)
     protocol.data_received(b"GET /metadata/versions HTTP/1.1\r\nX-Endless: ")
     for _ in range(100):
-        if transport.closed:
+        if transport.ended:
             break
         protocol.data_received(b"v" * 100)
-    assert transport.closed
+    assert transport.ended
     assert split_responses(transport.output)[0].status == 431
 
 
@@ -223,7 +223,7 @@ def test_body_over_the_limit_gets_413_and_close() -> None:
     protocol.data_received(request(method="POST", body=b"x" * 101))
     (response,) = split_responses(transport.output)
     assert response.status == 413
-    assert transport.closed
+    assert transport.ended
 
 
 def test_body_within_the_limit_is_read_and_the_method_refused() -> None:
@@ -262,9 +262,9 @@ def test_idle_keep_alive_connection_is_closed_by_the_sweep() -> None:
     protocol, transport, state = make_connection(Limits(keep_alive_timeout_s=15))
     protocol.data_received(GET_VERSIONS)
     state.tick(14.0, PINNED_UNIX_TIME + 14)
-    assert not transport.closed
+    assert not transport.ended
     state.tick(15.5, PINNED_UNIX_TIME + 15.5)
-    assert transport.closed
+    assert transport.ended
     assert len(split_responses(transport.output)) == 1  # closed without a reply
 
 
@@ -274,11 +274,11 @@ def test_unfinished_request_gets_408_at_its_deadline_even_if_it_trickles() -> No
     for second in range(1, 10):
         state.tick(float(second), PINNED_UNIX_TIME + second)
         protocol.data_received(b"X")  # slow-loris: a byte a second
-    assert not transport.closed
+    assert not transport.ended
     state.tick(10.5, PINNED_UNIX_TIME + 10.5)
     (response,) = split_responses(transport.output)
     assert response.status == 408
-    assert transport.closed
+    assert transport.ended
 
 
 def test_client_that_stops_reading_is_aborted_after_the_stall_timeout() -> None:
@@ -320,15 +320,15 @@ def test_shutdown_closes_idle_connections_and_lets_a_started_request_finish() ->
     assert idle_transport.output == b""
     idle.finish_shutdown()
     assert idle_transport.closed
-    assert not busy_transport.closed
+    assert not busy_transport.ended
     assert not busy_transport.eof_written
     busy.finish_shutdown()  # a started request keeps the grace to finish
-    assert not busy_transport.closed
+    assert not busy_transport.ended
     busy.data_received(GET_VERSIONS[20:])
     (response,) = split_responses(busy_transport.output)
     assert response.status == 200
     assert response.headers["connection"] == "close"
-    assert busy_transport.closed
+    assert busy_transport.ended
 
 
 def test_published_snapshot_is_seen_by_the_next_request_on_the_same_connection() -> None:
@@ -356,7 +356,7 @@ def test_upgrade_requests_are_answered_and_the_close_announced(data: bytes) -> N
     (response,) = split_responses(transport.output)
     assert response.status != 101
     assert response.headers["connection"] == "close"
-    assert transport.closed
+    assert transport.ended
 
 
 def test_expect_100_continue_gets_an_interim_response() -> None:
@@ -378,7 +378,7 @@ def test_no_100_continue_follows_a_reply_that_closed() -> None:
     protocol.data_received(GET_VERSIONS + expect)
     (response,) = split_responses(transport.output)
     assert response.headers["connection"] == "close"
-    assert transport.closed
+    assert transport.ended
 
 
 def test_connection_lost_unregisters_and_ignores_late_data() -> None:
@@ -396,3 +396,56 @@ def test_errors_are_all_json() -> None:
     for name, reply in ERRORS.items():
         assert b"application/json; charset=utf-8" in reply.head, name
         assert "error" in orjson.loads(reply.body), name
+
+
+# ---- closing: lingering when the server decides, at once when the client asks ----
+
+
+def test_a_close_the_client_asked_for_is_immediate() -> None:
+    protocol, transport, _ = make_connection()
+    protocol.data_received(request("/metadata/versions", headers=(("Metadata", "true"), ("Connection", "close"))))
+    assert split_responses(transport.output)[0].headers["connection"] == "close"
+    assert transport.closed and not transport.eof_written
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x00\x01 not http\r\n\r\n",  # a parse error
+        request("/" + "a" * 5000),  # a limit
+        request("/metadata/versions", headers=(("Metadata", "true"), ("Upgrade", "websocket"))),  # an upgrade
+    ],
+    ids=["parse_error", "uri_too_long", "upgrade"],
+)
+def test_a_close_the_server_decides_lingers_then_ends_at_the_tick(data: bytes) -> None:
+    protocol, transport, state = make_connection()
+    protocol.data_received(data)
+    assert split_responses(transport.output)[0].headers["connection"] == "close"
+    # A FIN, not a close: bytes the client sent meanwhile are read and dropped, so its
+    # kernel never answers them with a reset that could destroy our reply.
+    assert transport.eof_written and not transport.closed
+    protocol.data_received(GET_VERSIONS + b"more garbage")
+    assert len(split_responses(transport.output)) == 1
+    state.tick(CLOSE_LINGER_S - 0.5, PINNED_UNIX_TIME)
+    assert not transport.closed
+    state.tick(CLOSE_LINGER_S, PINNED_UNIX_TIME)
+    assert transport.closed
+
+
+def test_the_idle_timeout_and_the_request_timeout_linger_too() -> None:
+    limits = Limits(keep_alive_timeout_s=5, request_timeout_s=2)
+    _idle, idle_transport, state = make_connection(limits=limits)
+    slow = HttpProtocol(state)
+    from tests.fakes import FakeTransport
+
+    slow_transport = FakeTransport()
+    slow.connection_made(slow_transport)
+    slow.data_received(GET_VERSIONS[:10])
+    state.tick(2.0, PINNED_UNIX_TIME)
+    assert split_responses(slow_transport.output)[0].status == 408
+    assert slow_transport.eof_written and not slow_transport.closed
+    state.tick(5.0, PINNED_UNIX_TIME)
+    assert idle_transport.eof_written and not idle_transport.closed  # a request may be on its way
+    assert slow_transport.closed  # its linger is over
+    state.tick(5.0 + CLOSE_LINGER_S, PINNED_UNIX_TIME)
+    assert idle_transport.closed

@@ -270,7 +270,7 @@ def test_unknown_peer_gets_404_json() -> None:
     for response in responses:
         assert response.headers["content-type"] == "application/json; charset=utf-8"
         assert response.json() == NO_VM_BODY
-    assert not transport.closed  # a 404 is an answer, not a reason to hang up
+    assert not transport.ended  # a 404 is an answer, not a reason to hang up
     # /metadata/versions does not depend on the VM.
     [(status, _body)] = ask(registry, "10.3.0.1", request("/metadata/versions"))
     assert status == 200

@@ -61,7 +61,7 @@ def test_remembered_answers_are_byte_identical_and_skip_the_parser(name: str) ->
     second, second_transport, _ = make_connection(store=store)
     second.parser = ExplodingParser()
     assert answers(second, second_transport, data) == parsed
-    assert second_transport.closed == (name in ("http10", "close", "pipelined_then_close"))
+    assert second_transport.ended == (name in ("http10", "close", "pipelined_then_close"))
 
 
 def test_keep_alive_connection_reuses_the_memo_across_reads() -> None:
@@ -123,7 +123,7 @@ def test_draining_bypasses_the_memo_so_replies_announce_the_close() -> None:
     first, second = split_responses(transport.output)
     assert "connection" not in first.headers
     assert second.headers["connection"] == "close"
-    assert transport.closed
+    assert transport.ended
 
 
 def test_memo_is_bounded_in_entries_and_key_size() -> None:
