@@ -45,7 +45,7 @@ from fastimds.render import Reply, json_body, make_reply
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
 # How long the signed document says it is valid (Azure's examples show 5 s to 6 h).
 VALIDITY_S = 300
-# Replies kept for reuse within their second, per (generation, version, nonce).
+# Replies kept for reuse within their second, per signed content.
 MAX_CACHED_DOCUMENTS = 1024
 
 _FIELDS_SINCE = (
@@ -93,7 +93,7 @@ class Attestor:
             raise ValueError("the attested-document key must be an RSA key")
         return cls(key, certificate)
 
-    def reply(self, vm: Any, generation: int, version: str, nonce: str | None, now: float) -> Reply:
+    def reply(self, vm: Any, version: str, nonce: str | None, now: float) -> Reply:
         """The signed document for one request (from the cache when this content was signed before)."""
         content = signed_content(vm, version, nonce, int(now))
         reply = self._cache.get(content)

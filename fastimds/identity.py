@@ -13,7 +13,8 @@ Rules of this module:
   `aud` is the resource, with oid, appid, tid, sub and xms_mirid claims.
   The public key is published as a JWKS on the admin listener (/jwks), so
   a test service can validate them.
-- A token is minted once per (VM generation, identity, resource) and reused
+- A token is minted once per set of claims (identity, tenant, resource,
+  xms_mirid: never per VM or generation alone, which VMs share) and reused
   until REMINT_BEFORE_S before it expires; every reply is rendered at
   request time (expires_in counts down) and is volatile: never memoised.
 - Every value in a token reply is a string, `resource` always present.
@@ -100,7 +101,7 @@ def find_identity(section: dict[str, Any], query: dict[str, str]) -> dict[str, A
     return system if isinstance(system, dict) else None
 
 
-def token_reply(issuer: TokenIssuer, vm: Any, generation: int, query: dict[str, str], now: float) -> Reply:
+def token_reply(issuer: TokenIssuer, vm: Any, query: dict[str, str], now: float) -> Reply:
     section = vm.reserved.get("identities") or {}
     if sum(selector in query for selector in SELECTORS) > 1:
         return ERRORS["several_selectors"]
@@ -124,7 +125,8 @@ def token_reply(issuer: TokenIssuer, vm: Any, generation: int, query: dict[str, 
         "xms_mirid": mirid,
     }
     second = int(now)
-    token, not_before, expires_on = issuer.token((generation, client_id, object_id, resource), claims, second)
+    # Keyed by every claim it signs: two VMs (or two versions of one) share a token only if it says the same.
+    token, not_before, expires_on = issuer.token(tuple(sorted(claims.items())), claims, second)
     reply = json_reply(
         200,
         {

@@ -101,7 +101,7 @@ def _resolve(
         if route == ["info"]:
             return identity.info_reply(snapshot.vm)
         # Tokens count down (expires_in): rendered per request, volatile.
-        return identity.token_reply(identity.ISSUER.get(), snapshot.vm, snapshot.generation, query, time.time())
+        return identity.token_reply(identity.ISSUER.get(), snapshot.vm, query, time.time())
     if category == "attested" and route == ["document"]:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
@@ -131,7 +131,7 @@ def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply
     if nonce is not None and not NONCE_PATTERN.fullmatch(nonce):
         return ERRORS["bad_nonce"]
     # The one reply that reads the clock: the document is signed with its time.
-    return SIGNER.get().reply(snapshot.vm, snapshot.generation, version, nonce, time.time())
+    return SIGNER.get().reply(snapshot.vm, version, nonce, time.time())
 
 
 def _refusal(snapshot: Snapshot | None, version: str | None, valid: frozenset[str]) -> Reply | None:

@@ -110,7 +110,7 @@ def test_vms_at_the_same_generation_never_share_a_document(tmp_path: Path) -> No
     now = time.time()
     for name in ("a", "b", "a"):
         vm = parse_vm(orjson.dumps(vm_document(name)), name)
-        reply = signer.reply(vm, 1, "2021-02-01", "1234", now)
+        reply = signer.reply(vm, "2021-02-01", "1234", now)
         content = verified_content(orjson.loads(reply.body)["signature"], tmp_path)
         assert content["vmId"] == vm_uuid(name)
 

@@ -113,6 +113,22 @@ def test_tokens_are_reused_until_near_expiry_and_never_memoised() -> None:
     assert first is not second and snapshot.url_replies == {}
 
 
+def test_vms_at_the_same_generation_never_share_a_token() -> None:
+    # Regression: tokens were cached by (generation, client id, object id, resource); every VM's
+    # first publish is generation 1, so a VM could get a token naming another VM's tenant or
+    # resource id. They are now cached by every claim they sign.
+    other = copy.deepcopy(document_with(IDENTITIES))
+    other["identities"]["tenantId"] = "99999999-9999-4999-8999-999999999999"
+    other["instance"]["compute"]["resourceId"] = "/subscriptions/s/resourceGroups/rg/providers/x/virtualMachines/b"
+    tokens = []
+    for document in (document_with(IDENTITIES), other, document_with(IDENTITIES)):
+        snapshot = build_snapshot(parse_vm(orjson.dumps(document), "t"), 1)
+        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+        tokens.append(claims(orjson.loads(reply.body)["access_token"]))
+    assert [token["tid"] for token in tokens] == [TENANT, other["identities"]["tenantId"], TENANT]
+    assert tokens[1]["xms_mirid"] == other["instance"]["compute"]["resourceId"] != tokens[0]["xms_mirid"]
+
+
 @pytest.mark.parametrize(
     ("identities", "problem"),
     [
