@@ -194,7 +194,7 @@ def read_records(path: Path, query: Query, corruption: Corruption) -> Iterator[t
     """(ts, line as a JSON object, record) of every whole record in `path` that `query` matches, in file order."""
     try:
         with open(path, "rb") as source:
-            fields: list[str] | None = None  # from the last header line
+            fields: list[Any] | None = None  # from the last header line (names, nested as the arrays are)
             for raw in source:
                 line = raw.rstrip(b"\r\n")
                 if not line.strip():
@@ -213,20 +213,39 @@ def read_records(path: Path, query: Query, corruption: Corruption) -> Iterator[t
         return
 
 
-def parse_line(line: bytes, fields: list[str] | None) -> Record | list[str] | None:
-    """A record (from an object line, or an array line under a header), a header's field names, or None."""
+def parse_line(line: bytes, fields: list[Any] | None) -> Record | list[Any] | None:
+    """A record (from an object line, or an array line under a header), a header's fields, or None.
+
+    A header's fields are names, nested as its records' arrays are: flat in
+    version 1, `[["caller","vm","generation"],"ts",...]` in version 2.
+    """
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
     if isinstance(value, dict) and isinstance(value.get("fields"), list):
-        return [str(name) for name in value["fields"]]
+        return list(value["fields"])
     if isinstance(value, list):
-        if fields is None or len(value) != len(fields):
+        named: dict[str, Any] = {}
+        if fields is None or not _name_values(fields, value, named):
             return None
-        value = dict(zip(fields, value, strict=True))
-        value = {key: value[key] for key in RECORD_KEYS if key in value}
+        value = {key: named[key] for key in RECORD_KEYS if key in named}
     return checked_record(value)
+
+
+def _name_values(fields: list[Any], values: list[Any], named: dict[str, Any]) -> bool:
+    """Name each value by its field, through any nesting; False if the shapes differ."""
+    if not isinstance(values, list) or len(values) != len(fields):
+        return False
+    for name, value in zip(fields, values, strict=True):
+        if isinstance(name, list):
+            if not _name_values(name, value, named):
+                return False
+        elif isinstance(name, str):
+            named[name] = value
+        else:
+            return False
+    return True
 
 
 def checked_record(record: Any) -> Record | None:

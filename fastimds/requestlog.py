@@ -30,15 +30,23 @@ Rules of this module:
 
 File format: JSON lines. Each time a worker opens its file (a new file, a
 rotation, a restart) it first writes a header line naming the fields,
-    {"fastimds_request_log":1,"fields":["caller","ts","vm","method","target","status","bytes","latency_us","generation"]}
-and every following line is one record as a JSON array of those fields, in
-that order. Arrays, not objects: orjson encodes a batch of tuples in one call
-at ~0.07 µs per record, against ~0.7-1.25 µs when each record is first made
-into a dict (measured, tuning.md). Each record starts with a string, so the
-byte sequence `],["` occurs only between two records (inside a string the
-quote would be escaped), and one replace turns the batch into lines.
-`fastimds logs` reads the header and prints records as objects; it also
-reads lines of objects (the first format).
+    {"fastimds_request_log":2,"fields":[["caller","vm","generation"],"ts",[["method","target","status"],"bytes"],"latency_us"]}
+and every following line is one record as a JSON array shaped like those
+fields, for example
+    [["10.0.0.4","vm-1",7],1795677751.4213,[["GET","/metadata/versions",200],61],87]
+Arrays, not objects: orjson encodes a batch of tuples in one call at
+~0.1 µs per record, against ~0.7-1.25 µs when each record is first made
+into a dict (measured, tuning.md). Nested, because the hot path then stores
+four references per request: the connection's (caller, vm, generation),
+made once per connection and generation, the reply's ((method, target,
+status), bytes), made once per remembered reply, and the two numbers that
+are the request's own; copying nine values cost ~0.45 µs more per request
+in the server (tuning.md). Each record starts with `[["`, so the byte
+sequence `],[["` occurs only between two records (inside a record no array
+follows another's end that way, and inside a string the quote would be
+escaped), and one replace turns the batch into lines. `fastimds logs`
+reads the header and prints records as objects; it also reads the earlier
+formats: flat arrays under a version 1 header, and lines of objects.
 
 Record fields:
     caller      str    the caller's IP address
@@ -58,6 +66,7 @@ import errno
 import os
 import re
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -83,16 +92,20 @@ STAMP_FORMAT: Final = "%Y%m%dT%H%M%S.%fZ"
 LOG_FILE_NAME: Final = re.compile(r"^requests\.(?:(?P<stamp>\d{8}T\d{6}\.\d{6}Z)\.)?w(?P<worker>\d+)\.jsonl$")
 
 RECORD_KEYS: Final = ("ts", "caller", "vm", "method", "target", "status", "bytes", "latency_us", "generation")
-_WIDTH: Final = len(RECORD_KEYS)
+# The shape of a record's array on disk (see the module's rules).
+FIELDS: Final = (("caller", "vm", "generation"), "ts", (("method", "target", "status"), "bytes"), "latency_us")
+_WIDTH: Final = len(FIELDS)  # values per record in the flat buffer
 MAX_BUFFERED_VALUES: Final = MAX_BUFFERED_RECORDS * _WIDTH
-# The order of a record's array on disk: a string first (see the module's rules).
-FIELDS: Final = ("caller", "ts", "vm", "method", "target", "status", "bytes", "latency_us", "generation")
-HEADER: Final = orjson.dumps({"fastimds_request_log": 1, "fields": list(FIELDS)}) + b"\n"
+HEADER: Final = orjson.dumps({"fastimds_request_log": 2, "fields": FIELDS}) + b"\n"
 
-# (caller, ts, vm_id, method, target, status, size, latency_us, generation): FIELDS' order
-Record = tuple[str | bytes, float, str, str | bytes, str | bytes, int, int, int, int]
+# Who asked: (caller, vm_id, generation); the protocol makes one per connection and generation.
+Head = tuple[str | bytes, str, int]
 # What the protocol keeps of each reply: (method, target, status).
-Stub = tuple[str, str, int]
+Stub = tuple[str | bytes, str | bytes, int]
+# A reply as the request log keeps it: (its stub, bytes of body sent).
+Sent = tuple[Stub, int]
+# (head, ts, sent, latency_us): FIELDS' shape
+Record = tuple[Head, float, Sent, int]
 # (event name, fields) for fastimds.log.log_event.
 Event = tuple[str, dict[str, Any]]
 
@@ -155,10 +168,9 @@ UTF8: Final = "utf-8"
 DECODE_ERRORS: Final = "backslashreplace"  # invalid UTF-8 stays visible in the log: \xff
 
 
-# Between two records of one JSON array of arrays that start with a string;
-# never inside a string, where every quote is escaped.
-_ARRAY_BOUNDARY: Final = b'],["'
-_LINE_BOUNDARY: Final = b']\n["'
+# Between two records of one JSON array of records (see the module's rules).
+_ARRAY_BOUNDARY: Final = b'],[["'
+_LINE_BOUNDARY: Final = b']\n[["'
 
 
 def encode_records(records: list[Record]) -> tuple[list[bytes | memoryview], int]:
@@ -197,9 +209,9 @@ def _encodable_records(records: list[Record]) -> tuple[list[Record], int]:
     bad = 0
     for record in records:
         try:
-            caller, ts, vm, method, target, status, size, latency_us, generation = record
-            candidate = (text(caller), ts, vm, text(method), text(target), status, size, latency_us, generation)
-            if not isinstance(candidate[0], str):
+            (caller, vm, generation), ts, ((method, target, status), size), latency_us = record
+            candidate = ((text(caller), vm, generation), ts, ((text(method), text(target), status), size), latency_us)
+            if not isinstance(candidate[0][0], str):
                 raise TypeError("the caller must be text")
             orjson.dumps(candidate)
         except (TypeError, ValueError):
@@ -242,10 +254,10 @@ class RequestLog:
         self.errors = 0  # failed flushes, rotations and retention passes
         self.rotations = 0
         self.last_error: str | None = None
-        # Records laid end to end, len(FIELDS) values each: a flat list of
-        # strings and numbers holds nothing the cyclic GC tracks, where a
-        # tuple per record made every collection walk the whole buffer
-        # (measured: 1.0 -> 0.4 µs per request on the protocol's side).
+        # Records laid end to end, four values each: no tuple is made per
+        # record (a new tuple per record made every collection walk the whole
+        # buffer: 1.0 -> 0.4 µs per request); the head and sent tuples it
+        # holds are shared by many records and made once each.
         self.buffer: list[Any] = []
         self._fd: int | None = None
         self._size = 0  # bytes in the current file
@@ -277,20 +289,21 @@ class RequestLog:
         """Remember one request; O(1), no I/O. `caller`, `method` and `target` may be bytes (decoded at flush)."""
         buffer = self.buffer
         if len(buffer) < MAX_BUFFERED_VALUES:
-            buffer += (caller, ts, vm_id, method, target, status, size, latency_us, generation)
+            buffer += ((caller, vm_id, generation), ts, ((method, target, status), size), latency_us)
         else:
             self.dropped += 1
 
-    def record_read(  # noqa: PLR0917 - positional on purpose: called once per read on the hot path
-        self, ts: float, caller: str, vm_id: str, latency_us: int, generation: int, replies: list[tuple[Stub, int]]
-    ) -> None:
-        """Remember every reply of one read at once: what they share is passed once (the protocol's call)."""
+    def record_read(self, ts: float, head: Head, latency_us: int, replies: Sequence[Sent]) -> None:
+        """Remember every reply of one read at once: what they share is passed once (the protocol's call).
+
+        The protocol writes a read with one reply straight into `buffer`, the same way.
+        """
         buffer = self.buffer
-        for (method, target, status), size in replies:
+        for sent in replies:
             if len(buffer) >= MAX_BUFFERED_VALUES:
                 self.dropped += 1
                 continue
-            buffer += (caller, ts, vm_id, method, target, status, size, latency_us, generation)
+            buffer += (head, ts, sent, latency_us)
 
     # ---- the tick ----
 

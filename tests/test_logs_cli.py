@@ -221,3 +221,43 @@ def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     proc.stderr.close()
     assert proc.wait(timeout=30) == 0, stderr
     assert orjson.loads(first)["ts"] == T0 and stderr == b""
+
+
+def test_every_format_this_project_has_written_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Lines of objects (the first format), flat arrays under a version 1 header, nested ones under version 2."""
+    expected = {
+        "ts": T0,
+        "caller": "10.0.0.4",
+        "vm": "vm-0",
+        "method": "GET",
+        "target": "/metadata/versions",
+        "status": 200,
+        "bytes": 61,
+        "latency_us": 87,
+        "generation": 3,
+    }
+    v1_fields = ["caller", "ts", "vm", "method", "target", "status", "bytes", "latency_us", "generation"]
+    v2_fields = [["caller", "vm", "generation"], "ts", [["method", "target", "status"], "bytes"], "latency_us"]
+    lines = [
+        orjson.dumps(expected),
+        orjson.dumps({"fastimds_request_log": 1, "fields": v1_fields}),
+        orjson.dumps([expected[name] for name in v1_fields]),
+        orjson.dumps({"fastimds_request_log": 2, "fields": v2_fields}),
+        orjson.dumps([["10.0.0.4", "vm-0", 3], T0, [["GET", "/metadata/versions", 200], 61], 87]),
+        orjson.dumps([["10.0.0.4", "vm-0"], T0, [["GET", "/metadata/versions", 200], 61], 87]),  # wrong shape
+    ]
+    (tmp_path / "requests.w000.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    code, records, err = run_logs(capsys, str(tmp_path))
+    assert code == 0
+    assert records == [expected] * 3
+    assert "1 corrupt line" in err
+
+
+def test_the_writer_writes_the_nested_format_its_header_names(tmp_path: Path) -> None:
+    sneaky = '/a"],[["b'  # a target holding the record boundary's bytes, but for the escaping
+    write_log(tmp_path, 0, [{"ts": T0, "target": sneaky}])
+    header, line = (tmp_path / "requests.w000.jsonl").read_bytes().splitlines()
+    assert orjson.loads(header)["fields"] == [
+        ["caller", "vm", "generation"], "ts", [["method", "target", "status"], "bytes"], "latency_us"
+    ]  # fmt: skip
+    assert orjson.loads(line) == [["10.0.0.4", "vm-0", 1], T0, [["GET", sneaky, 200], 100], 50]

@@ -404,7 +404,7 @@ def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
     replies = [(("GET", TARGET, 200), 10), (("HEAD", "/metadata/versions", 200), 0), (("GET", "/x", 404), 20)]
     for (method, target, status), size in replies:
         one_by_one.record(T0, "10.0.0.4", "vm-1", method, target, status, size, 77, 3)
-    at_once.record_read(T0, "10.0.0.4", "vm-1", 77, 3, replies)
+    at_once.record_read(T0, ("10.0.0.4", "vm-1", 3), 77, replies)
     for log in (one_by_one, at_once):
         log.close(T0 + 1)
     assert lines_of(tmp_path / "a" / "requests.w000.jsonl") == lines_of(tmp_path / "b" / "requests.w000.jsonl")
@@ -414,9 +414,9 @@ def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
 def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastimds import requestlog
 
-    monkeypatch.setattr(requestlog, "MAX_BUFFERED_VALUES", 2 * len(requestlog.RECORD_KEYS))
+    monkeypatch.setattr(requestlog, "MAX_BUFFERED_VALUES", 2 * len(requestlog.FIELDS))
     log = RequestLog(tmp_path, worker=0)
-    log.record_read(T0, "10.0.0.4", "vm-1", 1, 1, [(("GET", "/a", 200), 1)] * 3)
+    log.record_read(T0, ("10.0.0.4", "vm-1", 1), 1, [(("GET", "/a", 200), 1)] * 3)
     assert (log.buffered, log.dropped) == (2, 1)
     log.close(T0)
 
@@ -440,15 +440,17 @@ def test_the_protocol_records_every_reply_parsed_remembered_or_pipelined(tmp_pat
     leaf = request("/metadata/instance/compute/name?api-version=2021-02-01&format=text")
     protocol.data_received(leaf)  # parsed, then remembered
     protocol.data_received(leaf)  # answered from the request memo: the inlined one-reply path
+    protocol.data_received(leaf)
     protocol.data_received(leaf + request("/metadata/versions", headers=()))  # two replies in one read
     responses = split_responses(transport.output)
     buffered = list(zip(*[iter(log.buffer)] * len(FIELDS), strict=True))
-    assert [(r[0], r[2], r[3], r[4], r[5], r[6], r[8]) for r in buffered] == [
-        ("10.0.0.9", "default", "GET", "/metadata/instance/compute/name?api-version=2021-02-01&format=text", 200,
-         len(responses[index].body), 1)
-        for index in range(3)
-    ] + [("10.0.0.9", "default", "GET", "/metadata/versions", 400, len(responses[3].body), 1)]  # fmt: skip
-    assert all(isinstance(r[1], float) and isinstance(r[7], int) for r in buffered)  # ts, latency_us
+    leaf = ("GET", "/metadata/instance/compute/name?api-version=2021-02-01&format=text", 200)
+    assert [(head, sent) for head, _ts, sent, _latency in buffered] == [
+        (("10.0.0.9", "default", 1), (leaf, len(responses[index].body))) for index in range(4)
+    ] + [(("10.0.0.9", "default", 1), (("GET", "/metadata/versions", 400), len(responses[4].body)))]
+    assert all(isinstance(ts, float) and isinstance(latency, int) for _head, ts, _sent, latency in buffered)
+    # The hot path copies nothing: one head per connection and generation, one sent per remembered reply.
+    assert buffered[1][0] is buffered[2][0] and buffered[1][2] is buffered[2][2]
 
 
 def test_the_protocols_inlined_record_drops_and_counts_when_the_buffer_is_full(tmp_path: Path) -> None:
