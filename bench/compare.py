@@ -19,6 +19,11 @@ cannot start is skipped with the reason (and how to install it).
 
 Output in bench/results/<UTC time>/: results.json (every round), summary.md
 (medians, ratios with their spread, targets), throughput.png, latency.png.
+
+What telemetry costs is also measured as server CPU time per request (from
+/proc, for the one-process fastimds variants): on this shared VM req/s swings
+by 10-20 % between rounds with the neighbours' load, while CPU per request
+only moves with the work the server itself does.
 """
 
 from __future__ import annotations
@@ -358,6 +363,12 @@ class Load:
     cores: str | None
 
 
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of one process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(port: int, scenario: Scenario, script: Path, load: Load) -> dict[str, Any]:
     command = [*pin(load.cores), "wrk", "-t1", f"-c{load.connections}", f"-d{load.duration}s", "-s", str(script)]
     command.append(f"http://127.0.0.1:{port}{scenario.target.split('?')[0]}")
@@ -411,6 +422,8 @@ def summarise(rounds: list[dict[str, Any]], servers: list[str]) -> dict[str, Any
             per_server[server] = {
                 key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_us", "p99_us", "max_us")
             }
+            if all("cpu_us_per_request" in r for r in runs):
+                per_server[server]["cpu_us_per_request"] = statistics.median(r["cpu_us_per_request"] for r in runs)
             per_server[server]["unexpected_status"] = sum(r["unexpected_status"] for r in runs)
             per_server[server]["socket_errors"] = sum(r["socket_errors"] for r in runs)
         ratios: dict[str, Any] = {}
@@ -433,8 +446,40 @@ def summarise(rounds: list[dict[str, Any]], servers: list[str]) -> dict[str, Any
                     "rounds": by_round,
                     "target": TARGETS.get((scenario.name, reference)),
                 }
-        summary[scenario.name] = {"servers": per_server, "ratios": ratios}
+        telemetry = telemetry_cost(rounds, scenario)
+        summary[scenario.name] = {"servers": per_server, "ratios": ratios, "telemetry": telemetry}
     return summary
+
+
+TELEMETRY_VARIANTS = ("fastimds", "fastimds-requestlog")  # each against fastimds-notelemetry
+
+
+def telemetry_cost(rounds: list[dict[str, Any]], scenario: Scenario) -> dict[str, Any]:
+    """Per variant, per round: req/s ÷ off and off's CPU per request ÷ the variant's (capacity), with medians."""
+    cost: dict[str, Any] = {}
+    for variant in TELEMETRY_VARIANTS:
+        rps_ratios, cpu_ratios = [], []
+        for index in sorted({r["round"] for r in rounds}):
+            pair = {
+                r["server"]: r
+                for r in rounds
+                if r["round"] == index and r["scenario"] == scenario.name and r["server"] in (variant, OFF)
+            }
+            if len(pair) == 2:
+                rps_ratios.append(pair[variant]["rps"] / pair[OFF]["rps"])
+                if "cpu_us_per_request" in pair[variant] and "cpu_us_per_request" in pair[OFF]:
+                    cpu_ratios.append(pair[OFF]["cpu_us_per_request"] / pair[variant]["cpu_us_per_request"])
+        if rps_ratios:
+            cost[variant] = {
+                "rps_ratio": statistics.median(rps_ratios),
+                "rps_ratios": rps_ratios,
+                "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
+                "cpu_ratios": cpu_ratios,
+            }
+    return cost
+
+
+OFF = "fastimds-notelemetry"
 
 
 def markdown(summary: dict[str, Any], info: dict[str, Any], args: argparse.Namespace, skipped: list[str]) -> str:
@@ -476,16 +521,28 @@ def markdown(summary: dict[str, Any], info: dict[str, Any], args: argparse.Names
                 f"| {scenario} | {reference} | {ratio['median']:.2f} | {ratio['min']:.2f}–{ratio['max']:.2f}"
                 f" | {'' if target is None else f'≥ {target}'} | {met} | {ceiling} |"
             )
-    lines += ["", "What telemetry costs, req/s (targets: counters on ≥ 0.95 × off; request log on ≥ 0.85 × off):", ""]
+    lines += [
+        "",
+        "What telemetry costs (targets: counters on ≥ 0.95 × off; request log on ≥ 0.85 × off), medians of",
+        "per-round ratios: req/s on ÷ off, and capacity = off's server CPU per request ÷ on's:",
+        "",
+        "| scenario | variant | req/s ratio (spread) | capacity ratio (spread) | CPU µs/request on, off |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for scenario, data in summary.items():
         servers = data["servers"]
-        if "fastimds-notelemetry" not in servers:
-            continue
-        off = servers["fastimds-notelemetry"]["rps"]
-        parts = [f"counters on ÷ off {servers['fastimds']['rps'] / off:.2f}"] if "fastimds" in servers else []
-        if "fastimds-requestlog" in servers:
-            parts.append(f"request log on ÷ off {servers['fastimds-requestlog']['rps'] / off:.2f}")
-        lines.append(f"- {scenario}: " + ", ".join(parts))
+        for variant, cost in data.get("telemetry", {}).items():
+            label = {"fastimds": "counters", "fastimds-requestlog": "counters + request log"}[variant]
+            rps = f"{cost['rps_ratio']:.2f} ({min(cost['rps_ratios']):.2f}–{max(cost['rps_ratios']):.2f})"
+            capacity = (
+                f"{cost['cpu_ratio']:.2f} ({min(cost['cpu_ratios']):.2f}–{max(cost['cpu_ratios']):.2f})"
+                if cost["cpu_ratio"] is not None
+                else "n/a"
+            )
+            cpu_on = servers.get(variant, {}).get("cpu_us_per_request")
+            cpu_off = servers.get(OFF, {}).get("cpu_us_per_request")
+            cpus = f"{cpu_on:.2f}, {cpu_off:.2f}" if cpu_on is not None and cpu_off is not None else "n/a"
+            lines.append(f"| {scenario} | {label} | {rps} | {capacity} | {cpus} |")
     fleet = f"fastimds-{FLEET_SIZE}vms"
     lines += ["", f"{FLEET_SIZE} resident VMs ÷ one VM, req/s (target ≥ 0.9):", ""]
     for scenario, data in summary.items():
@@ -610,7 +667,12 @@ def main(argv: list[str] | None = None) -> int:
                 for scenario in scenarios:
                     order = live if index % 2 == 0 else list(reversed(live))
                     for server in order:
+                        measure_cpu = server.name.startswith("fastimds") and server.proc is not None
+                        cpu_before = process_cpu_s(server.proc.pid) if measure_cpu and server.proc else 0.0
                         result = run_wrk(server.port, scenario, scripts[scenario.name], load)
+                        if measure_cpu and server.proc:
+                            cpu = process_cpu_s(server.proc.pid) - cpu_before
+                            result["cpu_us_per_request"] = cpu * 1e6 / max(result["requests"], 1)
                         result |= {"round": index, "server": server.name, "scenario": scenario.name}
                         rounds.append(result)
                         print(
