@@ -214,9 +214,13 @@ class Control:
         return store.current.vm if store is not None and store.current is not None else None
 
     def patch(self, vm_id: str, patch: Any) -> int:
+        """Apply an RFC 7396 merge patch; one that changes nothing keeps the generation (no write)."""
         current = self.document(vm_id)["vm"]
         encoded_size(patch)  # refuses nesting merge_patch could not recurse through
-        return self.put(vm_id, merge_patch(current, patch))
+        merged = merge_patch(current, patch)
+        if merged == current:
+            return self._next_generation(vm_id) - 1
+        return self.put(vm_id, merged)
 
     def delete(self, vm_id: str, source: str = ADMIN_SOURCE) -> int:
         """Remove a VM; returns the generation of the removal."""

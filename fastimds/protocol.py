@@ -735,6 +735,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.waiting is not _DELAYED:
             return  # the connection was lost meanwhile
         self.waiting = None
+        self._resume_after_hold()
+
+    def _resume_after_hold(self) -> None:
+        """A held reply (long-poll or injected latency) is answered: send it and those behind it, read on."""
         if not self.closing:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s
             self.transport.resume_reading()
@@ -834,12 +838,7 @@ class HttpProtocol(asyncio.Protocol):
                 current.generation if current is not None else 0,
             )
         self.out.extend(later)
-        if not self.closing:
-            self.deadline = self.state.now + self.limits.keep_alive_timeout_s
-            self.transport.resume_reading()
-        self._flush()
-        if self.backlog:
-            self._feed_backlog()
+        self._resume_after_hold()
 
     def _release_with_current(self) -> None:
         wait = self.waiting

@@ -143,31 +143,36 @@ def _refusal(snapshot: Snapshot | None, version: str | None, valid: frozenset[st
     return None
 
 
-def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
-    refused = _refusal(snapshot, query.get("api-version"), LOADBALANCER_VERSIONS)
-    if refused is not None:
-        return refused
-    assert snapshot is not None  # _refusal checked it
-    text = _wants_text(query.get("format"))
-    if text is None:
-        return ERRORS["bad_format"]
-    if text:
-        return ERRORS["json_only"]
-    reply = snapshot.loadbalancer
-    return reply if reply is not None else ERRORS["no_loadbalancer"]
-
-
-def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: dict[str, str], body: bytes) -> Reply:
+def _checked(
+    snapshot: Snapshot | None, query: dict[str, str], valid: frozenset[str], json_only: bool = False
+) -> tuple[Snapshot, str, bool] | Reply:
+    """(snapshot, api-version, wants text) once `_refusal` and the format check pass; else the error."""
     version = query.get("api-version")
-    refused = _refusal(snapshot, version, SCHEDULED_EVENTS_VERSIONS)
+    refused = _refusal(snapshot, version, valid)
     if refused is not None:
         return refused
     assert snapshot is not None and version is not None  # _refusal checked both
     text = _wants_text(query.get("format"))
     if text is None:
         return ERRORS["bad_format"]
-    if text:
+    if text and json_only:
         return ERRORS["json_only"]
+    return snapshot, version, text
+
+
+def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
+    checked = _checked(snapshot, query, LOADBALANCER_VERSIONS, json_only=True)
+    if isinstance(checked, Reply):
+        return checked
+    reply = checked[0].loadbalancer
+    return reply if reply is not None else ERRORS["no_loadbalancer"]
+
+
+def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: dict[str, str], body: bytes) -> Reply:
+    checked = _checked(snapshot, query, SCHEDULED_EVENTS_VERSIONS, json_only=True)
+    if isinstance(checked, Reply):
+        return checked
+    snapshot, version, _text = checked
     if method != b"POST":
         return snapshot.scheduled_events(version)
     approved = events.approval_ids(body)
@@ -180,14 +185,10 @@ def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: d
 
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:
-    version = query.get("api-version")
-    refused = _refusal(snapshot, version, INSTANCE_VERSIONS)
-    if refused is not None:
-        return refused
-    assert snapshot is not None and version is not None  # _refusal checked both
-    text = _wants_text(query.get("format"))
-    if text is None:
-        return ERRORS["bad_format"]
+    checked = _checked(snapshot, query, INSTANCE_VERSIONS)
+    if isinstance(checked, Reply):
+        return checked
+    snapshot, version, text = checked
     extended = query.get("extended", "false").lower()
     if extended not in ("true", "false"):
         return ERRORS["bad_extended"]

@@ -33,16 +33,6 @@ from fastimds.registry import NOBODY, VmRegistry
 from tests.server_process import vm_document, vm_uuid
 
 
-@pytest.fixture
-def bus(tmp_path: Path) -> Bus:
-    return Bus(tmp_path / "bus", durable=True)
-
-
-@pytest.fixture
-def control(bus: Bus) -> Control:
-    return Control(bus, VmRegistry())
-
-
 def events(captured: str, name: str) -> list[dict[str, Any]]:
     """The log records named `name` in captured stderr."""
     found = []
@@ -123,6 +113,16 @@ def test_patch_merges_and_keeps_the_rest(control: Control) -> None:
     control.patch("a", {"callers": None})
     assert "callers" not in control.document("a")["vm"]
     assert served_vm_id(control.registry, "10.1.0.5") is None
+
+
+def test_a_patch_that_changes_nothing_keeps_the_generation_and_writes_nothing(control: Control, bus: Bus) -> None:
+    control.put("a", vm_document("a", callers=["10.1.0.4"]))
+    control.patch("a", {"instance": {"compute": {"location": "eastus"}}})
+    before = bus.path_of("a").read_bytes()
+    location = {"instance": {"compute": {"location": "eastus"}}}
+    assert control.patch("a", {}) == control.patch("a", location) == 2
+    assert bus.path_of("a").read_bytes() == before
+    assert control.patch("a", {"instance": {"compute": {"location": "westus"}}}) == 3
 
 
 def test_patch_of_a_missing_vm_is_404(control: Control) -> None:

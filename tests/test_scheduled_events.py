@@ -752,16 +752,6 @@ def test_bus_approvals_are_taken_once_and_junk_is_dropped(tmp_path: Path) -> Non
 # ---- Control: the lifecycle as the control plane runs it ----
 
 
-@pytest.fixture
-def bus(tmp_path: Path) -> Bus:
-    return Bus(tmp_path / "bus", durable=True)
-
-
-@pytest.fixture
-def control(bus: Bus) -> Control:
-    return Control(bus, VmRegistry())
-
-
 def bus_state(bus: Bus) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(bus.directory.iterdir()) if path.is_file()}
 

@@ -27,6 +27,7 @@ from fastimds.store import SnapshotStore
 from fastimds.versions import (
     API_VERSIONS,
     EXTENDED_FIRST_VERSION,
+    INSTANCE_FIELD_KIND,
     INSTANCE_FIELD_SINCE,
     INSTANCE_FIRST_VERSION,
     INSTANCE_VERSIONS,
@@ -62,9 +63,11 @@ def vm_documents(draw: st.DrawFn) -> dict[str, Any]:
     return {"instance": {"compute": compute, "network": network}}
 
 
-# Compute keys with a fixed shape in the schema; random trees avoid them.
+# Compute keys with a fixed shape in the schema (a version or a kind); random trees avoid them.
 INSTANCE_COMPUTE_KINDS = {
-    path.split(".")[1].split("[")[0] for path in INSTANCE_FIELD_SINCE if path.startswith("compute.")
+    path.split(".")[1].split("[")[0]
+    for path in (*INSTANCE_FIELD_SINCE, *INSTANCE_FIELD_KIND)
+    if path.startswith("compute.")
 }
 
 
