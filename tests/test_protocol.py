@@ -449,3 +449,39 @@ def test_the_idle_timeout_and_the_request_timeout_linger_too() -> None:
     assert slow_transport.closed  # its linger is over
     state.tick(5.0 + CLOSE_LINGER_S, PINNED_UNIX_TIME)
     assert idle_transport.closed
+
+
+def test_many_deadlines_at_once_are_handled_in_slices_with_io_between() -> None:
+    import asyncio
+
+    from fastimds.protocol import EXPIRE_SLICE
+    from tests.fakes import FakeTransport
+
+    limits = Limits(keep_alive_timeout_s=5)
+    _first, first_transport, state = make_connection(limits=limits)
+    transports = [first_transport]
+    for _ in range(EXPIRE_SLICE * 2 + 50 - 1):
+        connection = HttpProtocol(state)
+        transports.append(FakeTransport())
+        connection.connection_made(transports[-1])
+
+    def ended() -> int:
+        return sum(transport.ended for transport in transports)
+
+    async def scenario() -> list[int]:
+        seen = []
+        state.tick(5.0, PINNED_UNIX_TIME)
+        seen.append(ended())  # one slice in the tick itself
+        for _ in range(3):
+            await asyncio.sleep(0)  # each loop iteration (pending I/O first) takes the next slice
+            seen.append(ended())
+        return seen
+
+    assert asyncio.run(scenario()) == [EXPIRE_SLICE, 2 * EXPIRE_SLICE, 2 * EXPIRE_SLICE + 50, 2 * EXPIRE_SLICE + 50]
+    # Without a running loop (a direct call), every due deadline is handled at once.
+    _other, other_transport, other_state = make_connection(limits=limits)
+    more = [FakeTransport() for _ in range(EXPIRE_SLICE + 1)]
+    for transport in more:
+        HttpProtocol(other_state).connection_made(transport)
+    other_state.tick(5.0, PINNED_UNIX_TIME)
+    assert other_transport.ended and all(transport.ended for transport in more)
