@@ -119,6 +119,8 @@ class Control:
         # Telemetry: updates by (result, source kind), read at scrape time.
         self.updates: Counter[tuple[str, str]] = Counter()
         self.events_changed = asyncio.Event()  # wakes the event clock (run_event_clock)
+        # VMs with events: all the event clock and approvals look at (10,000 VMs, a few with events).
+        self.with_events: set[str] = set()
         # Kept across restarts (--state-dir); counted ones are re-armed by `rearm_faults`.
         self.fault_records: list[dict[str, Any]] = bus.read_faults()
         # This process's faults: the ones it applies when it also serves (one worker).
@@ -194,7 +196,7 @@ class Control:
         self.bus.write(BusEntry(vm_id, generation, source, vm.document, vm.scheduled))
         self.registry.publish(vm_id, vm, generation)
         log_event("update_accepted", vm=vm_id, generation=generation, source=source)
-        self.events_changed.set()
+        self._note_events(vm_id, vm.scheduled)
         return generation
 
     def _events_after_update(self, vm_id: str, vm: VmDescription) -> dict[str, Any] | None:
@@ -232,6 +234,7 @@ class Control:
         self.updates["accepted", source_kind(source)] += 1
         self.registry.remove(vm_id, generation)
         log_event("vm_removed", vm=vm_id, generation=generation)
+        self._note_events(vm_id, None)
         return generation
 
     def _next_generation(self, vm_id: str) -> int:
@@ -305,19 +308,20 @@ class Control:
 
     def advance_events(self, now: float) -> None:
         """Start the events whose time has come and remove the finished ones."""
-        for vm_id, store in list(self.registry.live().items()):
-            assert store.current is not None  # live() holds only served VMs
-            state = store.current.vm.scheduled
+        for vm_id in sorted(self.with_events):
+            vm = self._served(vm_id)
+            state = vm.scheduled if vm is not None else None
             advanced = events.advance(state, now)
             if advanced is not state and advanced is not None:
                 self._publish_events(vm_id, advanced)
 
     def next_event_change(self) -> float | None:
-        moments = [
-            moment
-            for store in self.registry.live().values()
-            if store.current is not None and (moment := events.next_change(store.current.vm.scheduled)) is not None
-        ]
+        moments = []
+        for vm_id in self.with_events:
+            vm = self._served(vm_id)
+            moment = events.next_change(vm.scheduled) if vm is not None else None
+            if moment is not None:
+                moments.append(moment)
         return min(moments, default=None)
 
     async def run_event_clock(self) -> None:
@@ -344,9 +348,18 @@ class Control:
     def _holders(self, event_ids: frozenset[str]) -> list[str]:
         return sorted(
             vm_id
-            for vm_id, store in self.registry.live().items()
-            if store.current is not None and events.event_ids(store.current.vm.scheduled) & event_ids
+            for vm_id in self.with_events
+            if (vm := self._served(vm_id)) is not None and events.event_ids(vm.scheduled) & event_ids
         )
+
+    def _note_events(self, vm_id: str, state: dict[str, Any] | None) -> None:
+        """Keep `with_events` right, and wake the event clock when it or a VM's events change."""
+        if state is not None and state["Events"]:
+            self.with_events.add(vm_id)
+            self.events_changed.set()
+        elif vm_id in self.with_events:
+            self.with_events.discard(vm_id)
+            self.events_changed.set()
 
     def _publish_events(self, vm_id: str, state: dict[str, Any]) -> int:
         """A new generation of a served VM with `state` as its events: written, then published."""
@@ -355,7 +368,7 @@ class Control:
         generation = self._next_generation(vm_id)
         self.bus.write(BusEntry(vm_id, generation, vm.source, vm.document, state))
         self.registry.publish(vm_id, replace(vm, scheduled=state), generation)
-        self.events_changed.set()
+        self._note_events(vm_id, state)
         return generation
 
     # ---- injected faults ----
@@ -405,6 +418,8 @@ class Control:
     def load_state(self) -> None:
         """Serve what the bus already holds (the last good data, with --state-dir)."""
         apply_entries(self.registry, self.bus.read_all())
+        for vm_id, store in self.registry.live().items():
+            self._note_events(vm_id, store.current.vm.scheduled if store.current is not None else None)
 
     def load_data_file(self, path: Path | None) -> None:
         """Single-VM mode: the --data file (or the embedded sample) is VM "default"."""

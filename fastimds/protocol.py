@@ -214,7 +214,6 @@ class ServerState:
             self.refused.discard(connection)
             connection.transport.abort()
 
-
     def _expire(self, due: list[HttpProtocol], now: float) -> None:
         """Deadlines in slices of EXPIRE_SLICE, with pending I/O served between them.
 

@@ -1124,3 +1124,22 @@ def test_admin_cancels_an_event_whose_id_needs_percent_encoding(api: AdminApi) -
     status, body, _ = admin(api, "DELETE", "/vms/a/scheduledevents/maint%201%2Fa")
     assert (status, body["EventId"]) == (200, "maint 1/a")
     assert admin(api, "GET", "/vms/a/scheduledevents")[1]["Events"] == []
+
+
+def test_only_vms_with_events_wake_or_cost_the_event_clock(control: Control, bus: Bus) -> None:
+    for name in ("a", "b", "c"):
+        control.put(name, vm_document(name, callers=[f"10.1.0.{ord(name)}"]))
+    control.events_changed.clear()
+    control.patch("a", {"instance": {"compute": {"location": "eastus"}}})
+    assert not control.events_changed.is_set()  # an update of a VM without events does not wake the clock
+    assert control.with_events == set()
+    event_id, _ = control.add_event(["b"], {**AT_NOW_900, "EventId": "E1"})
+    assert control.with_events == {"b"} and control.events_changed.is_set()
+    control.add_event(["c"], {**AT_NOW_900, "EventId": "E2"})
+    assert Control(bus, VmRegistry()).with_events == set()  # a fresh control learns them from the bus:
+    again = Control(bus, VmRegistry())
+    again.load_state()
+    assert again.with_events == {"b", "c"}
+    control.cancel_event(event_id, "b")
+    control.delete("c")
+    assert control.with_events == set()
