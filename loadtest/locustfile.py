@@ -1,8 +1,9 @@
 """Locust traffic mix for fastimds: what the VMs on one host send.
 
 Each user is one VM's agents. Weights approximate a host where scripts read
-text leaves often, guest agents poll the instance document, provisioning
-fetches the extended document now and then, and a few requests are wrong.
+text leaves often, guest agents poll the instance document and scheduled
+events, provisioning fetches the extended document now and then, and a few
+requests are wrong.
 A bad request counts as a failure only when its status is not the one
 Azure's IMDS documents for it.
 
@@ -47,6 +48,11 @@ class VmAgents(FastHttpUser):
         self.client.get(
             "/metadata/instance?api-version=2021-08-01&extended=true", headers=METADATA, name="instance extended"
         )
+
+    @task(3)
+    def scheduled_events_poll(self) -> None:
+        # Azure recommends polling scheduled events once a second (k8s cloud-provider, the samples).
+        self.client.get("/metadata/scheduledevents?api-version=2020-07-01", headers=METADATA, name="scheduled events")
 
     @task(1)
     def versions(self) -> None:
