@@ -5,7 +5,9 @@ Rules of this module:
   (POST /metadata/scheduledevents) arrives at a worker. The worker checks it
   against the snapshot it serves, answers 200 and hands the EventIds to
   `APPROVALS`, which the server sets once per process:
-  - one process: straight to the control plane (`Control.approve`);
+  - one process: to the control plane (`Control.approve`) on the loop's next
+    turn (`Deferred`), not inside the request's parser callback, which the
+    publish it causes could re-enter (a long-poll on the same connection);
   - several: a file in the bus's `approvals/` folder, written whole and then
     renamed into place (readers never see half of one), which the control
     process watches, applies and deletes (`take_approvals`). Workers follow
@@ -18,6 +20,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import tempfile
@@ -42,6 +45,16 @@ class Unconnected:
 
     def approve(self, event_ids: frozenset[str]) -> None:
         log_event("approval_dropped", events=sorted(event_ids))
+
+
+class Deferred:
+    """One process's sink: `sink.approve` on the event loop's next turn."""
+
+    def __init__(self, sink: ApprovalSink) -> None:
+        self.sink = sink
+
+    def approve(self, event_ids: frozenset[str]) -> None:
+        asyncio.get_running_loop().call_soon(self.sink.approve, event_ids)
 
 
 class BusApprovals:

@@ -67,6 +67,8 @@ WATCH_START_TIMEOUT_S = 5.0
 # The event clock wakes at least this often, so a wall-clock step cannot
 # delay an event's start or removal for long.
 EVENT_CLOCK_MAX_SLEEP_S = 5.0
+# After a failed transition (the bus write failed), the clock tries again this soon.
+EVENT_CLOCK_RETRY_S = 1.0
 
 
 class UpdateError(Exception):
@@ -264,6 +266,10 @@ class Control:
         if missing:
             raise UpdateError(404, f"no VM {missing[0]!r}")
         names = [_vm_name(vm_id, vm) for vm_id, vm in served.items() if vm is not None]
+        if "Resources" not in request and len(names) > events.MAX_RESOURCES:
+            raise UpdateError(
+                400, f"an event names at most {events.MAX_RESOURCES} VMs in Resources: give Resources, or fewer VMs"
+            )
         event = events.make_event(request, time.time(), names)
         try:  # every VM's new state first, so a refusal changes nothing
             states = {vm_id: events.add(vm.scheduled, event) for vm_id, vm in served.items() if vm is not None}
@@ -327,8 +333,12 @@ class Control:
     async def run_event_clock(self) -> None:
         """Run every VM's events on time, waking early when an update or approval changes them."""
         while True:
-            self.advance_events(time.time())
-            next_change = self.next_event_change()
+            try:
+                self.advance_events(time.time())
+                next_change = self.next_event_change()
+            except Exception as exc:  # a failed bus write (a full disk): try again soon, never stop
+                log_event("event_clock_failed", error=repr(exc))
+                next_change = time.time() + EVENT_CLOCK_RETRY_S
             sleep_s = EVENT_CLOCK_MAX_SLEEP_S if next_change is None else next_change - time.time()
             self.events_changed.clear()
             with contextlib.suppress(TimeoutError):

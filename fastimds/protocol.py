@@ -384,14 +384,24 @@ class HttpProtocol(asyncio.Protocol):
             elif not self._answer_known(data):
                 self._feed_and_remember(data)
             self._flush()
+        if self.replies_in_read:
+            self._account(started)
+
+    def _account(self, started: int | None) -> None:
+        """Telemetry and the request log for the replies just produced, `started` ns after their bytes came.
+
+        Called after every read, and after replies produced outside one (a
+        held reply released, writing resumed, a deadline's 408); `started`
+        None: no latency to record.
+        """
         replies = self.replies_in_read
         if replies:
             self.replies_in_read = 0
             # One latency per read, for each reply it produced: two clock reads
             # per read, whatever the pipeline depth.
-            elapsed = perf_counter_ns() - started
+            elapsed = perf_counter_ns() - started if started is not None else 0
             counters = self.counters
-            if counters is not None:
+            if counters is not None and started is not None:
                 # latency_bucket(), inlined (64 -> 41 ns)
                 bucket = elapsed.bit_length() - _LATENCY_FIRST_BIT
                 bucket = 0 if bucket < 0 else (bucket if bucket < _LATENCY_LAST_BUCKET else _LATENCY_LAST_BUCKET)
@@ -498,12 +508,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.closing:
-            return
+        if self.closing or self.waiting is not None:
+            return  # a held reply keeps reading paused and its own deadline until it is answered
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
         self.transport.resume_reading()
         if self.backlog:
+            started = perf_counter_ns()
             self._feed_backlog()
+            self._account(started)
 
     # ---- feeding the parser ----
 
@@ -556,6 +568,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._linger()
             else:
                 self.transport.close()
+                # A close waits for the replies to drain: past this, check_deadlines aborts it.
+                self.deadline = self.state.now + self.limits.send_stall_timeout_s
 
     def _linger(self) -> None:
         """Half-close: our FIN now; the tick closes us CLOSE_LINGER_S later if the client has not."""
@@ -564,9 +578,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         if transport.can_write_eof():
             transport.write_eof()
+            transport.resume_reading()  # read and drop (data_received) whatever the client still sends
             self.deadline = self.state.now + CLOSE_LINGER_S
         else:
             transport.close()
+            self.deadline = self.state.now + self.limits.send_stall_timeout_s
 
     def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
         """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
@@ -635,8 +651,10 @@ class HttpProtocol(asyncio.Protocol):
             self.keep_alive_asked = b"keep-alive" in value.lower()
         elif name == b"upgrade":
             # We never switch protocols, and httptools stops parsing after an
-            # upgrade request, so its reply must announce the close.
+            # upgrade request, so its reply must announce the close (and
+            # linger: never remembered, since the memo closes at once).
             self.upgrade_asked = True
+            self.plain = False
         elif name == b"if-none-match":
             self.if_none_match = value
         elif name in _BODY_FRAMING_HEADERS:
@@ -760,8 +778,11 @@ class HttpProtocol(asyncio.Protocol):
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s
             self.transport.resume_reading()
         self._flush()
+        self._account(None)  # what the hold kept back: its latency is the wait, not ours
         if self.backlog:
+            started = perf_counter_ns()
             self._feed_backlog()
+            self._account(started)
 
     def _sample_error(self, event: str, status: int, target: bytes) -> None:
         """Warm path: log a refused request, as often as the event log's rate limit lets it."""
@@ -868,8 +889,11 @@ class HttpProtocol(asyncio.Protocol):
         if now < self.deadline or self.waiting is _DELAYED:
             return
         if self.closing and self.waiting is None:
-            if self.lingering:
+            if self.transport.is_closing():
+                self.transport.abort()  # closed, but its last replies never drained: the client stopped reading
+            elif self.lingering:
                 self.transport.close()  # the linger is over
+                self.deadline = now + self.limits.send_stall_timeout_s
             return
         if self.waiting is not None:
             self._release_with_current()  # timeout_sec passed: answer with the current value
@@ -878,7 +902,7 @@ class HttpProtocol(asyncio.Protocol):
         elif self.in_request:
             self._respond(_REQUEST_TIMEOUT, head_only=False, keep_alive=False)
             self._flush()
-            self.replies_in_read = 0  # not a read's reply: no latency to record
+            self._account(None)  # logged, but not a read's reply: no latency to record
         else:
             self.closing = self.lingering = True
             self._linger()  # idle keep-alive: a request may be on its way
@@ -892,7 +916,9 @@ class HttpProtocol(asyncio.Protocol):
         stream, never a reset (a close with unread input sends RST).
         """
         if self.waiting is _DELAYED:
-            return  # its delayed reply goes when the delay ends (the grace period caps it)
+            # Its delayed reply goes when the delay ends (the grace period caps it), then a lingering close.
+            self.closing = self.lingering = True
+            return
         if self.waiting is not None:
             self._release_with_current()
             return
@@ -907,3 +933,4 @@ class HttpProtocol(asyncio.Protocol):
         """
         if self.closing and self.waiting is None:
             self.transport.close()
+            self.deadline = self.state.now + self.limits.send_stall_timeout_s

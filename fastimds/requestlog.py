@@ -42,9 +42,12 @@ made once per connection and generation, the reply's ((method, target,
 status), bytes), made once per remembered reply, and the two numbers that
 are the request's own; copying nine values cost ~0.45 µs more per request
 in the server (tuning.md). Each record starts with `[["`, so the byte
-sequence `],[["` occurs only between two records (inside a record no array
-follows another's end that way, and inside a string the quote would be
-escaped), and one replace turns the batch into lines. `fastimds logs`
+sequence `],[["` occurs between two records, and nowhere else inside a
+record's structure; but a string ending in `],[[` (a caller's target can)
+shows it too, before its closing quote. So one replace turns the batch into
+lines only when the sequence occurs exactly once per boundary, which one
+count checks; otherwise (a hostile target) that batch is encoded record by
+record. `fastimds logs`
 reads the header and prints records as objects; it also reads the earlier
 formats: flat arrays under a version 1 header, and lines of objects.
 
@@ -189,6 +192,8 @@ def encode_records(records: list[Record]) -> tuple[list[bytes | memoryview], int
         body = orjson.dumps(records)
     if not records:
         return [], bad
+    if body.count(_ARRAY_BOUNDARY) != len(records) - 1:  # a string holds the boundary's bytes
+        return [b"\n".join(map(orjson.dumps, records)), b"\n"], bad
     body = body.replace(_ARRAY_BOUNDARY, _LINE_BOUNDARY)
     return [memoryview(body)[1:-1], b"\n"], bad
 

@@ -45,7 +45,7 @@ import uvloop
 
 from fastimds import attested, identity
 from fastimds.admin import AdminApi, admin_factory
-from fastimds.approvals import APPROVALS, BusApprovals
+from fastimds.approvals import APPROVALS, BusApprovals, Deferred
 from fastimds.bus import Bus
 from fastimds.config import Settings
 from fastimds.control import Control, Follower, UpdateError
@@ -337,7 +337,7 @@ async def _run_worker(
     if control is not None:
         registry = control.registry
         fault_table = control.fault_table
-        APPROVALS.set(control)  # scheduled-event approvals go straight to the control plane
+        APPROVALS.set(Deferred(control))  # scheduled-event approvals go to the control plane, next loop turn
     else:
         registry = VmRegistry(default_vm_id=settings.default_vm if settings.data_dir else DEFAULT_VM_ID)
         follower = Follower(bus, registry)

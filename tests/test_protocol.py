@@ -485,3 +485,37 @@ def test_many_deadlines_at_once_are_handled_in_slices_with_io_between() -> None:
         HttpProtocol(other_state).connection_made(transport)
     other_state.tick(5.0, PINNED_UNIX_TIME)
     assert other_transport.ended and all(transport.ended for transport in more)
+
+
+def test_a_close_that_cannot_drain_is_aborted_after_the_send_stall_timeout() -> None:
+    # Regression: a connection closed after its last reply (here one the client asked to close)
+    # whose client stopped reading kept its buffered replies and its place for ever.
+    protocol, transport, state = make_connection(limits=Limits(send_stall_timeout_s=3))
+    protocol.data_received(request("/metadata/versions", headers=(("Metadata", "true"), ("Connection", "close"))))
+    assert transport.closed and not transport.aborted
+    state.tick(2.0, PINNED_UNIX_TIME)
+    assert not transport.aborted  # still draining, within the stall timeout
+    state.tick(3.0, PINNED_UNIX_TIME)
+    assert transport.aborted  # in a real server connection_lost would have removed it had it drained
+
+
+def test_a_lingering_close_reads_and_drops_even_if_reading_was_paused() -> None:
+    protocol, transport, _ = make_connection()
+    transport.reading = False  # paused, e.g. by a held long-poll or a full socket
+    protocol.data_received(b"\x00 garbage\r\n\r\n")
+    assert transport.eof_written and transport.reading  # the client's FIN and leftovers get read
+
+
+def test_an_upgrade_answered_twice_lingers_both_times() -> None:
+    # Regression: the request memo answered the second one and closed at once.
+    upgrade = request("/metadata/versions", headers=(("Metadata", "true"), ("Upgrade", "websocket")))
+    _, _, state = make_connection()
+    results = []
+    for _ in range(2):
+        from tests.fakes import FakeTransport
+
+        protocol, transport = HttpProtocol(state), FakeTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(upgrade)
+        results.append((transport.eof_written, transport.closed))
+    assert results == [(True, False), (True, False)]

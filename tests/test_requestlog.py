@@ -463,3 +463,43 @@ def test_the_protocols_inlined_record_drops_and_counts_when_the_buffer_is_full(t
     protocol.data_received(leaf)
     protocol.data_received(leaf)
     assert (len(log.buffer), log.dropped) == (MAX_BUFFERED_VALUES, 2)
+
+
+def test_a_target_holding_the_record_boundary_cannot_split_or_hide_a_record(tmp_path: Path) -> None:
+    # Regression: a string ending in "],[[" is followed by its closing quote, which makes the
+    # bytes that separate records; one replace then split this record in two corrupt lines.
+    log = RequestLog(tmp_path, worker=0)
+    for target in ("/metadata/instance?api-version=2021-02-01&x=],[[", "/metadata/versions", "/a],[[b],[["):
+        record(log, target=target)
+    log.close(T0 + 1)
+    records = lines_of(tmp_path / "requests.w000.jsonl")
+    assert [r["target"] for r in records] == [
+        "/metadata/instance?api-version=2021-02-01&x=],[[",
+        "/metadata/versions",
+        "/a],[[b],[[",
+    ]
+
+
+def test_replies_fed_after_a_held_reply_are_logged_when_they_are_sent(tmp_path: Path) -> None:
+    # Regression: replies produced from the backlog after a delay ended (outside data_received)
+    # stayed on the connection until a later read, and were lost if none came.
+    import asyncio
+
+    from fastimds.faults import Fault
+    from fastimds.protocol import FEED_SLICE_BYTES
+    from tests.fakes import request, split_responses
+
+    protocol, transport, log = logged_connection(tmp_path)
+    record = {"id": "f1", "vms": None, "path": "/metadata/instance", "status": None, "latencyMs": 20}
+    record |= {"reset": False, "retryAfter": None, "until": None, "count": None, "slot": 0}
+    protocol.state.faults.faults, protocol.state.faults.active = [Fault(record)], True
+    pad = request("/metadata/versions")
+    count = 2 * FEED_SLICE_BYTES // len(pad)
+
+    async def scenario() -> None:
+        protocol.data_received(request() + pad * count)  # the first reply is delayed, the rest wait behind it
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    assert len(split_responses(transport.output)) == 1 + count
+    assert (log.buffered, protocol.logged) == (1 + count, [])

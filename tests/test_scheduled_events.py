@@ -25,7 +25,7 @@ from fastimds import events
 from fastimds.admin import AdminApi
 from fastimds.approvals import APPROVALS, BusApprovals, take_approvals
 from fastimds.bus import Bus, BusEntry
-from fastimds.control import Control, UpdateError, apply_entry
+from fastimds.control import Control, UpdateError, apply_entries, apply_entry
 from fastimds.datafile import DataError, describe_vm
 from fastimds.registry import VmRegistry
 from fastimds.render import BAD_API_VERSION_MESSAGE
@@ -1143,3 +1143,73 @@ def test_only_vms_with_events_wake_or_cost_the_event_clock(control: Control, bus
     control.cancel_event(event_id, "b")
     control.delete("c")
     assert control.with_events == set()
+
+
+def test_a_group_event_never_names_more_vms_than_a_reader_accepts(control: Control, bus: Bus) -> None:
+    # Regression: Resources defaulted to every VM's name, unchecked; past MAX_RESOURCES every
+    # reader of the bus (workers, a restarted control) refused those VMs while the event lived.
+    document = vm_document("v")
+    document.pop("id", None)
+    ids = [f"vm-{index:04d}" for index in range(events.MAX_RESOURCES + 1)]
+    for index, vm_id in enumerate(ids):
+        control.put(vm_id, {**document, "callers": [f"10.9.{index // 256}.{index % 256}"]})
+    generations = [control.registry.stores[vm_id].generation for vm_id in ids]
+    with pytest.raises(UpdateError) as refused:
+        control.add_event(ids, {"EventType": "Reboot"})
+    assert refused.value.status == 400 and "Resources" in refused.value.message
+    assert [control.registry.stores[vm_id].generation for vm_id in ids] == generations  # nothing changed
+    control.add_event(ids, {"EventType": "Reboot", "EventId": "E1", "Resources": ["the-scale-set"]})
+    reader = VmRegistry()
+    apply_entries(reader, bus.read_all())
+    assert all(reader.stores[vm_id].current is not None for vm_id in ids)
+
+
+def test_the_event_clock_survives_a_failed_bus_write(
+    control: Control, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastimds import control as control_module
+
+    monkeypatch.setattr(control_module, "EVENT_CLOCK_RETRY_S", 0.05)
+    control.put("a", vm_document("a", callers=["10.1.0.4"]))
+    real_write = bus.write
+    failures = [OSError(28, "No space left on device")]
+
+    def flaky_write(entry: BusEntry) -> None:
+        if failures:
+            raise failures.pop()
+        real_write(entry)
+
+    async def scenario() -> dict[str, str]:
+        clock = asyncio.ensure_future(control.run_event_clock())
+        control.add_event(["a"], {"EventType": "Reboot", "EventId": "E1", "NotBeforeSeconds": 0.05})
+        bus.write = flaky_write  # type: ignore[method-assign]  # the clock's start of E1 fails once
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline:
+            started = {event["EventId"]: event["EventStatus"] for event in control.events_of("a")["Events"]}
+            if started == {"E1": "Started"}:
+                break
+            await asyncio.sleep(0.01)
+        assert not clock.done()
+        clock.cancel()
+        return started
+
+    assert asyncio.run(scenario()) == {"E1": "Started"}
+    assert not failures  # it did fail once
+
+
+def test_one_process_approvals_run_on_the_next_loop_turn_not_inside_the_parser() -> None:
+    from fastimds.approvals import Deferred
+
+    seen: list[frozenset[str]] = []
+
+    class Sink:
+        def approve(self, event_ids: frozenset[str]) -> None:
+            seen.append(event_ids)
+
+    async def scenario() -> tuple[int, int]:
+        Deferred(Sink()).approve(frozenset({"E1"}))
+        during = len(seen)
+        await asyncio.sleep(0)
+        return during, len(seen)
+
+    assert asyncio.run(scenario()) == (0, 1)
