@@ -25,6 +25,7 @@ import math
 import mmap
 import multiprocessing
 import struct
+import threading
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -50,27 +51,44 @@ _IDENTITY_ERRORS = {410: "service_unavailable", 429: "throttled", 500: "unknown_
 
 
 class FaultBudgets:
-    """What is left of each fault's count, in memory every process shares (one int64 slot per fault)."""
+    """What is left of each fault's count, in memory every process shares (one int64 slot per fault).
+
+    The lock is a process-shared semaphore, waited on at most LOCK_WAIT_S: a
+    worker killed while holding it (a window of microseconds) must not freeze
+    the others, so a count that cannot be taken in time counts as spent.
+    """
 
     _SLOT = struct.Struct("<q")
+    LOCK_WAIT_S = 0.05
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.memory = mmap.mmap(-1, slots * self._SLOT.size)  # anonymous and shared: children see writes
-        self.lock = multiprocessing.get_context("fork").Lock()
+        try:
+            self.lock: Any = multiprocessing.get_context("fork").Lock()
+        except OSError:  # no POSIX semaphores (no /dev/shm): counts stay exact within one process only
+            self.lock = threading.Lock()
 
     def set(self, slot: int, remaining: int) -> None:
-        with self.lock:
+        locked = self.lock.acquire(timeout=self.LOCK_WAIT_S)
+        try:
             self._SLOT.pack_into(self.memory, slot * self._SLOT.size, remaining)
+        finally:
+            if locked:
+                self.lock.release()
 
     def take(self, slot: int) -> bool:
-        """Use one of the slot's count; False if none is left."""
-        with self.lock:
+        """Use one of the slot's count; False if none is left (or the lock could not be had)."""
+        if not self.lock.acquire(timeout=self.LOCK_WAIT_S):
+            return False
+        try:
             (remaining,) = self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)
             if remaining <= 0:
                 return False
             self._SLOT.pack_into(self.memory, slot * self._SLOT.size, remaining - 1)
             return True
+        finally:
+            self.lock.release()
 
     def left(self, slot: int) -> int:
         return int(self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)[0])

@@ -768,3 +768,15 @@ def test_admin_refusals_change_nothing(control: Control, case: tuple[str, str, A
     found, answer = admin(api, method, path, body)
     assert found == status and words in str(answer)
     assert admin(api, "GET", "/faults") == (200, {"faults": [kept]})
+
+
+def test_a_lock_held_for_ever_counts_as_spent_instead_of_freezing_the_worker() -> None:
+    # A worker killed with -9 while holding the shared lock must not freeze every other loop.
+    budgets = FaultBudgets(4)
+    budgets.set(1, 5)
+    assert budgets.lock.acquire()  # as a dead holder would leave it
+    assert budgets.take(1) is False  # gives up after LOCK_WAIT_S
+    budgets.set(2, 3)  # the control plane's writes still land
+    assert budgets.left(2) == 3
+    budgets.lock.release()
+    assert budgets.take(1) and budgets.left(1) == 4
