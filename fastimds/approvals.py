@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import orjson
 
+from fastimds.bus import write_whole
 from fastimds.log import log_event
 from fastimds.once import Once
 
@@ -67,17 +67,7 @@ class BusApprovals:
 
     def approve(self, event_ids: frozenset[str]) -> None:
         name = f"{os.getpid()}-{next(self.sequence)}{SUFFIX}"
-        descriptor, temp_name = tempfile.mkstemp(prefix=".", dir=self.directory)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(orjson.dumps({"EventIds": sorted(event_ids)}))
-                if self.durable:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            os.replace(temp_name, self.directory / name)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        write_whole(self.directory / name, orjson.dumps({"EventIds": sorted(event_ids)}), self.durable)
 
 
 def approvals_directory(bus_directory: Path) -> Path:

@@ -77,10 +77,10 @@ class Bus:
             {"generation": entry.generation, "source": entry.source, "vm": entry.document, "events": entry.events},
             option=orjson.OPT_SORT_KEYS,
         )
-        self._replace(self.path_of(entry.vm_id), data)
+        write_whole(self.path_of(entry.vm_id), data, self.durable)
 
     def write_faults(self, records: list[dict[str, Any]]) -> None:
-        self._replace(self.directory / FAULTS_FILE, orjson.dumps({"faults": records}))
+        write_whole(self.directory / FAULTS_FILE, orjson.dumps({"faults": records}), self.durable)
 
     def read_faults(self) -> list[dict[str, Any]]:
         """The fault records; [] when there are none or the file is unreadable (reported)."""
@@ -95,30 +95,6 @@ class Bus:
             log_event("faults_file_corrupt", path=str(path), error=str(exc))
             return []
         return records
-
-    def _replace(self, path: Path, data: bytes) -> None:
-        """Write `path` whole under a temp name, then rename it into place (see the module rules)."""
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", dir=self.directory)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-                if self.durable:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        if not self.durable:
-            return
-        descriptor = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
     def read(self, vm_id: str) -> BusEntry | None:
         """The entry for `vm_id`; None if absent or unreadable (reported)."""
@@ -157,6 +133,28 @@ class Bus:
         return {
             path.name[: -len(SUFFIX)]: stamp for path, stamp in file_stamps(list(map(self.path_of, self.ids()))).items()
         }
+
+
+def write_whole(path: Path, data: bytes, durable: bool) -> None:
+    """Write `path` whole under a temp name starting with ".", then rename it into place (see the
+    module rules); with `durable`, the file and then its directory are fsynced first."""
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 async def watch_directory(directory: Path) -> AsyncIterator[tuple[set[str], bool]]:

@@ -152,15 +152,15 @@ class Control:
     # ---- reads ----
 
     def document(self, vm_id: str) -> dict[str, Any]:
-        store = self.registry.stores.get(vm_id)
-        if store is None or store.current is None:
+        vm = self._served(vm_id)
+        if vm is None:
             raise UpdateError(404, f"no VM {vm_id!r}")
-        vm = store.current.vm
-        return {"id": vm_id, "generation": store.generation, "source": vm.source, "vm": vm.document}
+        generation = self.registry.stores[vm_id].generation
+        return {"id": vm_id, "generation": generation, "source": vm.source, "vm": vm.document}
 
     def source_of(self, vm_id: str) -> str | None:
-        store = self.registry.stores.get(vm_id)
-        return store.current.vm.source if store is not None and store.current is not None else None
+        vm = self._served(vm_id)
+        return vm.source if vm is not None else None
 
     # ---- writes ----
 

@@ -567,9 +567,7 @@ class HttpProtocol(asyncio.Protocol):
             if self.lingering:
                 self._linger()
             else:
-                self.transport.close()
-                # A close waits for the replies to drain: past this, check_deadlines aborts it.
-                self.deadline = self.state.now + self.limits.send_stall_timeout_s
+                self._close()
 
     def _linger(self) -> None:
         """Half-close: our FIN now; the tick closes us CLOSE_LINGER_S later if the client has not."""
@@ -581,8 +579,12 @@ class HttpProtocol(asyncio.Protocol):
             transport.resume_reading()  # read and drop (data_received) whatever the client still sends
             self.deadline = self.state.now + CLOSE_LINGER_S
         else:
-            transport.close()
-            self.deadline = self.state.now + self.limits.send_stall_timeout_s
+            self._close()
+
+    def _close(self) -> None:
+        """Close once the replies drain; past the send-stall timeout check_deadlines aborts it instead."""
+        self.transport.close()
+        self.deadline = self.state.now + self.limits.send_stall_timeout_s
 
     def _respond(self, reply: Reply, head_only: bool, keep_alive: bool) -> None:
         """Queue an error decided by the protocol itself (limits, bad bytes, timeouts)."""
@@ -858,23 +860,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.state.draining and not wait.closes:
             connection, self.closing, self.lingering = CONNECTION_CLOSE, True, True
         _head, body = self._append_reply(reply, wait.method, connection, None)
-        if self.counters is not None:
-            # Counted, but not in the latency histogram: its wait is the client's choice.
-            self.counters[LAYOUT.request_slot(category_of(wait.url), reply.status)] += 1
-            self.counters[LAYOUT.bytes_slot(category_of(wait.url))] += len(body)
-        if self.request_log is not None:
-            current = self.vm.current
-            self.request_log.record(
-                time(),
-                self.peer,
-                self.vm.vm_id if current is not None else "",
-                wait.method.decode("latin-1"),
-                wait.url.decode("utf-8", "backslashreplace"),
-                reply.status,
-                len(body),
-                0,  # its latency is the wait the client asked for
-                current.generation if current is not None else 0,
-            )
+        # Counted and logged by _resume_after_hold, without a latency: its wait is the client's choice.
+        stub = (wait.method.decode("latin-1"), wait.url.decode("utf-8", "backslashreplace"), reply.status)
+        self._note(_slots(category_of(wait.url), reply.status, reply.reject), len(body), stub)
         self.out.extend(later)
         self._resume_after_hold()
 
@@ -892,8 +880,7 @@ class HttpProtocol(asyncio.Protocol):
             if self.transport.is_closing():
                 self.transport.abort()  # closed, but its last replies never drained: the client stopped reading
             elif self.lingering:
-                self.transport.close()  # the linger is over
-                self.deadline = now + self.limits.send_stall_timeout_s
+                self._close()  # the linger is over
             return
         if self.waiting is not None:
             self._release_with_current()  # timeout_sec passed: answer with the current value
@@ -932,5 +919,4 @@ class HttpProtocol(asyncio.Protocol):
         A started request, and a reply held by injected latency, keep the grace period to finish.
         """
         if self.closing and self.waiting is None:
-            self.transport.close()
-            self.deadline = self.state.now + self.limits.send_stall_timeout_s
+            self._close()

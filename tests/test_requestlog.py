@@ -503,3 +503,23 @@ def test_replies_fed_after_a_held_reply_are_logged_when_they_are_sent(tmp_path: 
     asyncio.run(scenario())
     assert len(split_responses(transport.output)) == 1 + count
     assert (log.buffered, protocol.logged) == (1 + count, [])
+
+
+def test_a_released_long_poll_is_counted_and_logged_once_without_a_latency(tmp_path: Path) -> None:
+    from fastimds.datafile import parse_vm
+    from fastimds.telemetry import LAYOUT
+    from tests.fakes import request, sample_vm, split_responses
+
+    protocol, transport, log = logged_connection(tmp_path)
+    counters = protocol.state.counters
+    assert counters is not None
+    ok_slot = LAYOUT.request_slot("instance", 200)
+    target = "/metadata/instance/compute/location?api-version=2021-02-01&format=text&wait_for_change=true"
+    protocol.data_received(request(target))
+    assert transport.output == b"" and log.buffered == 0 and counters[ok_slot] == 0  # held
+    changed = sample_vm().instance | {"compute": sample_vm().instance["compute"] | {"location": "eastus"}}
+    protocol.vm.publish(parse_vm(orjson.dumps({"instance": changed}), "test"))  # releases it
+    assert [r.body for r in split_responses(transport.output)] == [b"eastus"]
+    assert counters[ok_slot] == 1
+    [(head, _ts, sent, latency_us)] = list(zip(*[iter(log.buffer)] * len(FIELDS), strict=True))
+    assert (head, sent, latency_us) == (("10.0.0.9", "default", 2), (("GET", target, 200), len(b"eastus")), 0)
