@@ -369,13 +369,24 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(port: int, scenario: Scenario, script: Path, load: Load) -> dict[str, Any]:
+def wrk_command(port: int, target: str, script: Path, load: Load) -> list[str]:
+    """One wrk thread driving `script` (wrk_script) at `port`, pinned to `load.cores`."""
     command = [*pin(load.cores), "wrk", "-t1", f"-c{load.connections}", f"-d{load.duration}s", "-s", str(script)]
-    command.append(f"http://127.0.0.1:{port}{scenario.target.split('?')[0]}")
-    out = subprocess.run(command, capture_output=True, text=True, timeout=load.duration + 60, check=True).stdout
+    return [*command, f"http://127.0.0.1:{port}{target.partition('?')[0]}"]
+
+
+def wrk_result(out: str) -> dict[str, Any]:
+    """The summary line WRK_SCRIPT prints, with `rps` added."""
     line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
     result: dict[str, Any] = json.loads(line[len("WRKJSON ") :])
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def run_wrk(port: int, scenario: Scenario, script: Path, load: Load) -> dict[str, Any]:
+    command = wrk_command(port, scenario.target, script, load)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=load.duration + 60, check=True).stdout
+    result = wrk_result(out)
     # wrk counts non-2xx as status errors; the error scenario expects them.
     result["unexpected_status"] = 0 if scenario.status != 200 else result["status"]
     result["socket_errors"] = result["connect"] + result["read"] + result["write"] + result["timeout"]

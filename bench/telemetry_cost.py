@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare import SCENARIOS, Load, Server, free_port, pin, process_cpu_s, wrk_script
+from bench.compare import SCENARIOS, Load, Server, free_port, pin, process_cpu_s, wrk_command, wrk_result, wrk_script
 
 VARIANTS: dict[str, list[str]] = {
     "off": ["--no-telemetry"],
@@ -93,27 +93,17 @@ def one_round(servers: dict[str, Server], script: Path, target: str, args: argpa
     cpu_before = {name: process_cpu_s(server.proc.pid) for name, server in servers.items() if server.proc}
     started = time.monotonic()
     runs = {
-        name: subprocess.Popen(
-            [
-                *pin(load.cores),
-                *("wrk", "-t1", f"-c{load.connections}", f"-d{load.duration}s", "-s", str(script)),
-                f"http://127.0.0.1:{server.port}{target.partition('?')[0]}",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        name: subprocess.Popen(wrk_command(server.port, target, script, load), stdout=subprocess.PIPE, text=True)
         for name, server in servers.items()
     }
     row: dict[str, Any] = {}
     for name, run in runs.items():
         out, _ = run.communicate(timeout=args.duration + 60)
-        line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
-        result = json.loads(line[len("WRKJSON ") :])
-        requests = result["requests"]
+        result = wrk_result(out)
         proc = servers[name].proc
         assert proc is not None
         cpu_s = process_cpu_s(proc.pid) - cpu_before[name]
-        row[name] = {"rps": requests / (result["duration_us"] / 1e6), "cpu_us": cpu_s * 1e6 / max(requests, 1)}
+        row[name] = {"rps": result["rps"], "cpu_us": cpu_s * 1e6 / max(result["requests"], 1)}
     row["wall_s"] = time.monotonic() - started
     return row
 
