@@ -1,10 +1,12 @@
 """Cold-path request log: one JSON line per request, written in batches off the hot path.
 
 Rules of this module:
-- `record()` is the only call on the hot path: it appends one tuple to a list
-  (O(1), no I/O, no formatting, no clock). Past `MAX_BUFFERED_RECORDS`
-  records are dropped and counted in `dropped`, so a stuck disk can never
-  grow a worker's memory without bound.
+- Recording is the only work on the hot path: four references appended to
+  the flat `buffer` (O(1), no I/O, no formatting). The protocol does it
+  itself for a read with one reply and calls `record_read` for several;
+  `record()` takes one request's fields (tools and tests). Past
+  `MAX_BUFFERED_RECORDS` records are dropped and counted in `dropped`, so a
+  stuck disk can never grow a worker's memory without bound.
 - `flush(now)` runs from the worker's once-a-second tick and at shutdown. It
   encodes the buffer with orjson (one call per batch) and appends it to the
   worker's current file with one write(2), then rotates and enforces
@@ -254,7 +256,7 @@ class RequestLog:
         self.current_path = directory / current_file_name(worker)
         # Counters, for the worker's telemetry and for tests.
         self.written = 0  # records written to disk
-        self.dropped = 0  # records refused by record(): the buffer was full
+        self.dropped = 0  # records refused on arrival: the buffer was full
         self.lost = 0  # records in batches that could not be written or encoded
         self.errors = 0  # failed flushes, rotations and retention passes
         self.rotations = 0
@@ -279,7 +281,7 @@ class RequestLog:
 
     # ---- hot path ----
 
-    def record(  # noqa: PLR0917 - positional on purpose: the hot path's cheapest call
+    def record(  # noqa: PLR0917 - positional, in the order of the fields it takes
         self,
         ts: float,
         caller: str | bytes,
