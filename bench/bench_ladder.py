@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastimds.render import VERSIONS_REPLY
-from fastimds.routing import resolve
-from fastimds.snapshot import build_snapshot
-from fastimds.store import SnapshotStore
+from fastimds.imds.render import VERSIONS_REPLY
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import build_snapshot
+from fastimds.imds.store import SnapshotStore
 from tests.fakes import make_connection, request, sample_vm
 
 TEXT_LEAF = "/metadata/instance/compute/vmId?api-version=2017-04-02&format=text"

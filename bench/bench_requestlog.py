@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastimds.requestlog import RequestLog
+from fastimds.ops.request_log import RequestLog
 
 BATCH = 10_000
 TARGETS = (

@@ -11,7 +11,7 @@ MAC addresses, parsed from its own JSON like a data file (so no strings are
 shared between VMs that a real deployment would not share). RSS is VmRSS from
 /proc/self/status: at start, after parsing the descriptions, after building
 the snapshots, and after serving every VM its four requests through
-fastimds.routing.resolve. Exits 1 when a target is missed.
+fastimds.imds.routing.resolve. Exits 1 when a target is missed.
 
 tests/test_scale.py runs the same code for a few hundred VMs and checks the
 answers, not the numbers.
@@ -29,10 +29,10 @@ from typing import Any
 
 import orjson
 
-from fastimds.datafile import SAMPLE_NAME, VmDescription, parse_vm
-from fastimds.render import Reply
-from fastimds.routing import resolve
-from fastimds.snapshot import Snapshot, build_snapshot
+from fastimds.imds.datafile import SAMPLE_NAME, VmDescription, parse_vm
+from fastimds.imds.render import Reply
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import Snapshot, build_snapshot
 
 VERSIONS = ("2021-02-01", "2023-11-15")
 LEAF = "compute/vmId"

@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from fastimds.config import Limits
-from fastimds.datafile import parse_vm
-from fastimds.protocol import HttpProtocol, ServerState
-from fastimds.store import SnapshotStore
+from fastimds.http.connection import HttpProtocol, ServerState
+from fastimds.imds.datafile import parse_vm
+from fastimds.imds.store import SnapshotStore
 from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm
 
 WAITERS = 10_000

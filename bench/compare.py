@@ -89,10 +89,10 @@ FLEET_TARGET = 0.9  # 1,000 resident VMs within 10 % of one VM
 
 def reference_replies() -> dict[str, tuple[int, str, str]]:
     """What fastimds answers for every scenario, for the references to copy."""
-    from fastimds.datafile import load_vm
-    from fastimds.render import ERRORS
-    from fastimds.routing import resolve
-    from fastimds.snapshot import build_snapshot
+    from fastimds.imds.datafile import load_vm
+    from fastimds.imds.render import ERRORS
+    from fastimds.imds.routing import resolve
+    from fastimds.imds.snapshot import build_snapshot
 
     snapshot = build_snapshot(load_vm(None), generation=1)
     replies: dict[str, tuple[int, str, str]] = {}

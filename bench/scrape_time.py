@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.compare import fleet_dir
-from fastimds.admin_client import UnixHTTPConnection
+from fastimds.cli.admin import UnixHTTPConnection
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ polling, no sampling error beyond the log's millisecond resolution. A
 negative latency means the worker published before the client had read the
 reply. Prints p50/p99/max over every (worker, update) and writes JSON.
 
-The event log is rate-limited (fastimds.log: a burst of 100 lines, then 20
+The event log is rate-limited (fastimds.ops.event_log: a burst of 100 lines, then 20
 a second per event), so updates faster than that lose `update_applied`
 lines, not updates: the default interval keeps under it, and a run that
 misses lines says so (`missing_per_worker`) and exits 1.
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastimds.admin_client import UnixHTTPConnection
+from fastimds.cli.admin import UnixHTTPConnection
 
 REPO = Path(__file__).resolve().parent.parent
 

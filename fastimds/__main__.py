@@ -1,5 +1,5 @@
 import sys
 
-from fastimds.cli import main
+from fastimds.cli.main import main
 
 sys.exit(main())

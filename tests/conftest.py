@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fastimds.bus import Bus
-from fastimds.control import Control
-from fastimds.registry import VmRegistry
+from fastimds.bus.files import Bus
+from fastimds.control.writer import Control
+from fastimds.imds.registry import VmRegistry
 
 
 @pytest.fixture

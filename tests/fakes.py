@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastimds.config import Limits
-from fastimds.datafile import VmDescription, load_vm
-from fastimds.protocol import HttpProtocol, ServerState
-from fastimds.registry import VmRegistry
-from fastimds.store import DEFAULT_VM_ID, SnapshotStore
+from fastimds.http.connection import HttpProtocol, ServerState
+from fastimds.imds.datafile import VmDescription, load_vm
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 
 PINNED_UNIX_TIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 PINNED_DATE = b"Tue, 14 Nov 2023 22:13:20 GMT"
@@ -52,7 +52,7 @@ class FakeTransport(asyncio.Transport):
 
     @property
     def ended(self) -> bool:
-        """Our side is done: closed, or half-closed (a lingering close, fastimds.protocol)."""
+        """Our side is done: closed, or half-closed (a lingering close, fastimds.http.connection)."""
         return self.closed or self.eof_written
 
     def can_write_eof(self) -> bool:

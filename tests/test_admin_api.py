@@ -18,11 +18,11 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.admin import MAX_ADMIN_BODY_BYTES, MAX_ADMIN_HEAD_BYTES, AdminApi, AdminProtocol
-from fastimds.bus import Bus
-from fastimds.control import Control
-from fastimds.datafile import MAX_VM_FILE_BYTES
-from fastimds.registry import VmRegistry
+from fastimds.bus.files import Bus
+from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, MAX_ADMIN_HEAD_BYTES, AdminApi, AdminProtocol
+from fastimds.control.writer import Control
+from fastimds.imds.datafile import MAX_VM_FILE_BYTES
+from fastimds.imds.registry import VmRegistry
 from tests.fakes import FakeTransport, Response, split_responses
 from tests.server_process import admin_unix, running_server, vm_document, vm_uuid
 

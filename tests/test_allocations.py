@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 
-from fastimds.protocol import HttpProtocol
+from fastimds.http.connection import HttpProtocol
 from tests.fakes import make_connection, request
 
 REPEATS = 20_000

@@ -14,11 +14,11 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fastimds.attested import Attestor, signed_content
-from fastimds.datafile import parse_vm
-from fastimds.render import BAD_API_VERSION_MESSAGE
-from fastimds.routing import resolve
-from fastimds.snapshot import build_snapshot
+from fastimds.imds.attested import Attestor, signed_content
+from fastimds.imds.datafile import parse_vm
+from fastimds.imds.render import BAD_API_VERSION_MESSAGE
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import build_snapshot
 from tests.fakes import sample_vm
 from tests.server_process import running_server, vm_document, vm_uuid
 from tests.test_e2e import fresh_get

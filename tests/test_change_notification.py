@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from fastimds.config import Limits
-from fastimds.datafile import VmDescription, parse_vm
-from fastimds.protocol import HttpProtocol
-from fastimds.registry import VmRegistry
-from fastimds.store import DEFAULT_VM_ID, SnapshotStore
+from fastimds.http.connection import HttpProtocol
+from fastimds.imds.datafile import VmDescription, parse_vm
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
 
 LOCATION = "/metadata/instance/compute/location?api-version=2021-02-01&format=text"

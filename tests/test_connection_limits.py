@@ -1,4 +1,4 @@
-"""Connection limits per worker and per caller, without sockets (fastimds.protocol)."""
+"""Connection limits per worker and per caller, without sockets (fastimds.http.connection)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from fastimds import protocol as protocol_module
 from fastimds.config import ConfigError, Limits
-from fastimds.log import LOG_BURST, EventLog
-from fastimds.protocol import MAX_LINGERING_REFUSALS, REFUSED_LINGER_S, HttpProtocol, ServerState
-from fastimds.telemetry import LAYOUT
+from fastimds.http import connection as protocol_module
+from fastimds.http.connection import MAX_LINGERING_REFUSALS, REFUSED_LINGER_S, HttpProtocol, ServerState
+from fastimds.ops.event_log import LOG_BURST, EventLog
+from fastimds.ops.telemetry import LAYOUT
 from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, split_responses
 
 GET_VERSIONS = request("/metadata/versions")

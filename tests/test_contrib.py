@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fastimds.telemetry import EXPORTED_METRICS
+from fastimds.ops.telemetry import EXPORTED_METRICS
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 RULES = CONTRIB / "prometheus" / "fastimds-alerts.yml"
@@ -107,7 +107,7 @@ def exposition() -> dict[str, set[str]]:
     """Series name -> label names, from a real render of /metrics with one VM and one update."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from fastimds.telemetry import LAYOUT, ScrapeSources, VmState, render_metrics
+    from fastimds.ops.telemetry import LAYOUT, ScrapeSources, VmState, render_metrics
 
     sources = ScrapeSources(
         totals=lambda: [1] * LAYOUT.size,

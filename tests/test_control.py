@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.bus import Bus, BusEntry
-from fastimds.control import (
+from fastimds.bus.files import Bus, BusEntry
+from fastimds.control.writer import (
     DATA_DIR_SOURCE_PREFIX,
     Control,
     Follower,
@@ -28,8 +28,8 @@ from fastimds.control import (
     merge_patch,
     start_watch,
 )
-from fastimds.datafile import MAX_VM_FILE_BYTES
-from fastimds.registry import NOBODY, VmRegistry
+from fastimds.imds.datafile import MAX_VM_FILE_BYTES
+from fastimds.imds.registry import NOBODY, VmRegistry
 from tests.server_process import vm_document, vm_uuid
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, DataError, load_vm, parse_vm
+from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, DataError, load_vm, parse_vm
 from tests.fakes import sample_vm
 
 INSTANCE = orjson.loads(orjson.dumps(sample_vm().instance))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastimds.durations import format_moment, parse_duration, parse_moment
+from fastimds.cli.durations import format_moment, parse_duration, parse_moment
 
 NOW = 1_795_000_000.0  # 2026-11-18T11:06:40Z
 

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 import fastimds
-from fastimds.datafile import load_vm
+from fastimds.imds.datafile import load_vm
 from tests.server_process import (
     RawReader,
     RawResponse,

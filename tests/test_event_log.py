@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from fastimds.log import LOG_BURST, LOG_LINES_PER_S, EventLog
-from fastimds.telemetry import LAYOUT, new_counters
+from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S, EventLog
+from fastimds.ops.telemetry import LAYOUT, new_counters
 from tests.fakes import make_connection, request
 from tests.server_process import running_server
 

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastimds.log import LOG_BURST, LOG_LINES_PER_S
+from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S
 from tests.server_process import (
     RawReader,
     RawResponse,

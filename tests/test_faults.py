@@ -17,16 +17,16 @@ from typing import Any
 
 import pytest
 
-from fastimds import faults
-from fastimds.admin import AdminApi
-from fastimds.bus import Bus
-from fastimds.control import Control, Follower, UpdateError
-from fastimds.faults import BUDGETS, FaultBudgets, FaultTable, fault_problems, free_slot, live, make_fault
-from fastimds.protocol import HttpProtocol
-from fastimds.registry import VmRegistry
-from fastimds.render import Reply
-from fastimds.store import SnapshotStore
-from fastimds.telemetry import FAULT_KINDS, LAYOUT
+from fastimds.bus.files import Bus
+from fastimds.control.admin_api import AdminApi
+from fastimds.control.writer import Control, Follower, UpdateError
+from fastimds.http.connection import HttpProtocol
+from fastimds.imds import faults
+from fastimds.imds.faults import BUDGETS, FaultBudgets, FaultTable, fault_problems, free_slot, live, make_fault
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.render import Reply
+from fastimds.imds.store import SnapshotStore
+from fastimds.ops.telemetry import FAULT_KINDS, LAYOUT
 from tests.fakes import FakeTransport, Response, make_connection, request, sample_vm, split_responses
 from tests.server_process import vm_document
 

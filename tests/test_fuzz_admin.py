@@ -43,12 +43,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastimds.admin import MAX_ADMIN_BODY_BYTES, AdminApi, AdminProtocol
-from fastimds.bus import Bus
-from fastimds.control import Control
-from fastimds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, VM_ID_PATTERN
-from fastimds.registry import VmRegistry
-from fastimds.versions import INSTANCE_FIELD_KIND, child_pattern
+from fastimds.bus.files import Bus
+from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, AdminApi, AdminProtocol
+from fastimds.control.writer import Control
+from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, VM_ID_PATTERN
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
 from tests.fakes import FakeTransport, Response, make_connection, request, split_responses
 from tests.server_process import vm_document
 
@@ -212,7 +212,7 @@ def assert_applied(
 
 
 def merged(target: Any, patch: Any) -> Any:
-    """RFC 7396, written out here independently of fastimds.control.merge_patch."""
+    """RFC 7396, written out here independently of fastimds.control.writer.merge_patch."""
     if not isinstance(patch, dict):
         return patch
     result = dict(target) if isinstance(target, dict) else {}

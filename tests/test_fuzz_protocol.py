@@ -63,14 +63,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastimds import routing
 from fastimds.config import Limits
-from fastimds.datafile import VmDescription, parse_vm
-from fastimds.protocol import FEED_SLICE_BYTES, HttpProtocol, ServerState
-from fastimds.registry import VmRegistry
-from fastimds.render import CONTINUE, ERRORS, SERVER_HEADER
-from fastimds.store import DEFAULT_VM_ID, SnapshotStore
-from fastimds.throttle import Throttle, ThrottleLimits
+from fastimds.http.connection import FEED_SLICE_BYTES, HttpProtocol, ServerState
+from fastimds.http.throttle import Throttle, ThrottleLimits
+from fastimds.imds import routing
+from fastimds.imds.datafile import VmDescription, parse_vm
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.render import CONTINUE, ERRORS, SERVER_HEADER
+from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from tests.fakes import PINNED_DATE, PINNED_UNIX_TIME, FakeTransport, request, sample_vm
 
 # ---- the budget ----
@@ -91,7 +91,7 @@ def budget(ci_examples: int) -> Callable[[Any], Any]:
 
 
 class PinnedTime:
-    """The `time` module as fastimds.routing sees it, but for a wall clock that stands still."""
+    """The `time` module as fastimds.imds.routing sees it, but for a wall clock that stands still."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)

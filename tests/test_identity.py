@@ -13,9 +13,9 @@ import orjson
 import pytest
 import requests
 
-from fastimds.datafile import DataError, parse_vm
-from fastimds.routing import resolve
-from fastimds.snapshot import build_snapshot
+from fastimds.imds.datafile import DataError, parse_vm
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import build_snapshot
 from tests.fakes import sample_vm
 from tests.server_process import admin_unix, running_server
 

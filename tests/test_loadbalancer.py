@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.datafile import DataError, parse_vm
-from fastimds.render import BAD_API_VERSION_MESSAGE
-from fastimds.routing import resolve
-from fastimds.snapshot import build_snapshot
+from fastimds.imds.datafile import DataError, parse_vm
+from fastimds.imds.render import BAD_API_VERSION_MESSAGE
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import build_snapshot
 from tests.fakes import sample_vm
 from tests.server_process import running_server
 from tests.test_e2e import fresh_get

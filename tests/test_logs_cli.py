@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds import logs_cli
-from fastimds.cli import build_parser, main
-from fastimds.requestlog import RECORD_KEYS, RequestLog, rotated_files
+from fastimds.cli import logs as logs_cli
+from fastimds.cli.main import build_parser, main
+from fastimds.ops.request_log import RECORD_KEYS, RequestLog, rotated_files
 
 T0 = 1_795_000_000.0  # 2026-11-18T11:06:40Z
 

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import pytest
 
-from fastimds.cli import main
-from fastimds.probe import DEFAULT_TARGETS, Outcome, Tally, percentile
+from fastimds.cli.main import main
+from fastimds.cli.probe import DEFAULT_TARGETS, Outcome, Tally, percentile
 from tests.server_process import ServerProcess, running_server
 
 SUMMARY = re.compile(

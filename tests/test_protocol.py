@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from fastimds.config import Limits
-from fastimds.datafile import parse_vm
-from fastimds.protocol import CLOSE_LINGER_S, FEED_SLICE_BYTES, HttpProtocol
-from fastimds.render import ERRORS
-from fastimds.store import SnapshotStore
+from fastimds.http.connection import CLOSE_LINGER_S, FEED_SLICE_BYTES, HttpProtocol
+from fastimds.imds.datafile import parse_vm
+from fastimds.imds.render import ERRORS
+from fastimds.imds.store import SnapshotStore
 from tests.fakes import PINNED_DATE, PINNED_UNIX_TIME, make_connection, request, sample_vm, split_responses
 
 GET_INSTANCE = request()
@@ -454,7 +454,7 @@ def test_the_idle_timeout_and_the_request_timeout_linger_too() -> None:
 def test_many_deadlines_at_once_are_handled_in_slices_with_io_between() -> None:
     import asyncio
 
-    from fastimds.protocol import EXPIRE_SLICE
+    from fastimds.http.connection import EXPIRE_SLICE
     from tests.fakes import FakeTransport
 
     limits = Limits(keep_alive_timeout_s=5)

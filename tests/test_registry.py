@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastimds.datafile import VmDescription, describe_vm
-from fastimds.registry import NOBODY, ConflictError, VmRegistry, caller_addresses, canonical_address
-from fastimds.store import DEFAULT_VM_ID
+from fastimds.imds.datafile import VmDescription, describe_vm
+from fastimds.imds.registry import NOBODY, ConflictError, VmRegistry, caller_addresses, canonical_address
+from fastimds.imds.store import DEFAULT_VM_ID
 from tests.fakes import make_connection, request, sample_vm, split_responses
 from tests.server_process import vm_document, vm_uuid
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from fastimds.protocol import HttpProtocol
-from fastimds.snapshot import MAX_REQUEST_MEMO_ENTRIES, MAX_REQUEST_MEMO_KEY_BYTES
-from fastimds.store import SnapshotStore
+from fastimds.http.connection import HttpProtocol
+from fastimds.imds.snapshot import MAX_REQUEST_MEMO_ENTRIES, MAX_REQUEST_MEMO_KEY_BYTES
+from fastimds.imds.store import SnapshotStore
 from tests.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
 
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.logs_cli import parse_line
-from fastimds.requestlog import (
+from fastimds.cli.logs import parse_line
+from fastimds.ops.request_log import (
     FIELDS,
     HEADER,
     MAX_BUFFERED_RECORDS,
@@ -412,7 +412,7 @@ def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
 
 
 def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastimds import requestlog
+    from fastimds.ops import request_log as requestlog
 
     monkeypatch.setattr(requestlog, "MAX_BUFFERED_VALUES", 2 * len(requestlog.FIELDS))
     log = RequestLog(tmp_path, worker=0)
@@ -485,8 +485,8 @@ def test_replies_fed_after_a_held_reply_are_logged_when_they_are_sent(tmp_path: 
     # stayed on the connection until a later read, and were lost if none came.
     import asyncio
 
-    from fastimds.faults import Fault
-    from fastimds.protocol import FEED_SLICE_BYTES
+    from fastimds.http.connection import FEED_SLICE_BYTES
+    from fastimds.imds.faults import Fault
     from tests.fakes import request, split_responses
 
     protocol, transport, log = logged_connection(tmp_path)
@@ -506,8 +506,8 @@ def test_replies_fed_after_a_held_reply_are_logged_when_they_are_sent(tmp_path: 
 
 
 def test_a_released_long_poll_is_counted_and_logged_once_without_a_latency(tmp_path: Path) -> None:
-    from fastimds.datafile import parse_vm
-    from fastimds.telemetry import LAYOUT
+    from fastimds.imds.datafile import parse_vm
+    from fastimds.ops.telemetry import LAYOUT
     from tests.fakes import request, sample_vm, split_responses
 
     protocol, transport, log = logged_connection(tmp_path)

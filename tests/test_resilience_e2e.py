@@ -54,7 +54,7 @@ from typing import Any
 
 import pytest
 
-from fastimds.server import CRASH_LOOP_WINDOW_S, DRAIN_ANSWER_S
+from fastimds.process.serve import CRASH_LOOP_WINDOW_S, DRAIN_ANSWER_S
 from tests.server_process import (
     RawReader,
     ServerProcess,

@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.render import BAD_API_VERSION_MESSAGE
-from fastimds.routing import resolve
-from fastimds.snapshot import MAX_MEMO_ENTRIES, Snapshot, build_snapshot
-from fastimds.versions import API_VERSIONS
+from fastimds.imds.render import BAD_API_VERSION_MESSAGE
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import MAX_MEMO_ENTRIES, Snapshot, build_snapshot
+from fastimds.imds.versions import API_VERSIONS
 from tests.fakes import sample_vm
 
 SAMPLE = sample_vm().instance
@@ -165,7 +165,7 @@ def test_extended_adds_the_extended_section_from_its_version(snapshot: Snapshot)
 
 
 def test_extended_values_come_from_the_data_file() -> None:
-    from fastimds.datafile import parse_vm
+    from fastimds.imds.datafile import parse_vm
 
     doc = {"instance": SAMPLE, "extended": {"compute": {"ppsType": "Running", "hasCustomData": True}}}
     snap = build_snapshot(parse_vm(orjson.dumps(doc), "test"), 1)

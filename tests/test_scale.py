@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from bench.bench_scale import VERSIONS, run, sample_document, targets, vm_document
-from fastimds.datafile import normalise
+from fastimds.imds.datafile import normalise
 from tests.test_snapshot import reference_gate
 
 VMS = 200

@@ -1,4 +1,4 @@
-"""Scheduled events without sockets: fastimds.events, the data file's list, routing, approvals and Control.
+"""Scheduled events without sockets: fastimds.imds.events, the data file's list, routing, approvals and Control.
 
 The lifecycle (spec §8): Scheduled -> Started at NotBefore or on approval
 (NotBefore becomes "") -> removed StartedForSeconds later; every change bumps
@@ -21,17 +21,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastimds import events
-from fastimds.admin import AdminApi
-from fastimds.approvals import APPROVALS, BusApprovals, take_approvals
-from fastimds.bus import Bus, BusEntry
-from fastimds.control import Control, UpdateError, apply_entries, apply_entry
-from fastimds.datafile import DataError, describe_vm
-from fastimds.registry import VmRegistry
-from fastimds.render import BAD_API_VERSION_MESSAGE
-from fastimds.routing import resolve
-from fastimds.snapshot import Snapshot, build_snapshot
-from fastimds.versions import SCHEDULED_EVENTS_VERSIONS
+from fastimds.bus.approvals import APPROVALS, BusApprovals, take_approvals
+from fastimds.bus.files import Bus, BusEntry
+from fastimds.control.admin_api import AdminApi
+from fastimds.control.writer import Control, UpdateError, apply_entries, apply_entry
+from fastimds.imds import events
+from fastimds.imds.datafile import DataError, describe_vm
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.render import BAD_API_VERSION_MESSAGE
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import Snapshot, build_snapshot
+from fastimds.imds.versions import SCHEDULED_EVENTS_VERSIONS
 from tests.fakes import sample_vm, split_responses
 from tests.server_process import vm_document
 
@@ -1167,7 +1167,7 @@ def test_a_group_event_never_names_more_vms_than_a_reader_accepts(control: Contr
 def test_the_event_clock_survives_a_failed_bus_write(
     control: Control, bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastimds import control as control_module
+    from fastimds.control import writer as control_module
 
     monkeypatch.setattr(control_module, "EVENT_CLOCK_RETRY_S", 0.05)
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
@@ -1198,7 +1198,7 @@ def test_the_event_clock_survives_a_failed_bus_write(
 
 
 def test_one_process_approvals_run_on_the_next_loop_turn_not_inside_the_parser() -> None:
-    from fastimds.approvals import Deferred
+    from fastimds.bus.approvals import Deferred
 
     seen: list[frozenset[str]] = []
 

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastimds import snapshot as snapshot_module
-from fastimds.datafile import normalise, parse_vm
-from fastimds.render import ERRORS, Reply
-from fastimds.snapshot import Node, View, build_snapshot, newest_view
-from fastimds.store import SnapshotStore
-from fastimds.versions import (
+from fastimds.imds import snapshot as snapshot_module
+from fastimds.imds.datafile import normalise, parse_vm
+from fastimds.imds.render import ERRORS, Reply
+from fastimds.imds.snapshot import Node, View, build_snapshot, newest_view
+from fastimds.imds.store import SnapshotStore
+from fastimds.imds.versions import (
     API_VERSIONS,
     EXTENDED_FIRST_VERSION,
     INSTANCE_FIELD_KIND,
@@ -34,7 +34,7 @@ from fastimds.versions import (
 )
 from tests.fakes import sample_vm
 
-# Keys a data file may have: no "/" and nothing unprintable (fastimds.datafile).
+# Keys a data file may have: no "/" and nothing unprintable (fastimds.imds.datafile).
 KEYS = st.text(min_size=1, max_size=8).filter(lambda key: "/" not in key and key.isprintable())
 KNOWN_COMPUTE_LEAVES = ["location", "vmId", "zone", "tags", "userData", "physicalZone", "licenseType", "priority"]
 LEAVES = st.one_of(
@@ -72,7 +72,7 @@ INSTANCE_COMPUTE_KINDS = {
 
 
 def reference_gate(value: Any, pattern: str, version: str) -> Any:
-    """Gate by the table, written independently of fastimds.snapshot."""
+    """Gate by the table, written independently of fastimds.imds.snapshot."""
     if isinstance(value, dict):
         out = {}
         for key, child in value.items():

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastimds.protocol import HttpProtocol
-from fastimds.telemetry import (
+from fastimds.http.connection import HttpProtocol
+from fastimds.ops.telemetry import (
     EXPORTED_METRICS,
     FAULT_KINDS,
     LATENCY_BUCKET_BITS,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastimds.protocol import HttpProtocol, ServerState
-from fastimds.registry import VmRegistry
-from fastimds.store import DEFAULT_VM_ID, SnapshotStore
-from fastimds.telemetry import LAYOUT
-from fastimds.throttle import Throttle, ThrottleLimits
+from fastimds.http.connection import HttpProtocol, ServerState
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
+from fastimds.ops.telemetry import LAYOUT
+from fastimds.http.throttle import Throttle, ThrottleLimits
 from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
 from tests.server_process import running_server
 from tests.test_e2e import fresh_get

@@ -10,7 +10,7 @@ from typing import Any
 
 import uvloop
 
-from fastimds.cli import main
+from fastimds.cli.main import main
 
 
 def _stdlib_run(coroutine: Coroutine[Any, Any, None], **_options: Any) -> None:
@@ -18,5 +18,5 @@ def _stdlib_run(coroutine: Coroutine[Any, Any, None], **_options: Any) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run = _stdlib_run  # fastimds.server calls uvloop.run at serve time
+    uvloop.run = _stdlib_run  # fastimds.process.serve calls uvloop.run at serve time
     sys.exit(main(sys.argv[1:]))

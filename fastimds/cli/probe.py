@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from fastimds import __version__
-from fastimds.durations import format_moment, parse_duration
+from fastimds.cli.durations import format_moment, parse_duration
 
 DEFAULT_TARGETS: Final = (
     "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text",

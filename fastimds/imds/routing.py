@@ -3,7 +3,7 @@
 Rules of this module:
 - Pure: no I/O, no asyncio, no clock, except the attested document, which is
   signed with its time (a volatile Reply, never memoised), and a scheduled
-  event's approval, which is handed to fastimds.approvals. The protocol hands
+  event's approval, which is handed to fastimds.bus.approvals. The protocol hands
   over the method, the raw request target, two header facts and the body (only
   an approval has one); this returns a pre-rendered Reply.
 - Failures are replies, not exceptions (house rule 10).
@@ -22,12 +22,12 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qsl, unquote
 
-from fastimds import events, identity
-from fastimds.approvals import APPROVALS
-from fastimds.attested import NONCE_PATTERN, SIGNER
-from fastimds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
-from fastimds.snapshot import Snapshot, newest_view
-from fastimds.versions import (
+from fastimds.bus.approvals import APPROVALS
+from fastimds.imds import events, identity
+from fastimds.imds.attested import NONCE_PATTERN, SIGNER
+from fastimds.imds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
+from fastimds.imds.snapshot import Snapshot, newest_view
+from fastimds.imds.versions import (
     ATTESTED_VERSIONS,
     EXTENDED_FIRST_VERSION,
     IDENTITY_VERSIONS,

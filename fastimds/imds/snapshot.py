@@ -2,7 +2,7 @@
 
 Rules of this module:
 - `build_snapshot` only wraps an already validated, normalised
-  `VmDescription` (fastimds.datafile validates; nothing here re-validates)
+  `VmDescription` (fastimds.imds.datafile validates; nothing here re-validates)
   in a root node. It renders nothing and cannot fail on such a description,
   so a build that fails still raises before anything is published.
 - Each view (one node's JSON or text reply at one change point) is rendered
@@ -44,10 +44,18 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from fastimds import events
-from fastimds.datafile import VmDescription
-from fastimds.render import CONTENT_TYPE_JSON, CONTENT_TYPE_TEXT, ERRORS, Reply, json_body, make_reply, render_listing
-from fastimds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INSTANCE_FIRST_VERSION
+from fastimds.imds import events
+from fastimds.imds.datafile import VmDescription
+from fastimds.imds.render import (
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPE_TEXT,
+    ERRORS,
+    Reply,
+    json_body,
+    make_reply,
+    render_listing,
+)
+from fastimds.imds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INSTANCE_FIRST_VERSION
 
 # Distinct request targets remembered per snapshot. The sample VM has ~150
 # paths; a client uses a handful of spellings (api-version, format) of a few
@@ -73,7 +81,7 @@ def _json_reply(value: Any) -> Reply:
 
 
 class _Field:
-    """What the since-table says at one field pattern (fastimds.versions), shared by every node there.
+    """What the since-table says at one field pattern (fastimds.imds.versions), shared by every node there.
 
     A node with no `_Field` has no table field at or below it: it and its
     whole subtree appear with its parent.

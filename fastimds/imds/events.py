@@ -2,7 +2,7 @@
 
 Rules of this module:
 - Pure: every function takes the time as an argument; nothing here reads the
-  clock or does I/O. The control process owns the lifecycle (fastimds.control)
+  clock or does I/O. The control process owns the lifecycle (fastimds.control.writer)
   and publishes each change as a new generation of the VM.
 - A VM's events state is plain JSON, so it travels through the bus beside
   the VM description: {"DocumentIncarnation": N, "Events": [event, ...]}.
@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from fastimds.render import CONTENT_TYPE_JSON, SERVER_HEADER, STATUS_LINES, Reply, make_reply
+from fastimds.imds.render import CONTENT_TYPE_JSON, SERVER_HEADER, STATUS_LINES, Reply, make_reply
 
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
 EVENT_SOURCES = ("Platform", "User")

@@ -1,7 +1,7 @@
 """How a scheduled-event approval gets from the VM that sent it to the control plane.
 
 Rules of this module:
-- Workers never write VM data (fastimds.control), yet an approval
+- Workers never write VM data (fastimds.control.writer), yet an approval
   (POST /metadata/scheduledevents) arrives at a worker. The worker checks it
   against the snapshot it serves, answers 200 and hands the EventIds to
   `APPROVALS`, which the server sets once per process:
@@ -28,9 +28,9 @@ from typing import Protocol
 
 import orjson
 
-from fastimds.bus import write_whole
-from fastimds.log import log_event
-from fastimds.once import Once
+from fastimds.bus.files import write_whole
+from fastimds.imds.once import Once
+from fastimds.ops.event_log import log_event
 
 APPROVALS_FOLDER = "approvals"
 SUFFIX = ".json"

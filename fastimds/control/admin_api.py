@@ -14,11 +14,11 @@ Rules of this module:
 
 Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
 GET /metrics (Prometheus text), GET /jwks (the managed-identity token key); like
-/healthz and /readyz they need no token. Scheduled events (fastimds.events):
+/healthz and /readyz they need no token. Scheduled events (fastimds.imds.events):
 GET|POST /vms/{id}/scheduledevents, DELETE /vms/{id}/scheduledevents/{EventId},
 and for a group of VMs POST /scheduledevents ({"vms": [...]} or
 {"vmScaleSetName": ...} beside the event) and DELETE /scheduledevents/{EventId}.
-Injected faults (fastimds.faults): GET|POST|DELETE /faults (POST: every VM, or
+Injected faults (fastimds.imds.faults): GET|POST|DELETE /faults (POST: every VM, or
 "vms": [...] beside the fault), DELETE /faults/{id}, POST|DELETE /vms/{id}/faults.
 """
 
@@ -33,11 +33,11 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-from fastimds import identity
-from fastimds.control import Control, UpdateError
-from fastimds.datafile import MAX_VM_FILE_BYTES
-from fastimds.render import STATUS_LINES
-from fastimds.telemetry import LAYOUT
+from fastimds.control.writer import Control, UpdateError
+from fastimds.imds import identity
+from fastimds.imds.datafile import MAX_VM_FILE_BYTES
+from fastimds.imds.render import STATUS_LINES
+from fastimds.ops.telemetry import LAYOUT
 
 MAX_ADMIN_BODY_BYTES = MAX_VM_FILE_BYTES + 64 * 1024  # a VM description plus JSON framing slack
 MAX_ADMIN_HEAD_BYTES = 16 * 1024

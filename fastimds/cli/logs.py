@@ -2,7 +2,7 @@
 
 Rules of this module:
 - Reads every request-log file in DIR, current and rotated, of every worker
-  (names in fastimds.requestlog), and merges them in time order with a heap
+  (names in fastimds.ops.request_log), and merges them in time order with a heap
   (workers' files overlap in time). Rotated files that were closed long
   before --since are not opened at all.
 - Filters are ANDed: --since/--until (10m, 2h, 1d, or an ISO time, UTC if no
@@ -33,8 +33,8 @@ from typing import IO, Any, Final
 
 import orjson
 
-from fastimds.durations import format_moment, parse_moment
-from fastimds.requestlog import LOG_FILE_NAME, RECORD_KEYS, parse_stamp
+from fastimds.cli.durations import format_moment, parse_moment
+from fastimds.ops.request_log import LOG_FILE_NAME, RECORD_KEYS, parse_stamp
 
 # A rotated file holds records from before the time in its name; this much
 # slack covers a clock stepped back while it was written.

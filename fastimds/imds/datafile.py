@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from fastimds.events import MAX_EVENTS_PER_VM, event_problems
-from fastimds.versions import INSTANCE_FIELD_KIND, child_pattern
+from fastimds.imds.events import MAX_EVENTS_PER_VM, event_problems
+from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
 
 # A data file larger than this is refused before parsing: a VM description is
 # a few KiB (the sample is 5 KiB), so 1 MiB leaves room and caps build cost.
@@ -69,7 +69,7 @@ class VmDescription:
     source: str
     reserved: dict[str, Any] = field(default_factory=dict)
     document: dict[str, Any] = field(default_factory=dict)  # as given, before normalising
-    # The live scheduled events (fastimds.events), set by the control plane, never by a file.
+    # The live scheduled events (fastimds.imds.events), set by the control plane, never by a file.
     scheduled: dict[str, Any] | None = None
 
 

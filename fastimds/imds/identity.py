@@ -29,8 +29,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fastimds.once import Once
-from fastimds.render import Reply, json_reply
+from fastimds.imds.once import Once
+from fastimds.imds.render import Reply, json_reply
 
 # Managed identity tokens live about a day (Azure's `expires_in` ≈ 86,300).
 TOKEN_LIFETIME_S = 86_400

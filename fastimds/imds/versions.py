@@ -103,7 +103,7 @@ INSTANCE_FIELD_SINCE: dict[str, str] = {
 
 # The shape a known container must have in a data file ("object" or "array");
 # every other field named in the tables is a leaf. Unknown fields may have any
-# shape. Checked by fastimds.datafile.
+# shape. Checked by fastimds.imds.datafile.
 INSTANCE_CONTAINER_KIND: dict[str, str] = {
     "compute": "object",
     "network": "object",

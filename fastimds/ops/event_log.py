@@ -3,7 +3,7 @@
 Rules of this module:
 - Only for events (startup, config, updates accepted or refused, worker
   exits, limit hits, sampled request errors), never for every request: the
-  cold-path request log (fastimds.requestlog) is for that.
+  cold-path request log (fastimds.ops.request_log) is for that.
 - Every line carries the event name, the time, the pid and the process's
   role ("worker 0", "control", "supervisor"); callers add the VM id and
   generation where they know them.

@@ -18,13 +18,13 @@ Rules of this module:
   serves, so replays and its own control's writes are no-ops.
 - Watches are known to run before the scan that precedes serving, so no
   write falls between the scan and the watch.
-- Scheduled events live beside each VM's description (fastimds.events) and
+- Scheduled events live beside each VM's description (fastimds.imds.events) and
   their lifecycle runs here: the event clock starts and removes events on
-  time, approvals arrive from the workers (fastimds.approvals), and every
+  time, approvals arrive from the workers (fastimds.bus.approvals), and every
   change is a new generation of the VM, written and published like any
   update. A VM keeps its events across updates that leave its description's
   "scheduledEvents" alone; changing that list replaces them.
-- Injected faults (fastimds.faults) are one list, owned here like VM data:
+- Injected faults (fastimds.imds.faults) are one list, owned here like VM data:
   validated, written to the bus, then loaded into this process's fault table
   and, through the bus, every worker's.
 - All of this runs on the event loop thread, between requests.
@@ -43,10 +43,10 @@ from typing import Any
 
 import orjson
 
-from fastimds import events, faults
-from fastimds.approvals import approvals_directory, take_approvals
-from fastimds.bus import Bus, BusEntry, file_stamps, until_watching, watch_directory
-from fastimds.datafile import (
+from fastimds.bus.approvals import approvals_directory, take_approvals
+from fastimds.bus.files import Bus, BusEntry, file_stamps, until_watching, watch_directory
+from fastimds.imds import events, faults
+from fastimds.imds.datafile import (
     MAX_VM_FILE_BYTES,
     VM_ID_PATTERN,
     DataError,
@@ -55,9 +55,9 @@ from fastimds.datafile import (
     load_vm,
     parse_vm,
 )
-from fastimds.log import log_event
-from fastimds.registry import ConflictError, VmRegistry
-from fastimds.store import DEFAULT_VM_ID
+from fastimds.imds.registry import ConflictError, VmRegistry
+from fastimds.imds.store import DEFAULT_VM_ID
+from fastimds.ops.event_log import log_event
 
 ADMIN_SOURCE = "admin"
 DATA_DIR_SOURCE_PREFIX = "data-dir:"
@@ -139,7 +139,7 @@ class Control:
     def rearm_faults(self) -> None:
         """At server start: counted faults saved in the state dir get their whole count again.
 
-        Counts live in shared memory (fastimds.faults.BUDGETS), which a restart
+        Counts live in shared memory (fastimds.imds.faults.BUDGETS), which a restart
         empties. Called once per server start, not when a control process is
         replaced: that one inherits the counts left.
         """
@@ -345,7 +345,7 @@ class Control:
                 await asyncio.wait_for(self.events_changed.wait(), min(max(sleep_s, 0.001), EVENT_CLOCK_MAX_SLEEP_S))
 
     async def start_approvals_watch(self) -> asyncio.Task[None]:
-        """Apply the approvals the workers drop in the bus (fastimds.approvals)."""
+        """Apply the approvals the workers drop in the bus (fastimds.bus.approvals)."""
         directory = approvals_directory(self.bus.directory)
 
         def apply_approvals() -> None:

@@ -16,7 +16,7 @@ Rules of this module:
   remembered, and a request a fault could match is never answered from the
   memo while that fault lives. With no live fault the check is one attribute
   test per parsed request.
-- Every injected fault is counted in telemetry (fastimds.telemetry FAULT_KINDS).
+- Every injected fault is counted in telemetry (fastimds.ops.telemetry FAULT_KINDS).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from fastimds.render import Reply, json_reply
+from fastimds.imds.render import Reply, json_reply
 
 FAULTS_FILE = "_faults.json"
 STATUSES = (410, 429, 500, 503)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from fastimds.datafile import VmDescription
-from fastimds.snapshot import Snapshot
-from fastimds.store import DEFAULT_VM_ID, SnapshotStore
+from fastimds.imds.datafile import VmDescription
+from fastimds.imds.snapshot import Snapshot
+from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 
 
 class ConflictError(Exception):
@@ -134,7 +134,7 @@ class VmRegistry:
         return had_data
 
     def forget_requests(self) -> None:
-        """Empty every snapshot's request memo (a fault list changed: fastimds.faults)."""
+        """Empty every snapshot's request memo (a fault list changed: fastimds.imds.faults)."""
         for store in self.stores.values():
             if store.current is not None:
                 store.current.request_replies.clear()

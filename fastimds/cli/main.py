@@ -11,11 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastimds import __version__, admin_client, logs_cli, probe
+from fastimds import __version__
+from fastimds.cli import admin as admin_client
+from fastimds.cli import logs as logs_cli
+from fastimds.cli import probe
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
-from fastimds.datafile import DataError, load_vm
-from fastimds.requestlog import parse_retention, prepare_directory
-from fastimds.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
+from fastimds.http.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
+from fastimds.imds.datafile import DataError, load_vm
+from fastimds.ops.request_log import parse_retention, prepare_directory
 
 # (flag, Limits field, type, help) for every per-request and per-connection limit.
 LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -171,6 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastimds: {exc}", file=sys.stderr)
         return 2
-    from fastimds.server import serve  # uvloop is only needed to serve
+    from fastimds.process.serve import serve  # uvloop is only needed to serve
 
     return serve(settings)

@@ -4,7 +4,7 @@ Rules of this module:
 - The control plane is the only writer; every worker reads. A file is
   `<vm id>.json` holding {"generation": N, "source": "...", "vm": {...},
   "events": {...}}, "events" being the VM's live scheduled events
-  (fastimds.events; null when it has none).
+  (fastimds.imds.events; null when it has none).
   A removed VM keeps its file as a tombstone ("vm": null) so its generation
   survives: a control process that restarts numbers the VM's next version
   above everything any worker has seen.
@@ -16,7 +16,7 @@ Rules of this module:
   server serves the last good data before any source speaks; without it the
   bus is a private temporary directory and nothing is fsynced.
 - A file that cannot be read or parsed is reported and skipped, never served.
-- One more file, FAULTS_FILE (fastimds.faults), holds the injected faults;
+- One more file, FAULTS_FILE (fastimds.imds.faults), holds the injected faults;
   its name is no VM id, so VM scans pass it by.
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 
 import orjson
 
-from fastimds.datafile import VM_ID_PATTERN
-from fastimds.faults import FAULTS_FILE
-from fastimds.log import log_event
+from fastimds.imds.datafile import VM_ID_PATTERN
+from fastimds.imds.faults import FAULTS_FILE
+from fastimds.ops.event_log import log_event
 
 SUFFIX = ".json"
 # Changes seen by the watcher are delivered this soon after the last one

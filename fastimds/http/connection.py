@@ -23,7 +23,7 @@ Rules of this module:
   next make progress; `ServerState.tick` sweeps them once a second and also
   refreshes the Date block, so no request reads the wall clock for them.
 - Telemetry costs two monotonic clock reads per read (the latency histogram)
-  and a few list increments per reply (fastimds.telemetry); with
+  and a few list increments per reply (fastimds.ops.telemetry); with
   --request-log, each read's replies go to the log in one call. Both can be
   off, and then cost one `is None` test each.
 - A long-poll (`wait_for_change`) parks its connection in its VM store's
@@ -40,7 +40,7 @@ Rules of this module:
   not read yet. A close the client asked for (`Connection: close`) is
   immediate: it will not send more, and the linger would cost an extra
   event per connection.
-- Injected faults (fastimds.faults) are applied on the parser path only; the
+- Injected faults (fastimds.imds.faults) are applied on the parser path only; the
   fault table keeps the memo clear of anything a fault could match. Injected
   latency holds the connection like a long-poll (`_DELAYED`): its reply and
   those behind it wait, in order. A reset closes with SO_LINGER 0 (an RST).
@@ -67,17 +67,17 @@ from typing import cast
 import httptools
 
 from fastimds.config import Limits
-from fastimds.faults import Fault, FaultTable
-from fastimds.log import EVENT_LOG
-from fastimds.registry import NOBODY, VmRegistry
-from fastimds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
-from fastimds.requestlog import MAX_BUFFERED_VALUES as _MAX_LOG_VALUES
-from fastimds.requestlog import RequestLog
-from fastimds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
-from fastimds.snapshot import LogStub, RequestReply
-from fastimds.store import SnapshotStore
-from fastimds.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOUT, new_counters
-from fastimds.throttle import CallerWindow, Throttle
+from fastimds.http.throttle import CallerWindow, Throttle
+from fastimds.imds.faults import Fault, FaultTable
+from fastimds.imds.registry import NOBODY, VmRegistry
+from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
+from fastimds.imds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
+from fastimds.imds.snapshot import LogStub, RequestReply
+from fastimds.imds.store import SnapshotStore
+from fastimds.ops.event_log import EVENT_LOG
+from fastimds.ops.request_log import MAX_BUFFERED_VALUES as _MAX_LOG_VALUES
+from fastimds.ops.request_log import RequestLog
+from fastimds.ops.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOUT, new_counters
 
 # Reads larger than this are fed to the parser in slices of this size, so one
 # read of tiny pipelined requests cannot produce an unbounded reply batch. A
@@ -112,7 +112,7 @@ _CALLER_CONNECTIONS_FULL = ERRORS["caller_connections_full"]
 # unread input sends a reset, and a reset may destroy the 503 before the
 # client reads it. At most MAX_LINGERING_REFUSALS linger per worker; past
 # that a refusal closes at once (a flood of refusals must not take every
-# file descriptor), which fastimds.server keeps free of the connection limit.
+# file descriptor), which fastimds.process.serve keeps free of the connection limit.
 REFUSED_LINGER_S = 1.0
 MAX_LINGERING_REFUSALS = 256
 # How long a lingering close reads and drops input before closing (swept by the tick: 1-2 s).
@@ -144,7 +144,7 @@ _DELAYED = _Wait(b"", b"", False, False, None, b"", False)
 # SO_LINGER on, zero seconds: close() sends an RST instead of a FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-# Counter offsets the hot path uses, read once (fastimds.telemetry.LAYOUT).
+# Counter offsets the hot path uses, read once (fastimds.ops.telemetry.LAYOUT).
 _LATENCY_SLOT = LAYOUT.latency
 _LATENCY_SUM_SLOT = LAYOUT.latency_sum_ns
 _LATENCY_FIRST_BIT = LATENCY_FIRST_BIT
@@ -190,7 +190,7 @@ class ServerState:
         self, registry: VmRegistry, limits: Limits, now: float, unix_time: float, telemetry: bool = True
     ) -> None:
         self.registry = registry
-        # This worker's hot-path counters (fastimds.telemetry.LAYOUT); None turns telemetry off.
+        # This worker's hot-path counters (fastimds.ops.telemetry.LAYOUT); None turns telemetry off.
         self.counters: list[int] | None = new_counters() if telemetry else None
         self.request_log: RequestLog | None = None  # the cold path, when --request-log is on
         self.throttle: Throttle | None = None  # per-caller limits, when --throttle is on

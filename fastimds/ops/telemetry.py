@@ -54,7 +54,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "connection_limit",  # a connection refused: the worker holds its maximum
     "caller_connection_limit",  # a connection refused: its caller holds its maximum
 )
-# Injected faults (fastimds.faults), by kind: the status answered, or what was done.
+# Injected faults (fastimds.imds.faults), by kind: the status answered, or what was done.
 FAULT_KINDS: tuple[str, ...] = ("410", "429", "500", "503", "latency", "reset")
 # Latency bucket upper bounds: 2**k nanoseconds for k in this range
 # (1.0 µs .. 8.6 s); slower requests land in the last bucket.

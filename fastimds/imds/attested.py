@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from fastimds.once import Once
-from fastimds.render import Reply, json_body, make_reply
+from fastimds.imds.once import Once
+from fastimds.imds.render import Reply, json_body, make_reply
 
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
 # How long the signed document says it is valid (Azure's examples show 5 s to 6 h).

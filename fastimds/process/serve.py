@@ -5,7 +5,7 @@ Rules of this module:
   supervisor forks N workers that each bind the same port with SO_REUSEPORT,
   so the kernel spreads connections and no worker shares an accept queue,
   and one control process that owns the admin listeners and the data
-  sources (fastimds.control). With one worker, one process does both.
+  sources (fastimds.control.writer). With one worker, one process does both.
 - Everything shared is made before any fork: the port check, the admin
   sockets, the update bus directory and the telemetry area.
 - The supervisor never runs an event loop (fork safety). It restarts any
@@ -43,20 +43,20 @@ from typing import Any
 
 import uvloop
 
-from fastimds import attested, identity
-from fastimds.admin import AdminApi, admin_factory
-from fastimds.approvals import APPROVALS, BusApprovals, Deferred
-from fastimds.bus import Bus
+from fastimds.bus.approvals import APPROVALS, BusApprovals, Deferred
+from fastimds.bus.files import Bus
 from fastimds.config import Settings
-from fastimds.control import Control, Follower, UpdateError
-from fastimds.datafile import DataError
-from fastimds.log import EVENT_LOG, log_event
-from fastimds.protocol import MAX_LINGERING_REFUSALS, HttpProtocol, ServerState
-from fastimds.registry import VmRegistry
-from fastimds.requestlog import RequestLog
-from fastimds.store import DEFAULT_VM_ID
-from fastimds.telemetry import LAYOUT, ScrapeSources, TelemetryArea, VmState, render_metrics
-from fastimds.throttle import Throttle, ThrottleLimits
+from fastimds.control.admin_api import AdminApi, admin_factory
+from fastimds.control.writer import Control, Follower, UpdateError
+from fastimds.http.connection import MAX_LINGERING_REFUSALS, HttpProtocol, ServerState
+from fastimds.http.throttle import Throttle, ThrottleLimits
+from fastimds.imds import attested, identity
+from fastimds.imds.datafile import DataError
+from fastimds.imds.registry import VmRegistry
+from fastimds.imds.store import DEFAULT_VM_ID
+from fastimds.ops.event_log import EVENT_LOG, log_event
+from fastimds.ops.request_log import RequestLog
+from fastimds.ops.telemetry import LAYOUT, ScrapeSources, TelemetryArea, VmState, render_metrics
 
 TICK_INTERVAL_S = 1.0
 # The request log is written this often, at most this many records at a time

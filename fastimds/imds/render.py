@@ -9,7 +9,7 @@ Rules of this module:
   `Connection` header and the `Date` line, which the protocol adds from
   constants it refreshes once a second (see `date_block`).
 - JSON is compact and key-sorted, as real IMDS answers; values are already
-  strings when they reach here (fastimds.datafile normalises them).
+  strings when they reach here (fastimds.imds.datafile normalises them).
 - Every error body is JSON, because credential chains treat a non-JSON answer
   as "this is not IMDS" (spec §3.1).
 """
@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from fastimds import __version__
-from fastimds.versions import API_VERSIONS, NEWEST_VERSIONS
+from fastimds.imds.versions import API_VERSIONS, NEWEST_VERSIONS
 
 # Clients probe for "IMDS/" in Server (MSAL.NET) or "imds" (MSAL Python).
 SERVER_HEADER = f"Server: IMDS/fastimds-{__version__}\r\n".encode()
@@ -188,7 +188,7 @@ ERRORS: dict[str, Reply] = {
     "uri_too_long": error_reply(414, "Request-URI too long", close=True),
     "body_too_large": error_reply(413, "Request body too large", close=True),
     "request_timeout": error_reply(408, "Request not completed in time", close=True),
-    # Written on accept, before any request is read (fastimds.protocol connection limits).
+    # Written on accept, before any request is read (fastimds.http.connection connection limits).
     "worker_connections_full": json_reply(
         503,
         {"error": "Service unavailable. Too many connections are open; retry after the time in Retry-After"},

@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from fastimds.datafile import VmDescription
-from fastimds.snapshot import Snapshot, build_snapshot
+from fastimds.imds.datafile import VmDescription
+from fastimds.imds.snapshot import Snapshot, build_snapshot
 
 # The id the single-VM mode (`--data FILE`) gives its VM.
 DEFAULT_VM_ID = "default"

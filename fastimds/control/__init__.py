@@ -1,0 +1,1 @@
+"""The one writer of VM data and its admin API."""

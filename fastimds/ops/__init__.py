@@ -1,0 +1,1 @@
+"""What operators read: telemetry counters and the scrape, the event log, the request log."""

@@ -1,0 +1,1 @@
+"""Processes: the supervisor, workers, the control process, their sockets and signals."""

@@ -1,0 +1,1 @@
+"""Where VM descriptions come from: the data file, the data directory, admin writes."""
