@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastimds.http.connection import HttpProtocol, ServerState
+from fastimds.http.throttle import Throttle, ThrottleLimits
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from fastimds.ops.telemetry import LAYOUT
-from fastimds.http.throttle import Throttle, ThrottleLimits
 from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
 from tests.server_process import running_server
 from tests.test_e2e import fresh_get
@@ -50,6 +50,20 @@ def test_five_a_second_then_429_with_retry_after_then_a_new_second() -> None:
     protocol.data_received(LEAF)
     assert statuses(transport)[-1] == 200
     assert state.counters is not None and state.counters[LAYOUT.reject_slot("throttled")] == 2
+
+
+def test_every_tick_starts_a_new_window_whatever_the_loop_clock_reads() -> None:
+    # Ticks fire just after each wall-clock second; the loop's monotonic clock is offset
+    # from it by an arbitrary fraction, so two ticks a second apart can read the same
+    # whole loop second (1.0001, then 1.9999). A window keyed by that lasted two
+    # ticks, and callers within the limit got 429s.
+    protocol, transport, state = throttled_connection()
+    state.tick(1.0001, PINNED_UNIX_TIME + 1.001)
+    for _ in range(5):
+        protocol.data_received(LEAF)
+    state.tick(1.9999, PINNED_UNIX_TIME + 2.001)
+    protocol.data_received(LEAF)
+    assert statuses(transport) == [200] * 6
 
 
 def test_identity_has_its_own_budget_of_twenty() -> None:

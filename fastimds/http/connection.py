@@ -683,7 +683,9 @@ class HttpProtocol(asyncio.Protocol):
         url = self.url
         window = self.window
         fault = None
-        if window is not None and not window.allow(category_of(url) == "identity", int(state.now)):
+        # The window is the wall-clock second the last tick fired in (ticks fire just after
+        # each one); the loop clock's whole seconds are offset from ticks, so one could span two.
+        if window is not None and not window.allow(category_of(url) == "identity", int(state.now_unix)):
             reply = _THROTTLED  # decided before any routing: cheaper than serving
         elif state.faults.active and (fault := state.faults.match(self.vm.vm_id, url, time())) is not None:
             injected = self._inject(fault, method, url)

@@ -4,7 +4,7 @@ Rules of this module:
 - Azure's documented limits (spec §3.6): 5 requests a second per VM for the
   instance family (everything but identity), 20 a second for managed
   identity. Both are configurable (`--throttle-rps`, `--throttle-identity-rps`).
-- A window is one second of the worker's tick clock: a caller may send the
+- A window is the wall-clock second of the worker's last tick: a caller may send the
   limit's worth of requests within it; the next one gets a pre-rendered 429
   with `Retry-After: 1`, decided before any routing, so a throttled request
   costs less than a served one. No clock is read per request.
