@@ -133,11 +133,12 @@ class Server:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     skipped: str = ""
+    cwd: Path = REPO  # `python -m fastimds` imports the fastimds of this folder
 
     def start(self, workdir: Path) -> None:
         log = open(workdir / f"{self.name}.log", "wb")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=REPO
+            self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, cwd=self.cwd
         )
         give_up = time.monotonic() + 20
         while time.monotonic() < give_up:
@@ -233,10 +234,22 @@ def fleet_dir(workdir: Path, count: int = FLEET_SIZE) -> Path:
 
 
 def build_servers(
-    workdir: Path, replies_path: Path, server_cores: str | None, cores: int, workers: int
+    workdir: Path,
+    replies_path: Path,
+    server_cores: str | None,
+    cores: int,
+    workers: int,
+    *,
+    baseline: Path | None = None,
 ) -> list[Server]:
     python = sys.executable
     servers = []
+    if baseline is not None:
+        # Another checkout of fastimds (an earlier commit), measured as a reference:
+        # `baseline` ratios are this tree's throughput over that one's, round by round.
+        port = free_port()
+        command = [*pin(server_cores), python, "-m", "fastimds", "serve", "--port", str(port)]
+        servers.append(Server("baseline", command, port=port, cwd=baseline.resolve()))
     port = free_port()
     servers.append(
         Server("fastimds", [*pin(server_cores), python, "-m", "fastimds", "serve", "--port", str(port)], port=port)
@@ -568,6 +581,17 @@ def markdown(summary: dict[str, Any], info: dict[str, Any], args: argparse.Names
             ratio = servers["fastimds"]["p99_us"] / max(servers["nginx"]["p99_us"], 1)
             met = "yes" if ratio <= P99_TARGET_VS_NGINX else "**no**"
             lines.append(f"- {scenario}: {ratio:.2f} (met: {met})")
+    baseline_cpu = [
+        (scenario, data["servers"]["fastimds"]["cpu_us_per_request"], data["servers"]["baseline"]["cpu_us_per_request"])
+        for scenario, data in summary.items()
+        if "cpu_us_per_request" in data["servers"].get("fastimds", {})
+        and "cpu_us_per_request" in data["servers"].get("baseline", {})
+    ]
+    if baseline_cpu:
+        lines += ["", "Server CPU per request, this tree ÷ --baseline (medians of rounds, µs):", ""]
+        lines += [
+            f"- {scenario}: {ours:.2f} ÷ {theirs:.2f} = {ours / theirs:.3f}" for scenario, ours, theirs in baseline_cpu
+        ]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"
@@ -642,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, help="also run fastimds with N workers (default: half the cores, from 4 cores up)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the fastimds of this checkout (e.g. `git worktree add /tmp/base <commit>`) as server `baseline`",
+    )
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk (or `make bench-tools`)", file=sys.stderr)
@@ -661,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         replies_path = workdir / "replies.json"
         replies_path.write_text(json.dumps(reference_replies()))
         workers = args.workers if args.workers is not None else (cores // 2 if cores >= 4 else 0)
-        servers = build_servers(workdir, replies_path, server_cores, cores, workers)
+        servers = build_servers(workdir, replies_path, server_cores, cores, workers, baseline=args.baseline)
         if args.servers:
             servers = [s for s in servers if s.name in args.servers]
         with running(servers, workdir) as live:
@@ -678,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                 for scenario in scenarios:
                     order = live if index % 2 == 0 else list(reversed(live))
                     for server in order:
-                        measure_cpu = server.name.startswith("fastimds") and server.proc is not None
+                        measure_cpu = server.name.startswith(("fastimds", "baseline")) and server.proc is not None
                         cpu_before = process_cpu_s(server.proc.pid) if measure_cpu and server.proc else 0.0
                         result = run_wrk(server.port, scenario, scripts[scenario.name], load)
                         if measure_cpu and server.proc:
