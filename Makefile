@@ -75,7 +75,7 @@ loadtest: $(VENV)/.installed-test
 FUZZ_EXAMPLES ?= 20000
 fuzz-long: $(VENV)/.installed-test
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -p no:cacheprovider --hypothesis-show-statistics \
-		tests/test_fuzz_protocol.py tests/test_fuzz_admin.py
+		tests/fuzz/test_fuzz_protocol.py tests/fuzz/test_fuzz_admin.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis

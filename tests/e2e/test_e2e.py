@@ -27,19 +27,20 @@ import requests
 
 import fastimds
 from fastimds.imds.datafile import load_vm
-from tests.server_process import (
+from tests.support.server_process import (
     RawReader,
     RawResponse,
     ServerProcess,
     ServerStartError,
     connect,
     exchange,
-    get_from,
+    fresh_get,
     get_request,
     log_events,
     poll_until,
     running_server,
     serve_command,
+    worker_pids,
 )
 
 API = "2021-02-01"
@@ -61,11 +62,6 @@ def client_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in PROXY_VARIABLES}
     env["NO_PROXY"] = env["no_proxy"] = "*"
     return env
-
-
-def fresh_get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """One GET over a new http.client connection from 127.0.0.1; returns (status, body)."""
-    return get_from("127.0.0.1", port, target, headers)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -517,11 +513,6 @@ def _socket_inodes(pid: int) -> set[str]:
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
     return inodes
-
-
-def worker_pids(server: ServerProcess) -> set[int]:
-    """Children that are workers (they log worker_ready); the other child is the control process."""
-    return {record["pid"] for record in log_events(server, "worker_ready")} & set(server.child_pids())
 
 
 def control_pid(server: ServerProcess) -> int:

@@ -8,7 +8,7 @@
   client reads, then end of file) and are counted and logged.
 - A caller hammering one VM's address is throttled without slowing others.
 
-Hostile clients run in their own process (tests.hostile_clients) so they
+Hostile clients run in their own process (tests.support.hostile_clients) so they
 never hold the measuring client's interpreter. The machine is small and
 shared, so latency is compared side by side: unloaded and loaded windows
 alternate in rounds against the same server, and medians of rounds are
@@ -34,7 +34,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S
-from tests.server_process import (
+from tests.support import REPO_ROOT
+from tests.support.server_process import (
     RawReader,
     RawResponse,
     UnixHTTPConnection,
@@ -154,14 +155,14 @@ def sample_side_by_side(ports: list[int], stop: Callable[[], bool], check_every:
 
 
 class Hostile:
-    """A tests.hostile_clients process; its stdout lines are read without blocking the caller."""
+    """A tests.support.hostile_clients process; its stdout lines are read without blocking the caller."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.hostile_clients", *args],
+            [sys.executable, "-m", "tests.support.hostile_clients", *args],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=REPO_ROOT,
         )
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()

@@ -22,7 +22,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_process import (
+from tests.support.identities import IDENTITIES, SYSTEM
+from tests.support.server_process import (
     RawReader,
     admin_unix,
     connect,
@@ -32,7 +33,6 @@ from tests.server_process import (
     running_server,
     vm_document,
 )
-from tests.test_identity import IDENTITIES, SYSTEM
 
 INSTANCE = "/metadata/instance?api-version=2021-02-01"
 LEAF = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"

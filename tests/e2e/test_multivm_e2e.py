@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.server_process import (
+from tests.support.server_process import (
     SAMPLE_VM_PATH,
     ServerProcess,
     ServerStartError,

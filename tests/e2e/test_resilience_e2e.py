@@ -1,6 +1,6 @@
 """End-to-end: crashes, restarts, shutdown, and the security checks of issue #7.
 
-Against the real `fastimds serve` (tests.server_process), loopback only.
+Against the real `fastimds serve` (tests.support.server_process), loopback only.
 Nothing here may hang: every wait is a poll_until with a deadline, every
 client socket has a timeout, every load thread stops on an Event and is
 joined with a timeout, and the figures each test prints are its own counts.
@@ -55,7 +55,7 @@ from typing import Any
 import pytest
 
 from fastimds.process.serve import CRASH_LOOP_WINDOW_S, DRAIN_ANSWER_S
-from tests.server_process import (
+from tests.support.server_process import (
     RawReader,
     ServerProcess,
     UnixHTTPConnection,

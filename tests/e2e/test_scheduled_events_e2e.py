@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.server_process import (
+from tests.support.server_process import (
     RawReader,
     admin_unix,
     connect,

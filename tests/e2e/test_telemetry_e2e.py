@@ -9,8 +9,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_process import admin_unix, log_events, poll_until, running_server
-from tests.test_e2e import fresh_get, worker_pids
+from tests.support.server_process import admin_unix, fresh_get, log_events, poll_until, running_server, worker_pids
 
 LEAF = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
 

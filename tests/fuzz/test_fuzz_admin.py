@@ -9,7 +9,7 @@ Rules of this file:
   without the socket.
 - The budget is fixed and derandomised for CI; `FUZZ_EXAMPLES=N` gives every
   test N random examples (the long run, `make fuzz-long`, see
-  tests/test_fuzz_protocol.py); the 1 MiB documents are capped at 200.
+  tests/fuzz/test_fuzz_protocol.py); the 1 MiB documents are capped at 200.
 
 What must hold, for every write:
 - the answer is one well-formed HTTP response with a JSON body; never a 5xx
@@ -49,8 +49,8 @@ from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, VM_ID_PATTERN
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
-from tests.fakes import FakeTransport, Response, make_connection, request, split_responses
-from tests.server_process import vm_document
+from tests.support.fakes import FakeTransport, Response, make_connection, request, split_responses
+from tests.support.server_process import vm_document
 
 LONG_RUN_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 

@@ -2,7 +2,7 @@
 
 Rules of this file:
 - Every input goes through `HttpProtocol.data_received` on the fake transport
-  (tests.fakes), with the clock pinned: the Date block never moves, and the
+  (tests.support.fakes), with the clock pinned: the Date block never moves, and the
   two replies that read the wall clock (identity tokens, attested documents)
   see a fixed time, so equal inputs must give equal bytes.
 - The budget is fixed and derandomised, sized for CI (a few seconds for the
@@ -13,7 +13,7 @@ Rules of this file:
       make fuzz-long FUZZ_EXAMPLES=4000
   which is
       FUZZ_EXAMPLES=4000 .venv/bin/pytest -p no:cacheprovider \
-          --hypothesis-show-statistics tests/test_fuzz_protocol.py tests/test_fuzz_admin.py
+          --hypothesis-show-statistics tests/fuzz/test_fuzz_protocol.py tests/fuzz/test_fuzz_admin.py
 - Inputs are built from a corpus of good requests (each with a known answer:
   the one it gets alone on a fresh connection) and hostile pieces: mutated
   good requests (bytes inserted, deleted, flipped, duplicated, cut),
@@ -71,7 +71,7 @@ from fastimds.imds.datafile import VmDescription, parse_vm
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import CONTINUE, ERRORS, SERVER_HEADER
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
-from tests.fakes import PINNED_DATE, PINNED_UNIX_TIME, FakeTransport, request, sample_vm
+from tests.support.fakes import PINNED_DATE, PINNED_UNIX_TIME, FakeTransport, request, sample_vm
 
 # ---- the budget ----
 

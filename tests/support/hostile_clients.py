@@ -1,7 +1,7 @@
 """Hostile clients, run as their own process so they never share the measuring test's interpreter.
 
-    python -m tests.hostile_clients loris PORT --sources 127.0.1.1,127.0.1.2 --idle 500 --slow 500
-    python -m tests.hostile_clients hammer PORT --source 127.0.0.2 --seconds 3
+    python -m tests.support.hostile_clients loris PORT --sources 127.0.1.1,127.0.1.2 --idle 500 --slow 500
+    python -m tests.support.hostile_clients hammer PORT --source 127.0.0.2 --seconds 3
 
 `loris` opens idle connections (nothing sent) and slow ones (a request head
 sent a byte a second, each on its own schedule, never finished), prints one JSON line `{"open": t}`
@@ -148,7 +148,7 @@ def hammer(port: int, source: str, seconds: float) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.hostile_clients")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.hostile_clients")
     commands = parser.add_subparsers(dest="command", required=True)
     slow = commands.add_parser("loris")
     slow.add_argument("port", type=int)

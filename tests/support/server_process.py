@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support import REPO_ROOT
+
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 SOCKET_TIMEOUT_S = 5.0
@@ -279,7 +281,7 @@ def get_request(target: str, *headers: str, method: str = "GET") -> bytes:
 
 # ---- many VMs: documents, caller source addresses, the admin API ----
 
-SAMPLE_VM_PATH = Path(__file__).resolve().parent.parent / "fastimds" / "sample_vm.json"
+SAMPLE_VM_PATH = REPO_ROOT / "fastimds" / "sample_vm.json"
 
 
 def vm_uuid(vm_id: str) -> str:
@@ -342,6 +344,11 @@ def log_events(server: ServerProcess, event: str) -> list[dict[str, Any]]:
     return records
 
 
+def worker_pids(server: ServerProcess) -> set[int]:
+    """Children that are workers (they log worker_ready); the other child is the control process."""
+    return {record["pid"] for record in log_events(server, "worker_ready")} & set(server.child_pids())
+
+
 def http_from(source: str, port: int, timeout: float = SOCKET_TIMEOUT_S) -> http.client.HTTPConnection:
     """An http.client connection to 127.0.0.1:`port` whose source address is `source` (any of 127.0.0.0/8)."""
     return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
@@ -356,6 +363,11 @@ def get_from(source: str, port: int, target: str, headers: dict[str, str] | None
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def fresh_get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One GET over a new http.client connection from 127.0.0.1; returns (status, body)."""
+    return get_from("127.0.0.1", port, target, headers)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

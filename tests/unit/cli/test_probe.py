@@ -18,7 +18,7 @@ import pytest
 
 from fastimds.cli.main import main
 from fastimds.cli.probe import DEFAULT_TARGETS, Outcome, Tally, percentile
-from tests.server_process import ServerProcess, running_server
+from tests.support.server_process import ServerProcess, running_server
 
 SUMMARY = re.compile(
     r"^summary probes=(?P<probes>\d+) successes=(?P<successes>\d+) failures=(?P<failures>\d+) "

@@ -23,8 +23,8 @@ from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, MAX_ADMIN_HEAD_BYTE
 from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
 from fastimds.imds.registry import VmRegistry
-from tests.fakes import FakeTransport, Response, split_responses
-from tests.server_process import admin_unix, running_server, vm_document, vm_uuid
+from tests.support.fakes import FakeTransport, Response, split_responses
+from tests.support.server_process import admin_unix, running_server, vm_document, vm_uuid
 
 TOKEN = "s3cret-token-value"
 JSON_TYPE = "application/json; charset=utf-8"

@@ -30,7 +30,7 @@ from fastimds.control.writer import (
 )
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
 from fastimds.imds.registry import NOBODY, VmRegistry
-from tests.server_process import vm_document, vm_uuid
+from tests.support.server_process import vm_document, vm_uuid
 
 
 def events(captured: str, name: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import gc
 import sys
 
 from fastimds.http.connection import HttpProtocol
-from tests.fakes import make_connection, request
+from tests.support.fakes import make_connection, request
 
 REPEATS = 20_000
 # Blocks that may legitimately appear once (interned ints, a resized list)

@@ -14,7 +14,7 @@ from fastimds.http.connection import HttpProtocol
 from fastimds.imds.datafile import VmDescription, parse_vm
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
-from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
+from tests.support.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
 
 LOCATION = "/metadata/instance/compute/location?api-version=2021-02-01&format=text"
 DOCUMENT = "/metadata/instance?api-version=2021-02-01"
@@ -153,7 +153,7 @@ def test_pipelined_requests_after_a_long_poll_are_answered_after_it() -> None:
 
 
 def test_a_long_poll_pipelined_behind_a_held_one_is_answered_in_its_place() -> None:
-    # Regression (found by tests/test_fuzz_protocol.py): the second long-poll replaced the
+    # Regression (found by tests/fuzz/test_fuzz_protocol.py): the second long-poll replaced the
     # held one, whose reply was lost, so the second one's answer went out in its place.
     store = SnapshotStore(sample_vm())
     protocol, transport, _ = make_connection(store=store)
@@ -172,7 +172,7 @@ def test_a_long_poll_pipelined_behind_a_held_one_is_answered_in_its_place() -> N
 
 @pytest.mark.parametrize("why", ["connection_close", "draining"])
 def test_a_long_poll_that_closes_is_answered_before_the_close(why: str) -> None:
-    # Regression (found by tests/test_fuzz_protocol.py): holding it flushed the replies
+    # Regression (found by tests/fuzz/test_fuzz_protocol.py): holding it flushed the replies
     # before it and, the connection being marked closing, closed it: no answer ever came.
     store = SnapshotStore(sample_vm())
     protocol, transport, state = make_connection(store=store)

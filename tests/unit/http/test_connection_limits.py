@@ -11,7 +11,7 @@ from fastimds.http import connection as protocol_module
 from fastimds.http.connection import MAX_LINGERING_REFUSALS, REFUSED_LINGER_S, HttpProtocol, ServerState
 from fastimds.ops.event_log import LOG_BURST, EventLog
 from fastimds.ops.telemetry import LAYOUT
-from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, split_responses
+from tests.support.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, split_responses
 
 GET_VERSIONS = request("/metadata/versions")
 CALLER_FULL = "This caller has too many connections open"

@@ -9,7 +9,7 @@ from fastimds.http.connection import CLOSE_LINGER_S, FEED_SLICE_BYTES, HttpProto
 from fastimds.imds.datafile import parse_vm
 from fastimds.imds.render import ERRORS
 from fastimds.imds.store import SnapshotStore
-from tests.fakes import PINNED_DATE, PINNED_UNIX_TIME, make_connection, request, sample_vm, split_responses
+from tests.support.fakes import PINNED_DATE, PINNED_UNIX_TIME, make_connection, request, sample_vm, split_responses
 
 GET_INSTANCE = request()
 GET_VMID_TEXT = request("/metadata/instance/compute/vmId?api-version=2017-04-02&format=text")
@@ -303,7 +303,7 @@ def test_date_comes_from_the_tick() -> None:
 def test_shutdown_closes_idle_connections_and_lets_a_started_request_finish() -> None:
     idle, idle_transport, state = make_connection()
     busy = HttpProtocol(state)
-    from tests.fakes import FakeTransport
+    from tests.support.fakes import FakeTransport
 
     busy_transport = FakeTransport()
     busy.connection_made(busy_transport)
@@ -370,7 +370,7 @@ def test_expect_100_continue_gets_an_interim_response() -> None:
 
 
 def test_no_100_continue_follows_a_reply_that_closed() -> None:
-    # Regression (found by tests/test_fuzz_protocol.py): while draining, the parser reads on
+    # Regression (found by tests/fuzz/test_fuzz_protocol.py): while draining, the parser reads on
     # past a reply that closes, and an Expect header behind it sent a 100 Continue after it.
     protocol, transport, state = make_connection()
     state.draining = True
@@ -436,7 +436,7 @@ def test_the_idle_timeout_and_the_request_timeout_linger_too() -> None:
     limits = Limits(keep_alive_timeout_s=5, request_timeout_s=2)
     _idle, idle_transport, state = make_connection(limits=limits)
     slow = HttpProtocol(state)
-    from tests.fakes import FakeTransport
+    from tests.support.fakes import FakeTransport
 
     slow_transport = FakeTransport()
     slow.connection_made(slow_transport)
@@ -455,7 +455,7 @@ def test_many_deadlines_at_once_are_handled_in_slices_with_io_between() -> None:
     import asyncio
 
     from fastimds.http.connection import EXPIRE_SLICE
-    from tests.fakes import FakeTransport
+    from tests.support.fakes import FakeTransport
 
     limits = Limits(keep_alive_timeout_s=5)
     _first, first_transport, state = make_connection(limits=limits)
@@ -512,7 +512,7 @@ def test_an_upgrade_answered_twice_lingers_both_times() -> None:
     _, _, state = make_connection()
     results = []
     for _ in range(2):
-        from tests.fakes import FakeTransport
+        from tests.support.fakes import FakeTransport
 
         protocol, transport = HttpProtocol(state), FakeTransport()
         protocol.connection_made(transport)

@@ -13,7 +13,7 @@ import pytest
 from fastimds.http.connection import HttpProtocol
 from fastimds.imds.snapshot import MAX_REQUEST_MEMO_ENTRIES, MAX_REQUEST_MEMO_KEY_BYTES
 from fastimds.imds.store import SnapshotStore
-from tests.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
+from tests.support.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
 
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")
 DOCUMENT = request("/metadata/instance?api-version=2021-02-01")

@@ -7,9 +7,8 @@ from fastimds.http.throttle import Throttle, ThrottleLimits
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from fastimds.ops.telemetry import LAYOUT
-from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
-from tests.server_process import running_server
-from tests.test_e2e import fresh_get
+from tests.support.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
+from tests.support.server_process import fresh_get, running_server
 
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")
 TOKEN = request("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net")

@@ -19,9 +19,8 @@ from fastimds.imds.datafile import parse_vm
 from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.fakes import sample_vm
-from tests.server_process import running_server, vm_document, vm_uuid
-from tests.test_e2e import fresh_get
+from tests.support.fakes import sample_vm
+from tests.support.server_process import fresh_get, running_server, vm_document, vm_uuid
 
 DOCUMENT = "/metadata/attested/document?api-version=2021-02-01"
 VM_ID = sample_vm().instance["compute"]["vmId"]

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, DataError, load_vm, parse_vm
-from tests.fakes import sample_vm
+from tests.support.fakes import sample_vm
 
 INSTANCE = orjson.loads(orjson.dumps(sample_vm().instance))
 
@@ -37,7 +37,7 @@ def test_numbers_booleans_and_null_are_served_as_strings() -> None:
 
 
 def test_a_null_extended_section_is_no_extended_section() -> None:
-    # Regression (found by tests/test_fuzz_admin.py): the validator let "extended": null
+    # Regression (found by tests/fuzz/test_fuzz_admin.py): the validator let "extended": null
     # through as absent, then building the VM raised AttributeError (a 500 on the admin API).
     vm = parse_vm(orjson.dumps({"instance": INSTANCE, "extended": None}), "t")
     assert vm.extended == {"compute": {"ppsType": "None", "hasCustomData": "false"}}

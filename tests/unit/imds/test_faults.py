@@ -1,6 +1,6 @@
 """Fault injection without sockets: validation, records, shared counts, the table, the protocol's use of it.
 
-End-to-end behaviour against real server processes is in tests/test_faults_e2e.py.
+End-to-end behaviour against real server processes is in tests/e2e/test_faults_e2e.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import Reply
 from fastimds.imds.store import SnapshotStore
 from fastimds.ops.telemetry import FAULT_KINDS, LAYOUT
-from tests.fakes import FakeTransport, Response, make_connection, request, sample_vm, split_responses
-from tests.server_process import vm_document
+from tests.support.fakes import FakeTransport, Response, make_connection, request, sample_vm, split_responses
+from tests.support.server_process import vm_document
 
 NOW = 1_800_000_000.0
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")

@@ -16,17 +16,10 @@ import requests
 from fastimds.imds.datafile import DataError, parse_vm
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.fakes import sample_vm
-from tests.server_process import admin_unix, running_server
+from tests.support.fakes import sample_vm
+from tests.support.identities import IDENTITIES, SYSTEM, TENANT, UAMI
+from tests.support.server_process import admin_unix, running_server
 
-TENANT = "abd8daee-d393-4239-9377-883adda3d40f"
-SYSTEM = {"clientId": "0d46c104-a85f-49e2-9c96-ae58c6fa927b", "objectId": "11111111-1111-4111-8111-111111111111"}
-UAMI = {
-    "clientId": "22222222-2222-4222-8222-222222222222",
-    "objectId": "33333333-3333-4333-8333-333333333333",
-    "resourceId": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/app",
-}
-IDENTITIES = {"tenantId": TENANT, "systemAssigned": SYSTEM, "userAssigned": [UAMI]}
 TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net"
 NOT_FOUND = {"error": "invalid_request", "error_description": "Identity not found"}
 

@@ -12,9 +12,8 @@ from fastimds.imds.datafile import DataError, parse_vm
 from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.fakes import sample_vm
-from tests.server_process import running_server
-from tests.test_e2e import fresh_get
+from tests.support.fakes import sample_vm
+from tests.support.server_process import fresh_get, running_server
 
 # The documented example (spec §10).
 SECTION = {

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from fastimds.imds.datafile import VmDescription, describe_vm
 from fastimds.imds.registry import NOBODY, ConflictError, VmRegistry, caller_addresses, canonical_address
 from fastimds.imds.store import DEFAULT_VM_ID
-from tests.fakes import make_connection, request, sample_vm, split_responses
-from tests.server_process import vm_document, vm_uuid
+from tests.support.fakes import make_connection, request, sample_vm, split_responses
+from tests.support.server_process import vm_document, vm_uuid
 
 NO_VM_BODY = {"error": "Not found. No VM is registered for this caller's address"}
 GET_INSTANCE = request("/metadata/instance?api-version=2021-02-01")

@@ -11,7 +11,7 @@ from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import MAX_MEMO_ENTRIES, Snapshot, build_snapshot
 from fastimds.imds.versions import API_VERSIONS
-from tests.fakes import sample_vm
+from tests.support.fakes import sample_vm
 
 SAMPLE = sample_vm().instance
 COMPUTE = SAMPLE["compute"]

@@ -6,7 +6,7 @@ import orjson
 
 from bench.bench_scale import VERSIONS, run, sample_document, targets, vm_document
 from fastimds.imds.datafile import normalise
-from tests.test_snapshot import reference_gate
+from tests.support.reference import reference_gate
 
 VMS = 200
 

@@ -32,8 +32,8 @@ from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import Snapshot, build_snapshot
 from fastimds.imds.versions import SCHEDULED_EVENTS_VERSIONS
-from tests.fakes import sample_vm, split_responses
-from tests.server_process import vm_document
+from tests.support.fakes import sample_vm, split_responses
+from tests.support.server_process import vm_document
 
 NOW = 2_000_000_000.0  # Wed, 18 May 2033 03:33:20 GMT: later than any real clock these tests run under
 NEWEST = "2020-07-01"

@@ -32,7 +32,8 @@ from fastimds.imds.versions import (
     INSTANCE_FIRST_VERSION,
     INSTANCE_VERSIONS,
 )
-from tests.fakes import sample_vm
+from tests.support.fakes import sample_vm
+from tests.support.reference import reference_gate
 
 # Keys a data file may have: no "/" and nothing unprintable (fastimds.imds.datafile).
 KEYS = st.text(min_size=1, max_size=8).filter(lambda key: "/" not in key and key.isprintable())
@@ -69,20 +70,6 @@ INSTANCE_COMPUTE_KINDS = {
     for path in (*INSTANCE_FIELD_SINCE, *INSTANCE_FIELD_KIND)
     if path.startswith("compute.")
 }
-
-
-def reference_gate(value: Any, pattern: str, version: str) -> Any:
-    """Gate by the table, written independently of fastimds.imds.snapshot."""
-    if isinstance(value, dict):
-        out = {}
-        for key, child in value.items():
-            child_pattern = f"{pattern}.{key}" if pattern else key
-            if INSTANCE_FIELD_SINCE.get(child_pattern, INSTANCE_FIRST_VERSION) <= version:
-                out[key] = reference_gate(child, child_pattern, version)
-        return out
-    if isinstance(value, list):
-        return [reference_gate(child, pattern + "[]", version) for child in value]
-    return value
 
 
 def walk(node: Node, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Node]]:

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from fastimds.ops.telemetry import EXPORTED_METRICS
+from tests.support import REPO_ROOT
 
-CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+CONTRIB = REPO_ROOT / "contrib"
 RULES = CONTRIB / "prometheus" / "fastimds-alerts.yml"
 RULE_TESTS = CONTRIB / "prometheus" / "fastimds-alerts.test.yml"
 DASHBOARD = CONTRIB / "grafana" / "fastimds-dashboard.json"

@@ -11,8 +11,8 @@ import pytest
 
 from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S, EventLog
 from fastimds.ops.telemetry import LAYOUT, new_counters
-from tests.fakes import make_connection, request
-from tests.server_process import running_server
+from tests.support.fakes import make_connection, request
+from tests.support.server_process import running_server
 
 
 def lines(stream: io.BytesIO) -> list[dict[str, Any]]:

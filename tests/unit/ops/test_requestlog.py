@@ -425,7 +425,7 @@ def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest
 
 
 def logged_connection(tmp_path: Path) -> tuple[Any, Any, RequestLog]:
-    from tests.fakes import make_connection
+    from tests.support.fakes import make_connection
 
     protocol, transport, state = make_connection(peer="10.0.0.9")
     log = RequestLog(tmp_path, worker=0)
@@ -434,7 +434,7 @@ def logged_connection(tmp_path: Path) -> tuple[Any, Any, RequestLog]:
 
 
 def test_the_protocol_records_every_reply_parsed_remembered_or_pipelined(tmp_path: Path) -> None:
-    from tests.fakes import request, split_responses
+    from tests.support.fakes import request, split_responses
 
     protocol, transport, log = logged_connection(tmp_path)
     leaf = request("/metadata/instance/compute/name?api-version=2021-02-01&format=text")
@@ -454,7 +454,7 @@ def test_the_protocol_records_every_reply_parsed_remembered_or_pipelined(tmp_pat
 
 
 def test_the_protocols_inlined_record_drops_and_counts_when_the_buffer_is_full(tmp_path: Path) -> None:
-    from tests.fakes import request
+    from tests.support.fakes import request
 
     protocol, _transport, log = logged_connection(tmp_path)
     leaf = request("/metadata/instance/compute/name?api-version=2021-02-01&format=text")
@@ -487,7 +487,7 @@ def test_replies_fed_after_a_held_reply_are_logged_when_they_are_sent(tmp_path: 
 
     from fastimds.http.connection import FEED_SLICE_BYTES
     from fastimds.imds.faults import Fault
-    from tests.fakes import request, split_responses
+    from tests.support.fakes import request, split_responses
 
     protocol, transport, log = logged_connection(tmp_path)
     record = {"id": "f1", "vms": None, "path": "/metadata/instance", "status": None, "latencyMs": 20}
@@ -508,7 +508,7 @@ def test_replies_fed_after_a_held_reply_are_logged_when_they_are_sent(tmp_path: 
 def test_a_released_long_poll_is_counted_and_logged_once_without_a_latency(tmp_path: Path) -> None:
     from fastimds.imds.datafile import parse_vm
     from fastimds.ops.telemetry import LAYOUT
-    from tests.fakes import request, sample_vm, split_responses
+    from tests.support.fakes import request, sample_vm, split_responses
 
     protocol, transport, log = logged_connection(tmp_path)
     counters = protocol.state.counters

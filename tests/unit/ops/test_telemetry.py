@@ -22,7 +22,7 @@ from fastimds.ops.telemetry import (
     new_counters,
     render_metrics,
 )
-from tests.fakes import FakeTransport, make_connection, request
+from tests.support.fakes import FakeTransport, make_connection, request
 
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")
 DOCUMENT = request("/metadata/instance?api-version=2021-02-01")

@@ -1,0 +1,16 @@
+"""Shared test helpers: the one place a test module imports helpers from.
+
+Rules of this package:
+- Test modules (tests/**/test_*.py) import helpers from here, never from one
+  another (tests/unit/test_layout.py checks it): a helper two test files
+  need lives here, with its rules, not inside one of them.
+- Nothing here is a test, and nothing here is collected: no test_* names.
+- Helpers that start processes or open sockets (server_process,
+  hostile_clients) are for tests/e2e; fakes are for everything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
