@@ -1,44 +1,29 @@
-"""Managed identity tokens: the wire rules, and real azure-identity and MSAL clients, unmodified."""
+"""Managed identity tokens: the wire rules.
+
+Real azure-identity and MSAL clients against a real server are in tests/e2e/test_identity_e2e.py.
+"""
 
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import jwt
 import orjson
 import pytest
-import requests
 
 from fastimds.imds.datafile import DataError, parse_vm
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.support.fakes import sample_vm
-from tests.support.identities import IDENTITIES, SYSTEM, TENANT, UAMI
-from tests.support.server_process import admin_unix, running_server
+from tests.support.identities import IDENTITIES, SYSTEM, TENANT, UAMI, claims, document_with
 
 TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net"
 NOT_FOUND = {"error": "invalid_request", "error_description": "Identity not found"}
-
-
-def document_with(identities: Any) -> dict[str, Any]:
-    document = copy.deepcopy(sample_vm().document)
-    document["identities"] = identities
-    return document
 
 
 def get(target: str, metadata_ok: bool = True, identities: Any = IDENTITIES) -> tuple[int, Any]:
     snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(identities)), "t"), 1)
     reply = resolve(snapshot, b"GET", target.encode(), metadata_ok, False)
     return reply.status, orjson.loads(reply.body)
-
-
-def claims(token: str) -> dict[str, Any]:
-    decoded: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return decoded
 
 
 def test_a_token_for_the_system_assigned_identity() -> None:
@@ -134,59 +119,3 @@ def test_bad_identities_are_refused(identities: Any, problem: str) -> None:
     with pytest.raises(DataError) as caught:
         parse_vm(orjson.dumps(document_with(identities)), "t")
     assert any(found.startswith(problem) for found in caught.value.problems), caught.value.problems
-
-
-@pytest.fixture
-def identity_server(tmp_path: Path) -> Any:
-    data = tmp_path / "vm.json"
-    data.write_bytes(orjson.dumps(document_with(IDENTITIES)))
-    with running_server("--data", str(data), "--admin-socket", str(tmp_path / "a.sock")) as server:
-        yield server, tmp_path / "a.sock"
-
-
-def test_azure_identity_gets_tokens_and_reports_unknown_identities(identity_server: Any) -> None:
-    from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
-
-    server, socket_path = identity_server
-    with mock.patch.dict(os.environ, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": server.base_url}):
-        system = ManagedIdentityCredential().get_token("https://vault.azure.net/.default")
-        user = ManagedIdentityCredential(client_id=UAMI["clientId"]).get_token("https://storage.azure.com/.default")
-        with pytest.raises(CredentialUnavailableError):
-            ManagedIdentityCredential(client_id="99999999-9999-4999-8999-999999999999").get_token(
-                "https://vault.azure.net/.default"
-            )
-    status, jwks = admin_unix(socket_path, "GET", "/jwks")
-    assert status == 200
-    key = jwt.PyJWK(jwks["keys"][0]).key
-    verified = jwt.decode(system.token, key, algorithms=["RS256"], audience="https://vault.azure.net")
-    assert verified["oid"] == SYSTEM["objectId"]
-    verified = jwt.decode(user.token, key, algorithms=["RS256"], audience="https://storage.azure.com")
-    assert verified["oid"] == UAMI["objectId"]
-    assert system.expires_on > 0
-
-
-def test_msal_gets_tokens_and_reports_unknown_identities(identity_server: Any) -> None:
-    import msal
-
-    server, _ = identity_server
-    with (
-        mock.patch.dict(os.environ, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": server.base_url}),
-        requests.Session() as session,
-    ):
-        system = msal.ManagedIdentityClient(msal.SystemAssignedManagedIdentity(), http_client=session)
-        result = system.acquire_token_for_client(resource="https://vault.azure.net")
-        assert "access_token" in result, result
-        assert claims(result["access_token"])["oid"] == SYSTEM["objectId"]
-        user = msal.ManagedIdentityClient(
-            msal.UserAssignedManagedIdentity(client_id=UAMI["clientId"]), http_client=session
-        )
-        assert (
-            claims(user.acquire_token_for_client(resource="https://vault.azure.net")["access_token"])["oid"]
-            == (UAMI["objectId"])
-        )
-        unknown = msal.ManagedIdentityClient(
-            msal.UserAssignedManagedIdentity(client_id="99999999-9999-4999-8999-999999999999"), http_client=session
-        )
-        failed = unknown.acquire_token_for_client(resource="https://vault.azure.net")
-        assert "access_token" not in failed
-        assert failed.get("error") == "invalid_request" and "Identity not found" in failed.get("error_description", "")
