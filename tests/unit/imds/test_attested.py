@@ -1,18 +1,18 @@
-"""/metadata/attested/document: a PKCS#7 SignedData that openssl verifies, as Microsoft's samples do."""
+"""/metadata/attested/document: a PKCS#7 SignedData that openssl verifies, as Microsoft's samples do.
+
+A configured certificate signing in a real multi-worker server is in tests/e2e/test_attested_e2e.py.
+"""
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from fastimds.imds.attested import Attestor, signed_content
 from fastimds.imds.datafile import parse_vm
@@ -20,26 +20,11 @@ from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
 from tests.support.fakes import sample_vm
-from tests.support.server_process import fresh_get, running_server, vm_document, vm_uuid
+from tests.support.openssl import verified_content
+from tests.support.server_process import vm_document, vm_uuid
 
 DOCUMENT = "/metadata/attested/document?api-version=2021-02-01"
 VM_ID = sample_vm().instance["compute"]["vmId"]
-
-
-def verified_content(signature_b64: str, tmp_path: Path) -> dict[str, Any]:
-    """What `openssl smime -verify -noverify` extracts from the signature (it fails on a bad one)."""
-    der = tmp_path / "signature.der"
-    der.write_bytes(base64.b64decode(signature_b64))
-    done = subprocess.run(
-        ["openssl", "smime", "-verify", "-noverify", "-inform", "DER", "-in", str(der)],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    assert b"Verification successful" in done.stderr
-    content: dict[str, Any] = json.loads(done.stdout)
-    return content
 
 
 def get(target: str) -> tuple[int, Any]:
@@ -112,34 +97,3 @@ def test_vms_at_the_same_generation_never_share_a_document(tmp_path: Path) -> No
         reply = signer.reply(vm, "2021-02-01", "1234", now)
         content = verified_content(orjson.loads(reply.body)["signature"], tmp_path)
         assert content["vmId"] == vm_uuid(name)
-
-
-def test_a_configured_certificate_signs(tmp_path: Path) -> None:
-    made = Attestor.self_signed()
-    cert = tmp_path / "cert.pem"
-    key = tmp_path / "key.pem"
-    cert.write_bytes(made.certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(
-        made.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    with running_server("--attested-cert", str(cert), "--attested-key", str(key), "--workers", "2") as server:
-        signatures = set()
-        for _ in range(6):  # any worker: one signer for all
-            status, body = fresh_get(server.port, DOCUMENT + "&nonce=abcde12345")
-            assert status == 200
-            payload = orjson.loads(body)
-            content = verified_content(payload["signature"], tmp_path)
-            assert content["nonce"] == "abcde12345"
-            signatures.add(payload["signature"])
-        signer = tmp_path / "signer.pem"
-        der = tmp_path / "signature.der"
-        der.write_bytes(base64.b64decode(signatures.pop()))
-        subprocess.run(
-            ["openssl", "pkcs7", "-inform", "DER", "-in", str(der), "-print_certs", "-out", str(signer)],
-            check=True,
-            timeout=30,
-            capture_output=True,
-        )
-        assert made.certificate.public_bytes(serialization.Encoding.PEM) in signer.read_bytes()
