@@ -1,4 +1,7 @@
-"""/metadata/loadbalancer: from the VM's "loadbalancer" section, ports as numbers (spec §10)."""
+"""/metadata/loadbalancer: from the VM's "loadbalancer" section, ports as numbers (spec §10).
+
+The section served by a real server is in tests/e2e/test_loadbalancer_e2e.py.
+"""
 
 from __future__ import annotations
 
@@ -13,29 +16,9 @@ from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
 from tests.support.fakes import sample_vm
-from tests.support.server_process import fresh_get, running_server
+from tests.support.loadbalancer import SECTION, document_with
 
-# The documented example (spec §10).
-SECTION = {
-    "publicIpAddresses": [{"frontendIpAddress": "51.0.0.1", "privateIpAddress": "10.1.0.4"}],
-    "inboundRules": [
-        {
-            "frontendIpAddress": "50.0.0.1",
-            "protocol": "tcp",
-            "frontendPort": 80,
-            "backendPort": 443,
-            "privateIpAddress": "10.1.0.4",
-        }
-    ],
-    "outboundRules": [{"frontendIpAddress": "50.0.0.1", "privateIpAddress": "10.1.0.4"}],
-}
 LB = "/metadata/loadbalancer?api-version=2020-10-01"
-
-
-def document_with(section: Any) -> dict[str, Any]:
-    document = copy.deepcopy(sample_vm().document)
-    document["loadbalancer"] = section
-    return document
 
 
 def get(document: dict[str, Any], target: str, method: bytes = b"GET") -> tuple[int, Any]:
@@ -100,12 +83,3 @@ def test_a_bad_section_is_refused_naming_the_problem(section: Any, problem: str)
     with pytest.raises(DataError) as caught:
         parse_vm(orjson.dumps(document_with(section)), "test")
     assert any(found.startswith(problem) for found in caught.value.problems), caught.value.problems
-
-
-def test_served_by_a_real_server(tmp_path: Any) -> None:
-    data = tmp_path / "vm.json"
-    data.write_bytes(orjson.dumps(document_with(SECTION)))
-    with running_server("--data", str(data)) as server:
-        status, body = fresh_get(server.port, LB)
-        assert status == 200
-        assert orjson.loads(body) == {"loadbalancer": SECTION}
