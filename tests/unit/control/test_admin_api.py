@@ -1,17 +1,15 @@
-"""The admin API: AdminApi.handle and AdminProtocol without sockets, plus the real socket's file mode.
+"""The admin API: AdminApi.handle and AdminProtocol without sockets.
 
 Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz.
 Over TCP every /vms request needs the bearer token; the Unix socket relies
 on its file mode (0600). Every error is JSON naming the problem, and a
-refused write changes nothing.
+refused write changes nothing. The real socket's file mode is checked in
+tests/e2e/test_admin_api_e2e.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
 from fastimds.imds.registry import VmRegistry
 from tests.support.fakes import FakeTransport, Response, split_responses
-from tests.support.server_process import admin_unix, running_server, vm_document, vm_uuid
+from tests.support.server_process import vm_document, vm_uuid
 
 TOKEN = "s3cret-token-value"
 JSON_TYPE = "application/json; charset=utf-8"
@@ -379,27 +377,3 @@ def test_protocol_turns_an_internal_error_into_500(
     responses = split_responses(transport.output)
     assert [r.status for r in responses] == [500, 200]
     assert "boom" in responses[0].json()["error"]
-
-
-# ---- the real socket ----
-
-
-def test_the_unix_socket_is_created_mode_0600(tmp_path: Path) -> None:
-    socket_path = tmp_path / "admin.sock"
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    stack = contextlib.ExitStack()
-    old_umask = os.umask(0)  # the server must not depend on a strict umask in its environment
-    try:
-        server = stack.enter_context(running_server("--data-dir", str(data_dir), "--admin-socket", str(socket_path)))
-    finally:
-        os.umask(old_umask)
-    with stack:
-        assert server.admin == [f"unix:{socket_path}"]
-        mode = socket_path.stat().st_mode
-        assert stat.S_ISSOCK(mode)
-        assert stat.S_IMODE(mode) == 0o600, oct(stat.S_IMODE(mode))
-        assert admin_unix(socket_path, "GET", "/healthz") == (200, {"status": "ok"})
-        status, body = admin_unix(socket_path, "PUT", "/vms/a", vm_document("a", callers=["127.0.0.2"]))
-        assert (status, body) == (201, {"id": "a", "generation": 1})
-        assert admin_unix(socket_path, "GET", "/vms")[1]["vms"][0]["id"] == "a"

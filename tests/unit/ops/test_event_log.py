@@ -1,10 +1,12 @@
-"""The warm-path event log: JSON lines, rate-limited per event, sampled request errors."""
+"""The warm-path event log: JSON lines, rate-limited per event, sampled request errors.
+
+A real server's --log-file is in tests/e2e/test_event_log_e2e.py.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,6 @@ import pytest
 from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S, EventLog
 from fastimds.ops.telemetry import LAYOUT, new_counters
 from tests.support.fakes import make_connection, request
-from tests.support.server_process import running_server
 
 
 def lines(stream: io.BytesIO) -> list[dict[str, Any]]:
@@ -68,14 +69,3 @@ def test_refused_requests_are_logged_with_caller_vm_and_target(capsys: pytest.Ca
     assert error["generation"] == 1
     limit = next(r for r in records if r["event"] == "limit_hit")
     assert limit["status"] == 431
-
-
-def test_log_file_receives_the_events(tmp_path: Path) -> None:
-    log_file = tmp_path / "events.jsonl"
-    with running_server("--log-file", str(log_file)) as server:
-        assert server.port
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
-    events = [record["event"] for record in records]
-    assert events[0] == "config"
-    assert "worker_ready" in events and "worker_stopped" in events
-    assert records[0]["workers"] == 1 and records[0]["admin_token"] is None
