@@ -1,14 +1,13 @@
-"""`fastimds probe`: against a real `fastimds serve`, a closed port, and a scripted flaky server."""
+"""`fastimds probe`: against a closed port, a silent one, and a scripted flaky server, in process.
+
+Probes of a real `fastimds serve`, and the probe as a process that a signal stops,
+are in tests/e2e/test_probe_e2e.py.
+"""
 
 from __future__ import annotations
 
 import http.server
-import re
-import selectors
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,75 +17,13 @@ import pytest
 
 from fastimds.cli.main import main
 from fastimds.cli.probe import DEFAULT_TARGETS, Outcome, Tally, percentile
-from tests.support.server_process import ServerProcess, running_server
-
-SUMMARY = re.compile(
-    r"^summary probes=(?P<probes>\d+) successes=(?P<successes>\d+) failures=(?P<failures>\d+) "
-    r"availability=(?P<availability>\d+\.\d\d)% threshold=(?P<threshold>\d+\.\d\d)% "
-    r"p50_ms=(?P<p50>[\d.]+|-) p90_ms=(?P<p90>[\d.]+|-) p99_ms=(?P<p99>[\d.]+|-) max_ms=(?P<max>[\d.]+|-)$"
-)
-PROBE_LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z probe=(?P<number>\d+) result=(?P<result>ok|fail) "
-    r"status=(?P<status>\d{3}|-) latency_ms=(?P<latency>\d+\.\d{3}) bytes=(?P<bytes>\d+) target=(?P<target>\S+)"
-    r'(?: error="(?P<error>[^"]*)")?$'
-)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerProcess]:
-    with running_server() as served:
-        yield served
-
-
-def probe(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[re.Match[str]], re.Match[str]]:
-    code = main(["probe", *argv])
-    *lines, last = capsys.readouterr().out.splitlines()
-    summary = SUMMARY.match(last)
-    assert summary is not None, last
-    matches = [PROBE_LINE.match(line) for line in lines]
-    assert all(matches), lines
-    return code, [m for m in matches if m is not None], summary
+from tests.support.probe_output import probe
 
 
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])  # closed again when we return: nothing listens
-
-
-def test_a_healthy_server_is_100_percent_available(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    started = time.monotonic()
-    code, lines, summary = probe(capsys, server.base_url, "--count", "5", "--interval", "50ms")
-    elapsed = time.monotonic() - started
-    assert code == 0
-    assert summary["probes"] == "5" and summary["successes"] == "5" and summary["failures"] == "0"
-    assert summary["availability"] == "100.00" and summary["threshold"] == "99.00"
-    assert all(summary[name] != "-" for name in ("p50", "p90", "p99", "max"))
-    assert float(summary["p50"]) <= float(summary["p90"]) <= float(summary["p99"]) <= float(summary["max"])
-    assert [line["number"] for line in lines] == ["1", "2", "3", "4", "5"]
-    assert [line["target"] for line in lines] == [*DEFAULT_TARGETS, *DEFAULT_TARGETS, DEFAULT_TARGETS[0]]
-    assert {line["result"] for line in lines} == {"ok"} and {line["status"] for line in lines} == {"200"}
-    assert lines[0]["bytes"] == str(len(server.vm_id))  # the vmId, as text
-    assert int(lines[1]["bytes"]) > 1000  # the whole document
-    assert 0.2 <= elapsed < 5  # four intervals of 50 ms between five probes
-
-
-def test_a_full_target_url_probes_that_target(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    target = "/metadata/instance/compute/location?api-version=2021-02-01&format=text"
-    code, lines, summary = probe(capsys, server.url(target), "--count", "2", "--interval", "10ms")
-    assert code == 0 and summary["availability"] == "100.00"
-    assert [line["target"] for line in lines] == [target, target]
-
-
-def test_an_error_reply_is_a_failure(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    code, lines, summary = probe(capsys, server.url("/metadata/instance?api-version=1999-01-01"), "--count", "1")
-    assert code == 1 and summary["availability"] == "0.00"
-    assert lines[0]["result"] == "fail" and lines[0]["status"] == "400" and lines[0]["error"] == "HTTP 400"
-
-
-def test_quiet_prints_only_the_summary(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    code, lines, summary = probe(capsys, server.base_url, "--count", "3", "--interval", "0", "--quiet")
-    assert code == 0 and lines == [] and summary["probes"] == "3"
 
 
 def test_a_closed_port_is_0_percent_available(capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,34 +153,3 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str
     assert main(["probe", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"fastimds probe: {message}")
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_it_with_the_summary(server: ServerProcess, signum: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastimds", "probe", server.base_url, "--interval", "50ms"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 15
-        with selectors.DefaultSelector() as selector:  # wait for three probe lines, with a deadline
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            while len(lines) < 3 and time.monotonic() < deadline:
-                if selector.select(timeout=1):
-                    lines.append(proc.stdout.readline().decode())
-        assert len(lines) == 3, lines
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    *more, last = out.decode().splitlines()
-    summary = SUMMARY.match(last)
-    assert summary is not None, (out, err)
-    assert int(summary["probes"]) == len(lines) + len(more) >= 3
-    assert summary["availability"] == "100.00"
-    assert proc.returncode == 0 and err == b""
