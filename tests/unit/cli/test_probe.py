@@ -61,7 +61,8 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 def scripted() -> Iterator[tuple[str, type[Scripted]]]:
     handler = type("Handler", (Scripted,), {"script": [], "seen": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # serve_forever checks for shutdown() every poll_interval: its 0.5 s default made each teardown wait 0.5 s.
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
