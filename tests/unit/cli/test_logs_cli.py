@@ -1,9 +1,10 @@
-"""`fastimds logs`: merged, filtered request logs, written by the real RequestLog."""
+"""`fastimds logs`: merged, filtered request logs, written by the real RequestLog.
+
+`fastimds logs` as a process whose reader goes away is in tests/e2e/test_logs_cli_e2e.py.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +13,8 @@ import pytest
 
 from fastimds.cli import logs as logs_cli
 from fastimds.cli.main import build_parser, main
-from fastimds.ops.request_log import RECORD_KEYS, RequestLog, rotated_files
-
-T0 = 1_795_000_000.0  # 2026-11-18T11:06:40Z
-
-
-def write_log(directory: Path, worker: int, records: list[dict[str, Any]], max_file_bytes: int = 10**9) -> None:
-    """Records through the real writer, one flush per record (so small max_file_bytes rotates often)."""
-    log = RequestLog(directory, worker, max_file_bytes=max_file_bytes, retain_files=1000)
-    for fields in records:
-        full = {
-            "caller": "10.0.0.4",
-            "vm_id": f"vm-{worker}",
-            "method": "GET",
-            "target": "/metadata/instance?api-version=2021-02-01",
-            "status": 200,
-            "size": 100,
-            "latency_us": 50,
-            "generation": 1,
-        } | fields
-        ts = full.pop("ts")
-        log.record(ts, **full)
-        log.flush(ts)
-    log.close(records[-1]["ts"])
-    assert log.errors == 0
+from fastimds.ops.request_log import RECORD_KEYS, rotated_files
+from tests.support.request_logs import T0, write_log
 
 
 def run_logs(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[dict[str, Any]], str]:
@@ -205,22 +184,6 @@ def test_argparse_errors_exit_2(busy_dir: Path, capsys: pytest.CaptureFixture[st
             main(["logs", str(busy_dir), *argv])
         assert exited.value.code == 2
     capsys.readouterr()
-
-
-def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
-    write_log(tmp_path, 0, [{"ts": T0 + n / 1000} for n in range(3000)])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastimds", "logs", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    first = proc.stdout.readline()  # `| head -1`
-    proc.stdout.close()
-    stderr = proc.stderr.read()
-    proc.stderr.close()
-    assert proc.wait(timeout=30) == 0, stderr
-    assert orjson.loads(first)["ts"] == T0 and stderr == b""
 
 
 def test_every_format_this_project_has_written_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
