@@ -21,7 +21,9 @@ What must hold, for every write:
   served to each VM's callers;
 - an accepted write (a mutation that happens to stay valid) is exactly the
   one asked for: the next generation, serving the document sent (PUT) or
-  its RFC 7396 merge (PATCH), and the other VM untouched.
+  its RFC 7396 merge (PATCH, by the independent oracle in
+  tests.support.reference, itself held to the RFC's examples in
+  tests/unit/control/test_merge_patch.py), and the other VM untouched.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, VM_ID_P
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
 from tests.support.fakes import FakeTransport, Response, make_connection, request, split_responses
+from tests.support.reference import rfc7396_merge_patch
 from tests.support.server_process import vm_document
 
 LONG_RUN_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -209,19 +212,6 @@ def assert_applied(
         if other != vm_id:
             assert w.served(caller) == before["served"][other]
             assert orjson.dumps(w.control.document(other)) == before["documents"][other]
-
-
-def merged(target: Any, patch: Any) -> Any:
-    """RFC 7396, written out here independently of fastimds.control.writer.merge_patch."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merged(result.get(key), value)
-    return result
 
 
 def nested(depth: int, container: str = "list") -> bytes:
@@ -484,7 +474,7 @@ def test_wrong_types_anywhere_are_refused_or_applied_exactly(
         if status < 400:
             assert needle is None, f"accepted although {needle!r} was expected"
             received = orjson.loads(body)  # what the server parsed
-            expected = received if method == "PUT" else merged(document, received)
+            expected = received if method == "PUT" else rfc7396_merge_patch(document, received)
             no_op = method == "PATCH" and expected == document
             assert_applied(w, before, "a", (status, answer), expected, no_op=no_op)
         elif needle is not None:
@@ -607,7 +597,7 @@ def test_writes_that_would_make_a_vm_invalid_are_refused_naming_every_problem(
     patch: Any = {}
     for name in names:
         patch = deep_merge(patch, INVALID_PATCHES[name][0])
-    sent = patch if method == "PATCH" else merged(SEEDS["a"], patch)
+    sent = patch if method == "PATCH" else rfc7396_merge_patch(SEEDS["a"], patch)
     kinds = {INVALID_PATCHES[name][1] for name in names}
     # The order Control checks in: a PATCH too deep to store is refused before it is merged.
     order = ["unstorable", "id"] if method == "PATCH" else ["id", "unstorable"]
