@@ -5,8 +5,10 @@ Rules of this package:
   another (tests/unit/test_layout.py checks it): a helper two test files
   need lives here, with its rules, not inside one of them.
 - Nothing here is a test, and nothing here is collected: no test_* names.
-- Helpers that start processes or open sockets (server_process,
-  hostile_clients) are for tests/e2e; fakes are for everything else.
+- What starts a process (server_process.running_server, hostile_clients)
+  is for tests/e2e only (tests/unit/test_layout.py checks tests/unit and
+  tests/fuzz); the data helpers beside it (vm_document, vm_uuid) and the
+  fakes are for any test.
 """
 
 from __future__ import annotations
