@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: serve test lint typecheck unit bench bench-tools bench-compare loadtest fuzz-long clean system-deps
+.PHONY: serve test test-fast test-all lint typecheck bench bench-tools bench-compare loadtest fuzz-long clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,17 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed-test system-deps
+# Every test: tests/unit, tests/fuzz (CI budget), tests/e2e (real server processes) and
+# bench/'s ladder as a smoke test (testpaths in pyproject.toml).
+test-all: $(VENV)/.installed-test system-deps
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: lint typecheck test-all
+
+# The fast subset, for the edit-test loop: no server process (tests/unit/test_layout.py
+# checks), the fuzz suites at their fixed CI budget. About 35 s on two cores.
+test-fast: $(VENV)/.installed-test system-deps
+	$(BIN)/pytest -p no:cacheprovider tests/unit tests/fuzz
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,bench]'
@@ -74,8 +81,7 @@ loadtest: $(VENV)/.installed-test
 # examples per test instead of `make test`'s fixed, derandomised CI budget.
 FUZZ_EXAMPLES ?= 20000
 fuzz-long: $(VENV)/.installed-test
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -p no:cacheprovider --hypothesis-show-statistics \
-		tests/test_fuzz_protocol.py tests/test_fuzz_admin.py
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -p no:cacheprovider --hypothesis-show-statistics tests/fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis

@@ -26,7 +26,7 @@ from fastimds.imds.render import VERSIONS_REPLY
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
 from fastimds.imds.store import SnapshotStore
-from tests.fakes import make_connection, request, sample_vm
+from tests.support.fakes import make_connection, request, sample_vm
 
 TEXT_LEAF = "/metadata/instance/compute/vmId?api-version=2017-04-02&format=text"
 WHOLE_DOCUMENT = "/metadata/instance?api-version=2021-02-01"

@@ -13,7 +13,7 @@ shared between VMs that a real deployment would not share). RSS is VmRSS from
 the snapshots, and after serving every VM its four requests through
 fastimds.imds.routing.resolve. Exits 1 when a target is missed.
 
-tests/test_scale.py runs the same code for a few hundred VMs and checks the
+tests/unit/imds/test_scale.py runs the same code for a few hundred VMs and checks the
 answers, not the numbers.
 """
 

@@ -19,7 +19,7 @@ from fastimds.config import Limits
 from fastimds.http.connection import HttpProtocol, ServerState
 from fastimds.imds.datafile import parse_vm
 from fastimds.imds.store import SnapshotStore
-from tests.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm
+from tests.support.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm
 
 WAITERS = 10_000
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")

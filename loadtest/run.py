@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.server_process import running_server
+from tests.support.server_process import running_server
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"

@@ -1,0 +1,99 @@
+"""/metadata/attested/document: a PKCS#7 SignedData that openssl verifies, as Microsoft's samples do.
+
+A configured certificate signing in a real multi-worker server is in tests/e2e/test_attested_e2e.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from fastimds.imds.attested import Attestor, signed_content
+from fastimds.imds.datafile import parse_vm
+from fastimds.imds.render import BAD_API_VERSION_MESSAGE
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import build_snapshot
+from tests.support.fakes import sample_vm
+from tests.support.openssl import verified_content
+from tests.support.server_process import vm_document, vm_uuid
+
+DOCUMENT = "/metadata/attested/document?api-version=2021-02-01"
+VM_ID = sample_vm().instance["compute"]["vmId"]
+
+
+def get(target: str) -> tuple[int, Any]:
+    snapshot = build_snapshot(sample_vm(), 1)
+    reply = resolve(snapshot, b"GET", target.encode(), True, False)
+    return reply.status, orjson.loads(reply.body)
+
+
+def test_the_signature_verifies_and_carries_the_nonce_and_vm(tmp_path: Path) -> None:
+    status, body = get(DOCUMENT + "&nonce=1234567890")
+    assert status == 200
+    assert body["encoding"] == "pkcs7"
+    content = verified_content(body["signature"], tmp_path)
+    assert content["nonce"] == "1234567890"
+    assert content["vmId"] == VM_ID
+    assert content["subscriptionId"] == sample_vm().instance["compute"]["subscriptionId"]
+    assert content["sku"] == sample_vm().instance["compute"]["sku"]
+    assert set(content["plan"]) == {"name", "product", "publisher"}
+    assert "licenseType" not in content  # the sample has none
+
+
+def test_fields_follow_the_api_version(tmp_path: Path) -> None:
+    document = copy.deepcopy(sample_vm().document)
+    document["instance"]["compute"]["licenseType"] = "Windows_Server"
+    vm = parse_vm(orjson.dumps(document), "t")
+    now = int(time.time())
+    oldest = json.loads(signed_content(vm, "2018-10-01", "n1", now))
+    assert set(oldest) == {"nonce", "plan", "timeStamp", "vmId"}
+    assert "subscriptionId" in json.loads(signed_content(vm, "2019-04-30", "n1", now))
+    assert "sku" not in json.loads(signed_content(vm, "2019-04-30", "n1", now))
+    assert json.loads(signed_content(vm, "2020-09-01", "n1", now))["licenseType"] == "Windows_Server"
+
+
+def test_without_a_nonce_the_time_is_the_nonce_and_the_stamps_are_azures_format(tmp_path: Path) -> None:
+    now = int(time.time())
+    content = json.loads(signed_content(sample_vm(), "2021-02-01", None, now))
+    assert content["nonce"] == time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    created, expires = content["timeStamp"]["createdOn"], content["timeStamp"]["expiresOn"]
+    assert created == time.strftime("%m/%d/%y %H:%M:%S -0000", time.gmtime(now))
+    assert expires > created or expires[:8] != created[:8]
+
+
+@pytest.mark.parametrize("nonce", ["", "12345678901234567890123456789012x", "abc-def", "a%20b"])
+def test_a_bad_nonce_is_400(nonce: str) -> None:
+    status, body = get(DOCUMENT + f"&nonce={nonce}")
+    assert status == 400
+    assert "nonce" in body["error"]
+
+
+def test_api_version_starts_at_2018_10_01() -> None:
+    assert get("/metadata/attested/document?api-version=2018-04-02") == (
+        400,
+        {"error": BAD_API_VERSION_MESSAGE, "newest-versions": ["2025-04-07", "2024-07-17", "2024-03-15"]},
+    )
+
+
+def test_it_is_never_memoised() -> None:
+    snapshot = build_snapshot(sample_vm(), 1)
+    resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False)
+    assert snapshot.url_replies == {}
+
+
+def test_vms_at_the_same_generation_never_share_a_document(tmp_path: Path) -> None:
+    # Regression: the signer's cache was keyed by (generation, version, nonce, second), and
+    # every VM's first publish is generation 1, so VM b got VM a's signed vmId in that second.
+    signer = Attestor.self_signed()
+    now = time.time()
+    for name in ("a", "b", "a"):
+        vm = parse_vm(orjson.dumps(vm_document(name)), name)
+        reply = signer.reply(vm, "2021-02-01", "1234", now)
+        content = verified_content(orjson.loads(reply.body)["signature"], tmp_path)
+        assert content["vmId"] == vm_uuid(name)

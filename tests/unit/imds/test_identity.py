@@ -1,0 +1,121 @@
+"""Managed identity tokens: the wire rules.
+
+Real azure-identity and MSAL clients against a real server are in tests/e2e/test_identity_e2e.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+
+from fastimds.imds.datafile import DataError, parse_vm
+from fastimds.imds.routing import resolve
+from fastimds.imds.snapshot import build_snapshot
+from tests.support.identities import IDENTITIES, SYSTEM, TENANT, UAMI, claims, document_with
+
+TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net"
+NOT_FOUND = {"error": "invalid_request", "error_description": "Identity not found"}
+
+
+def get(target: str, metadata_ok: bool = True, identities: Any = IDENTITIES) -> tuple[int, Any]:
+    snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(identities)), "t"), 1)
+    reply = resolve(snapshot, b"GET", target.encode(), metadata_ok, False)
+    return reply.status, orjson.loads(reply.body)
+
+
+def test_a_token_for_the_system_assigned_identity() -> None:
+    status, body = get(TOKEN)
+    assert status == 200
+    assert all(isinstance(value, str) for value in body.values())
+    assert body["resource"] == "https://vault.azure.net" and body["token_type"] == "Bearer"
+    assert body["client_id"] == SYSTEM["clientId"]
+    assert int(body["expires_on"]) - int(body["not_before"]) == 86_400
+    token = claims(body["access_token"])
+    assert (token["aud"], token["oid"], token["appid"], token["tid"]) == (
+        "https://vault.azure.net",
+        SYSTEM["objectId"],
+        SYSTEM["clientId"],
+        TENANT,
+    )
+
+
+@pytest.mark.parametrize(
+    "selector", [f"client_id={UAMI['clientId']}", f"object_id={UAMI['objectId']}", f"msi_res_id={UAMI['resourceId']}"]
+)
+def test_a_user_assigned_identity_by_each_selector(selector: str) -> None:
+    status, body = get(f"{TOKEN}&{selector}")
+    assert status == 200
+    token = claims(body["access_token"])
+    assert (token["oid"], token["xms_mirid"]) == (UAMI["objectId"], UAMI["resourceId"])
+
+
+@pytest.mark.parametrize(
+    ("target", "metadata_ok", "identities", "expected"),
+    [
+        (f"{TOKEN}&client_id=99999999-9999-4999-8999-999999999999", True, IDENTITIES, (400, NOT_FOUND)),
+        (TOKEN, True, {"tenantId": TENANT, "userAssigned": [UAMI]}, (400, NOT_FOUND)),  # no system identity
+        (TOKEN.split("&resource", maxsplit=1)[0], True, IDENTITIES, (400, "resource")),
+        (f"{TOKEN}&client_id=a&object_id=b", True, IDENTITIES, (400, "Only one")),
+        (TOKEN, False, IDENTITIES, (400, "Required metadata header not specified")),
+        (TOKEN.replace("2018-02-01", "2017-12-01"), True, IDENTITIES, (400, "api-version")),
+    ],
+)
+def test_refusals(target: str, metadata_ok: bool, identities: Any, expected: tuple[int, Any]) -> None:
+    status, body = get(target, metadata_ok, identities)
+    assert status == expected[0]
+    if isinstance(expected[1], dict):
+        assert body == expected[1]
+    else:
+        assert expected[1] in str(body)
+
+
+def test_the_identity_family_missing_header_body() -> None:
+    assert get(TOKEN, metadata_ok=False) == (
+        400,
+        {"error": "invalid_request", "error_description": "Required metadata header not specified"},
+    )
+
+
+def test_info_gives_the_tenant() -> None:
+    assert get("/metadata/identity/info?api-version=2018-02-01") == (200, {"tenantId": TENANT})
+
+
+def test_tokens_are_reused_until_near_expiry_and_never_memoised() -> None:
+    snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(IDENTITIES)), "t"), 1)
+    first = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+    second = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+    assert orjson.loads(first.body)["access_token"] == orjson.loads(second.body)["access_token"]
+    assert first is not second and snapshot.url_replies == {}
+
+
+def test_vms_at_the_same_generation_never_share_a_token() -> None:
+    # Regression: tokens were cached by (generation, client id, object id, resource); every VM's
+    # first publish is generation 1, so a VM could get a token naming another VM's tenant or
+    # resource id. They are now cached by every claim they sign.
+    other = copy.deepcopy(document_with(IDENTITIES))
+    other["identities"]["tenantId"] = "99999999-9999-4999-8999-999999999999"
+    other["instance"]["compute"]["resourceId"] = "/subscriptions/s/resourceGroups/rg/providers/x/virtualMachines/b"
+    tokens = []
+    for document in (document_with(IDENTITIES), other, document_with(IDENTITIES)):
+        snapshot = build_snapshot(parse_vm(orjson.dumps(document), "t"), 1)
+        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+        tokens.append(claims(orjson.loads(reply.body)["access_token"]))
+    assert [token["tid"] for token in tokens] == [TENANT, other["identities"]["tenantId"], TENANT]
+    assert tokens[1]["xms_mirid"] == other["instance"]["compute"]["resourceId"] != tokens[0]["xms_mirid"]
+
+
+@pytest.mark.parametrize(
+    ("identities", "problem"),
+    [
+        ({"systemAssigned": SYSTEM}, "$.identities.tenantId: required"),
+        ({"tenantId": TENANT, "userAssigned": [{"clientId": "x"}]}, "$.identities.userAssigned[0].objectId"),
+        ({"tenantId": TENANT, "bogus": 1}, "$.identities.bogus: unknown key"),
+    ],
+)
+def test_bad_identities_are_refused(identities: Any, problem: str) -> None:
+    with pytest.raises(DataError) as caught:
+        parse_vm(orjson.dumps(document_with(identities)), "t")
+    assert any(found.startswith(problem) for found in caught.value.problems), caught.value.problems
