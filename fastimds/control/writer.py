@@ -114,7 +114,7 @@ def encoded_size(document: Any) -> int:
 
 
 class Control:
-    def __init__(self, bus: Bus, registry: VmRegistry) -> None:
+    def __init__(self, bus: Bus, registry: VmRegistry, budgets: faults.FaultBudgets | None = None) -> None:
         self.bus = bus
         self.registry = registry
         self.data_dir_stamps: dict[Path, tuple[int, int]] = {}
@@ -126,7 +126,9 @@ class Control:
         # Kept across restarts (--state-dir); counted ones are re-armed by `rearm_faults`.
         self.fault_records: list[dict[str, Any]] = bus.read_faults()
         # This process's faults: the ones it applies when it also serves (one worker).
-        self.fault_table = faults.FaultTable()
+        # `budgets`: the fault counts every process shares (made by the server before any fork).
+        self.fault_table = faults.FaultTable(budgets)
+        self.budgets = self.fault_table.budgets
         self._load_fault_table()
 
     def _load_fault_table(self) -> None:
@@ -139,14 +141,14 @@ class Control:
     def rearm_faults(self) -> None:
         """At server start: counted faults saved in the state dir get their whole count again.
 
-        Counts live in shared memory (fastimds.imds.faults.BUDGETS), which a restart
+        Counts live in shared memory (fastimds.imds.faults.FaultBudgets), which a restart
         empties. Called once per server start, not when a control process is
         replaced: that one inherits the counts left.
         """
         for record in self.fault_records:
             slot, count = record.get("slot"), record.get("count")
             if isinstance(count, int) and isinstance(slot, int) and 0 <= slot < faults.MAX_FAULTS:
-                faults.BUDGETS.set(slot, count)
+                self.budgets.set(slot, count)
         self._load_fault_table()
 
     # ---- reads ----
@@ -384,7 +386,7 @@ class Control:
     # ---- injected faults ----
 
     def live_faults(self) -> list[dict[str, Any]]:
-        return faults.live(self.fault_records, time.time())
+        return faults.live(self.fault_records, time.time(), self.budgets)
 
     def add_fault(self, request: Any, vm_ids: list[str] | None) -> dict[str, Any]:
         """Inject a fault on `vm_ids` (None: every VM, present and future); returns its record."""
@@ -397,7 +399,7 @@ class Control:
         records = self.live_faults()
         if len(records) >= faults.MAX_FAULTS:
             raise UpdateError(409, f"at most {faults.MAX_FAULTS} faults at a time")
-        record = faults.make_fault(request, vm_ids, time.time(), faults.free_slot(records))
+        record = faults.make_fault(request, vm_ids, time.time(), self.budgets.free_slot(records), self.budgets)
         self._write_faults([*records, record])
         log_event("fault_added", fault=record)
         return record
@@ -594,11 +596,11 @@ def apply_entry(registry: VmRegistry, entry: BusEntry) -> bool:
 class Follower:
     """A worker's view of the bus."""
 
-    def __init__(self, bus: Bus, registry: VmRegistry) -> None:
+    def __init__(self, bus: Bus, registry: VmRegistry, budgets: faults.FaultBudgets | None = None) -> None:
         self.bus = bus
         self.registry = registry
         self.stamps: dict[str, tuple[int, int]] = {}  # what each VM file looked like when last applied
-        self.fault_table = faults.FaultTable()  # the injected faults this worker applies
+        self.fault_table = faults.FaultTable(budgets)  # the injected faults this worker applies (shared counts)
         self.faults_stamp: tuple[int, int] | None = None
 
     def rescan(self) -> None:

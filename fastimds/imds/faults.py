@@ -7,9 +7,11 @@ Rules of this module:
   a count, or until removed. Users test their clients' retry logic with it.
 - The control plane owns the list (admin API) and writes it to the bus as one
   file, FAULTS_FILE, whose name is no VM id; every worker loads it into its
-  `FaultTable`. A fault's count is shared by every worker: it lives in
-  `BUDGETS`, a slot of shared memory made at import (before any fork), taken
-  under a lock, so "fail the next 3 requests" means 3 however many workers.
+  `FaultTable`. A fault's count is shared by every worker: it lives in a
+  slot of `FaultBudgets`, shared memory the server makes once at start
+  (before any fork) and passes to the control plane and to every worker's
+  table, taken under a lock, so "fail the next 3 requests" means 3 however
+  many workers. Nothing here is made at import.
 - Free when unused: the request memo answers known requests without the
   parser, so faults are checked on the parser path only, and loading a fault
   list empties every snapshot's request memo; a faulted reply is never
@@ -56,6 +58,9 @@ class FaultBudgets:
     The lock is a process-shared semaphore, waited on at most LOCK_WAIT_S: a
     worker killed while holding it (a window of microseconds) must not freeze
     the others, so a count that cannot be taken in time counts as spent.
+
+    Made before any fork, so every process maps the same memory. A table or
+    control plane made without one (a test, a tool) makes its own, private.
     """
 
     _SLOT = struct.Struct("<q")
@@ -68,6 +73,10 @@ class FaultBudgets:
             self.lock: Any = multiprocessing.get_context("fork").Lock()
         except OSError:  # no POSIX semaphores (no /dev/shm): counts stay exact within one process only
             self.lock = threading.Lock()
+        # Where free_slot looks first. Only the control plane hands out slots;
+        # each process has its own copy of this cursor, as it had of the module
+        # global it replaces.
+        self.next_slot = 0
 
     def set(self, slot: int, remaining: int) -> None:
         locked = self.lock.acquire(timeout=self.LOCK_WAIT_S)
@@ -92,6 +101,19 @@ class FaultBudgets:
 
     def left(self, slot: int) -> int:
         return int(self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)[0])
+
+    def free_slot(self, records: list[dict[str, Any]]) -> int:
+        """A slot no live record holds: the first after the last one given, round the ring.
+
+        Slots are reused as late as possible: a worker that has not reloaded the
+        list yet still holds spent and removed faults, and one whose slot had a
+        new count would come back to life on that count.
+        """
+        taken = {record["slot"] for record in records}
+        start = self.next_slot
+        slot = next(slot % self.slots for slot in range(start, start + self.slots) if slot % self.slots not in taken)
+        self.next_slot = (slot + 1) % self.slots
+        return slot
 
 
 def fault_problems(value: Any) -> list[str]:
@@ -133,11 +155,13 @@ def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def make_fault(value: dict[str, Any], vms: list[str] | None, now: float, slot: int) -> dict[str, Any]:
-    """The stored record of a validated fault, as of `now`; its count (if any) goes in BUDGETS[slot]."""
+def make_fault(
+    value: dict[str, Any], vms: list[str] | None, now: float, slot: int, budgets: FaultBudgets
+) -> dict[str, Any]:
+    """The stored record of a validated fault, as of `now`; its count (if any) goes in `budgets` at `slot`."""
     duration = value.get("durationSeconds")
     if value.get("count") is not None:
-        BUDGETS.set(slot, value["count"])
+        budgets.set(slot, value["count"])
     return {
         "id": uuid.uuid4().hex[:12],
         "slot": slot,
@@ -153,31 +177,14 @@ def make_fault(value: dict[str, Any], vms: list[str] | None, now: float, slot: i
     }
 
 
-def live(records: Iterable[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    """The records whose duration has not run out and whose count is not used up."""
+def live(records: Iterable[dict[str, Any]], now: float, budgets: FaultBudgets) -> list[dict[str, Any]]:
+    """The records whose duration has not run out and whose count (in `budgets`) is not used up."""
     return [
         record
         for record in records
         if (record["until"] is None or record["until"] > now)
-        and (record["count"] is None or BUDGETS.left(record["slot"]) > 0)
+        and (record["count"] is None or budgets.left(record["slot"]) > 0)
     ]
-
-
-def free_slot(records: list[dict[str, Any]]) -> int:
-    """A BUDGETS slot no live record holds: the first after the last one given, round the ring.
-
-    Slots are reused as late as possible: a worker that has not reloaded the
-    list yet still holds spent and removed faults, and one whose slot had a
-    new count would come back to life on that count.
-    """
-    taken = {record["slot"] for record in records}
-    start = _NEXT_SLOT[0]
-    slot = next(slot % MAX_FAULTS for slot in range(start, start + MAX_FAULTS) if slot % MAX_FAULTS not in taken)
-    _NEXT_SLOT[0] = (slot + 1) % MAX_FAULTS
-    return slot
-
-
-_NEXT_SLOT = [0]  # where free_slot looks first (the control plane is its only caller)
 
 
 def kind_of(record: dict[str, Any]) -> str:
@@ -209,39 +216,42 @@ class Fault:
         self.latency_s = record["latencyMs"] / 1000 if record["latencyMs"] is not None else 0.0
         self.until: float | None = record["until"]
         self.slot: int = record["slot"]
-        self.counted = record["count"] is not None  # its count is in BUDGETS[slot]
+        self.counted = record["count"] is not None  # its count is in the table's budgets, at `slot`
 
 
 class FaultTable:
-    """A worker's faults; `active` is False whenever no fault can match."""
+    """A worker's faults; `active` is False whenever no fault can match.
 
-    __slots__ = ("faults", "active")
+    `budgets` holds the counts: the server's, shared by every process, or
+    without one (tests) private ones made here.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("faults", "active", "budgets")
+
+    def __init__(self, budgets: FaultBudgets | None = None) -> None:
         self.faults: list[Fault] = []
         self.active = False
+        self.budgets = budgets if budgets is not None else FaultBudgets(MAX_FAULTS)
 
     def load(self, records: list[dict[str, Any]], now: float) -> None:
         """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
-        faults = [Fault(record) for record in live(records, now)]
+        faults = [Fault(record) for record in live(records, now, self.budgets)]
         self.faults = faults
         self.active = bool(faults)
 
     def match(self, vm_id: str, target: bytes, now: float) -> Fault | None:
         """The fault that takes this request (using one of its count), or None."""
         lowered = target.lower()
+        budgets = self.budgets
         live_left = False
         for fault in self.faults:
-            if (fault.until is not None and fault.until <= now) or (fault.counted and BUDGETS.left(fault.slot) <= 0):
+            if (fault.until is not None and fault.until <= now) or (fault.counted and budgets.left(fault.slot) <= 0):
                 continue
             live_left = True
             if (fault.vms is None or vm_id in fault.vms) and lowered.startswith(fault.path):
-                if fault.counted and not BUDGETS.take(fault.slot):
+                if fault.counted and not budgets.take(fault.slot):
                     continue  # another worker took the last of its count just now
                 return fault
         if not live_left:
             self.active = False  # every fault ran out: back to the free path
         return None
-
-
-BUDGETS = FaultBudgets(MAX_FAULTS)
