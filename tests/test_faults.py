@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import socket
 import struct
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from fastimds.bus.files import Bus
@@ -205,6 +207,51 @@ def test_free_slot_goes_round_the_ring_past_held_slots() -> None:
     assert budgets.free_slot([{"slot": MAX_FAULTS - 1}, {"slot": 0}]) == 1  # wraps
     all_but_7 = [{"slot": slot} for slot in range(MAX_FAULTS) if slot != 7]
     assert budgets.free_slot(all_but_7) == 7
+
+
+def test_parse_records_gives_back_what_make_fault_makes() -> None:
+    made = records({"status": 503, "count": 3, "durationSeconds": 5}, {"latencyMs": 20}, vms=["a"])
+    assert faults.parse_records(orjson.loads(orjson.dumps(made))) == made  # as the faults file gives it back
+    assert faults.parse_records([]) == []
+    assert set(faults._RECORD_FIELDS) == faults.FaultRecord.__required_keys__  # every field is checked
+
+
+BAD_RECORDS: list[tuple[str, Any, str]] = [
+    ("id", "", "faults[0].id: a non-empty string"),
+    ("id", 5, "faults[0].id"),
+    ("slot", MAX_FAULTS, "faults[0].slot: a whole number from 0 to 999"),
+    ("slot", -1, "faults[0].slot"),
+    ("slot", True, "faults[0].slot"),
+    ("vms", "a", "faults[0].vms: null or an array of strings"),
+    ("vms", [1], "faults[0].vms"),
+    ("path", None, "faults[0].path: a string"),
+    ("status", 404, "faults[0].status: null or a status"),
+    ("status", "503", "faults[0].status"),
+    ("latencyMs", 0, "faults[0].latencyMs"),
+    ("latencyMs", 1.5, "faults[0].latencyMs"),
+    ("reset", None, "faults[0].reset: true or false"),
+    ("retryAfter", -1, "faults[0].retryAfter"),
+    ("until", "soon", "faults[0].until: null or a number"),
+    ("count", 0, "faults[0].count"),
+    ("created", None, "faults[0].created: a number"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), BAD_RECORDS)
+def test_parse_records_names_each_bad_field(key: str, value: Any, problem: str) -> None:
+    [record] = orjson.loads(orjson.dumps(records({"status": 503})))
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        faults.parse_records([{**record, key: value}])
+    del record[key]
+    with pytest.raises(ValueError, match=re.escape(f"faults[0].{key}: missing")):
+        faults.parse_records([record])
+
+
+def test_parse_records_refuses_what_is_no_list_of_objects() -> None:
+    with pytest.raises(ValueError, match="must be a list of objects"):
+        faults.parse_records({"id": "x"})
+    with pytest.raises(ValueError, match=re.escape("faults[1]: expected an object")):
+        faults.parse_records([*records({"reset": True}), "x"])
 
 
 def test_kind_of_names_the_telemetry_label() -> None:
@@ -717,6 +764,20 @@ def test_the_control_plane_and_followers_count_in_the_budgets_they_are_given(tmp
     assert follower.fault_table.match("a", b"/metadata/instance", NOW) is not None
     assert shared.left(record["slot"]) == 1  # the worker's take is the control plane's count
     assert Follower(control.bus, VmRegistry()).fault_table.budgets is not shared
+
+
+def test_the_faults_file_keeps_its_shape(control: Control) -> None:
+    record = control.add_fault({"status": 503, "count": 3, "durationSeconds": 5}, ["a"])
+    raw = (control.bus.directory / faults.FAULTS_FILE).read_bytes()
+    until, created = orjson.dumps(record["until"]).decode(), orjson.dumps(record["created"]).decode()
+    assert (
+        raw
+        == (
+            f'{{"faults":[{{"id":"{record["id"]}","slot":{record["slot"]},"vms":["a"],"path":"/metadata",'
+            f'"status":503,"latencyMs":null,"reset":false,"retryAfter":null,"until":{until},"count":3,'
+            f'"created":{created}}}]}}'
+        ).encode()
+    )
 
 
 def test_a_restarted_control_keeps_its_faults(control: Control) -> None:

@@ -19,6 +19,10 @@ Rules of this module:
   memo while that fault lives. With no live fault the check is one attribute
   test per parsed request.
 - Every injected fault is counted in telemetry (fastimds.ops.telemetry FAULT_KINDS).
+- A stored fault is a `FaultRecord` (a TypedDict: the JSON of the faults file
+  and of the admin API, key for key). `dict[str, Any]` only at the JSON
+  boundary: what a user gives (`fault_problems`) and what the file gives
+  back (`parse_records`, which checks every field before it is a record).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import multiprocessing
 import struct
 import threading
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 
 from fastimds.imds.render import Reply, json_reply
 
@@ -50,6 +54,22 @@ _MESSAGES = {
     503: "Internal service unavailable. Retry later",
 }
 _IDENTITY_ERRORS = {410: "service_unavailable", 429: "throttled", 500: "unknown_error", 503: "service_unavailable"}
+
+
+class FaultRecord(TypedDict):
+    """One injected fault as the faults file, the admin API and the event log show it."""
+
+    id: str
+    slot: int  # its count's slot in FaultBudgets
+    vms: list[str] | None  # None: every VM, present and future
+    path: str  # the target prefix it matches (case-insensitive)
+    status: int | None  # one of STATUSES; None for latency or reset
+    latencyMs: int | None
+    reset: bool
+    retryAfter: int | None  # seconds, sent in Retry-After
+    until: float | None  # unix seconds; None: no duration
+    count: int | None  # how many requests it takes; None: no count
+    created: float  # unix seconds
 
 
 class FaultBudgets:
@@ -102,7 +122,7 @@ class FaultBudgets:
     def left(self, slot: int) -> int:
         return int(self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)[0])
 
-    def free_slot(self, records: list[dict[str, Any]]) -> int:
+    def free_slot(self, records: list[FaultRecord]) -> int:
         """A slot no live record holds: the first after the last one given, round the ring.
 
         Slots are reused as late as possible: a worker that has not reloaded the
@@ -155,9 +175,51 @@ def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each field of a stored record may hold: what make_fault makes from a valid fault.
+_RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (lambda value: isinstance(value, str) and value != "", "a non-empty string"),
+    "slot": (lambda value: _whole(value, 0, MAX_FAULTS - 1), f"a whole number from 0 to {MAX_FAULTS - 1}"),
+    "vms": (
+        lambda value: value is None or (isinstance(value, list) and all(isinstance(vm, str) for vm in value)),
+        "null or an array of strings",
+    ),
+    "path": (lambda value: isinstance(value, str), "a string"),
+    "status": (lambda value: value is None or (_whole(value, 0, 999) and value in STATUSES), "null or a status"),
+    "latencyMs": (lambda value: value is None or _whole(value, 1, MAX_LATENCY_MS), "null or milliseconds"),
+    "reset": (lambda value: isinstance(value, bool), "true or false"),
+    "retryAfter": (lambda value: value is None or _whole(value, 0, 3600), "null or whole seconds"),
+    "until": (lambda value: value is None or _number(value), "null or a number"),
+    "count": (lambda value: value is None or _whole(value, 1, 2**31), "null or a whole number"),
+    "created": (_number, "a number"),
+}
+
+
+def parse_records(value: Any) -> list[FaultRecord]:
+    """The records of a faults file's "faults" list; ValueError naming every problem if any is not one."""
+    if not isinstance(value, list):
+        raise ValueError("'faults' must be a list of objects")
+    problems = []
+    for index, record in enumerate(value):
+        if not isinstance(record, dict):
+            problems.append(f"faults[{index}]: expected an object")
+            continue
+        for key, (valid, expected) in _RECORD_FIELDS.items():
+            if key not in record:
+                problems.append(f"faults[{index}].{key}: missing")
+            elif not valid(record[key]):
+                problems.append(f"faults[{index}].{key}: {expected}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value  # every element checked above: each is a FaultRecord
+
+
 def make_fault(
     value: dict[str, Any], vms: list[str] | None, now: float, slot: int, budgets: FaultBudgets
-) -> dict[str, Any]:
+) -> FaultRecord:
     """The stored record of a validated fault, as of `now`; its count (if any) goes in `budgets` at `slot`."""
     duration = value.get("durationSeconds")
     if value.get("count") is not None:
@@ -177,7 +239,7 @@ def make_fault(
     }
 
 
-def live(records: Iterable[dict[str, Any]], now: float, budgets: FaultBudgets) -> list[dict[str, Any]]:
+def live(records: Iterable[FaultRecord], now: float, budgets: FaultBudgets) -> list[FaultRecord]:
     """The records whose duration has not run out and whose count (in `budgets`) is not used up."""
     return [
         record
@@ -187,7 +249,7 @@ def live(records: Iterable[dict[str, Any]], now: float, budgets: FaultBudgets) -
     ]
 
 
-def kind_of(record: dict[str, Any]) -> str:
+def kind_of(record: FaultRecord) -> str:
     """Its telemetry label: the status, "latency" or "reset"."""
     if record["status"] is not None:
         return str(record["status"])
@@ -199,7 +261,7 @@ class Fault:
 
     __slots__ = ("id", "vms", "path", "kind", "reply", "identity_reply", "latency_s", "until", "slot", "counted")
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: FaultRecord) -> None:
         self.id: str = record["id"]
         self.vms: frozenset[str] | None = frozenset(record["vms"]) if record["vms"] is not None else None
         self.path: bytes = record["path"].lower().encode("latin-1", "replace")
@@ -233,7 +295,7 @@ class FaultTable:
         self.active = False
         self.budgets = budgets if budgets is not None else FaultBudgets(MAX_FAULTS)
 
-    def load(self, records: list[dict[str, Any]], now: float) -> None:
+    def load(self, records: list[FaultRecord], now: float) -> None:
         """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
         faults = [Fault(record) for record in live(records, now, self.budgets)]
         self.faults = faults
