@@ -3,11 +3,14 @@
 Rules of this module:
 - Functions here turn values into finished wire bytes and nothing else: no
   I/O, no clock, no asyncio. They run when a snapshot is built or at import,
-  never per request (the one exception is `method_not_allowed`, an error path
-  that echoes the request).
+  never per request (the exceptions: `method_not_allowed`, an error path
+  that echoes the request, and the volatile token replies of
+  fastimds.imds.identity, which count down).
 - A `Reply` is everything but the two per-response parts: the optional
   `Connection` header and the `Date` line, which the protocol adds from
   constants it refreshes once a second (see `date_block`).
+- A `Reply` is immutable once made: everything it is (its reject reason,
+  whether it is volatile) is given to the function that makes it.
 - JSON is compact and key-sorted, as real IMDS answers; values are already
   strings when they reach here (fastimds.imds.datafile normalises them).
 - Every error body is JSON, because credential chains treat a non-JSON answer
