@@ -17,7 +17,9 @@ Rules of this module:
   bus is a private temporary directory and nothing is fsynced.
 - A file that cannot be read or parsed is reported and skipped, never served.
 - One more file, FAULTS_FILE (fastimds.imds.faults), holds the injected faults;
-  its name is no VM id, so VM scans pass it by.
+  its name is no VM id, so VM scans pass it by. Its records are checked
+  field by field as they are read (faults.parse_records): a file that does
+  not hold records is reported and read as no faults.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from typing import Any
 import orjson
 
 from fastimds.imds.datafile import VM_ID_PATTERN
-from fastimds.imds.faults import FAULTS_FILE
+from fastimds.imds.events import EventsState
+from fastimds.imds.faults import FAULTS_FILE, FaultRecord, parse_records
 from fastimds.ops.event_log import log_event
 
 SUFFIX = ".json"
@@ -55,8 +58,10 @@ class BusEntry:
     vm_id: str
     generation: int
     source: str
-    document: dict[str, Any] | None  # None: the VM was removed (a tombstone)
-    events: dict[str, Any] | None = None  # the live scheduled events, when there are any
+    document: dict[str, Any] | None  # None: the VM was removed (a tombstone); JSON, checked when applied
+    # The live scheduled events, when there are any. As read from a file it is
+    # unchecked: whoever applies the entry checks it first (events.state_problems).
+    events: EventsState | None = None
 
 
 class Bus:
@@ -79,16 +84,14 @@ class Bus:
         )
         write_whole(self.path_of(entry.vm_id), data, self.durable)
 
-    def write_faults(self, records: list[dict[str, Any]]) -> None:
+    def write_faults(self, records: list[FaultRecord]) -> None:
         write_whole(self.directory / FAULTS_FILE, orjson.dumps({"faults": records}), self.durable)
 
-    def read_faults(self) -> list[dict[str, Any]]:
-        """The fault records; [] when there are none or the file is unreadable (reported)."""
+    def read_faults(self) -> list[FaultRecord]:
+        """The fault records; [] when there are none or the file is unreadable or not records (reported)."""
         path = self.directory / FAULTS_FILE
         try:
-            records = orjson.loads(path.read_bytes())["faults"]
-            if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-                raise ValueError("'faults' must be a list of objects")
+            records = parse_records(orjson.loads(path.read_bytes())["faults"])
         except FileNotFoundError:
             return []
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

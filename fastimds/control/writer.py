@@ -114,7 +114,7 @@ def encoded_size(document: Any) -> int:
 
 
 class Control:
-    def __init__(self, bus: Bus, registry: VmRegistry) -> None:
+    def __init__(self, bus: Bus, registry: VmRegistry, budgets: faults.FaultBudgets | None = None) -> None:
         self.bus = bus
         self.registry = registry
         self.data_dir_stamps: dict[Path, tuple[int, int]] = {}
@@ -124,9 +124,11 @@ class Control:
         # VMs with events: all the event clock and approvals look at (10,000 VMs, a few with events).
         self.with_events: set[str] = set()
         # Kept across restarts (--state-dir); counted ones are re-armed by `rearm_faults`.
-        self.fault_records: list[dict[str, Any]] = bus.read_faults()
+        self.fault_records: list[faults.FaultRecord] = bus.read_faults()
         # This process's faults: the ones it applies when it also serves (one worker).
-        self.fault_table = faults.FaultTable()
+        # `budgets`: the fault counts every process shares (made by the server before any fork).
+        self.fault_table = faults.FaultTable(budgets)
+        self.budgets = self.fault_table.budgets
         self._load_fault_table()
 
     def _load_fault_table(self) -> None:
@@ -139,14 +141,14 @@ class Control:
     def rearm_faults(self) -> None:
         """At server start: counted faults saved in the state dir get their whole count again.
 
-        Counts live in shared memory (fastimds.imds.faults.BUDGETS), which a restart
+        Counts live in shared memory (fastimds.imds.faults.FaultBudgets), which a restart
         empties. Called once per server start, not when a control process is
         replaced: that one inherits the counts left.
         """
         for record in self.fault_records:
             slot, count = record.get("slot"), record.get("count")
             if isinstance(count, int) and isinstance(slot, int) and 0 <= slot < faults.MAX_FAULTS:
-                faults.BUDGETS.set(slot, count)
+                self.budgets.set(slot, count)
         self._load_fault_table()
 
     # ---- reads ----
@@ -201,7 +203,7 @@ class Control:
         self._note_events(vm_id, vm.scheduled)
         return generation
 
-    def _events_after_update(self, vm_id: str, vm: VmDescription) -> dict[str, Any] | None:
+    def _events_after_update(self, vm_id: str, vm: VmDescription) -> events.EventsState | None:
         """The VM's events once `vm` replaces what it serves (see the module rules)."""
         previous = self._served(vm_id)
         given = vm.reserved.get("scheduledEvents")
@@ -245,7 +247,7 @@ class Control:
 
     # ---- scheduled events ----
 
-    def events_of(self, vm_id: str) -> dict[str, Any]:
+    def events_of(self, vm_id: str) -> events.EventsState:
         """A VM's events state, private timing fields included (the admin API shows it)."""
         vm = self._served(vm_id)
         if vm is None:
@@ -362,7 +364,7 @@ class Control:
             if (vm := self._served(vm_id)) is not None and events.event_ids(vm.scheduled) & event_ids
         )
 
-    def _note_events(self, vm_id: str, state: dict[str, Any] | None) -> None:
+    def _note_events(self, vm_id: str, state: events.EventsState | None) -> None:
         """Keep `with_events` right, and wake the event clock when it or a VM's events change."""
         if state is not None and state["Events"]:
             self.with_events.add(vm_id)
@@ -371,7 +373,7 @@ class Control:
             self.with_events.discard(vm_id)
             self.events_changed.set()
 
-    def _publish_events(self, vm_id: str, state: dict[str, Any]) -> int:
+    def _publish_events(self, vm_id: str, state: events.EventsState) -> int:
         """A new generation of a served VM with `state` as its events: written, then published."""
         vm = self._served(vm_id)
         assert vm is not None
@@ -383,10 +385,10 @@ class Control:
 
     # ---- injected faults ----
 
-    def live_faults(self) -> list[dict[str, Any]]:
-        return faults.live(self.fault_records, time.time())
+    def live_faults(self) -> list[faults.FaultRecord]:
+        return faults.live(self.fault_records, time.time(), self.budgets)
 
-    def add_fault(self, request: Any, vm_ids: list[str] | None) -> dict[str, Any]:
+    def add_fault(self, request: Any, vm_ids: list[str] | None) -> faults.FaultRecord:
         """Inject a fault on `vm_ids` (None: every VM, present and future); returns its record."""
         problems = faults.fault_problems(request)
         if problems:
@@ -397,7 +399,7 @@ class Control:
         records = self.live_faults()
         if len(records) >= faults.MAX_FAULTS:
             raise UpdateError(409, f"at most {faults.MAX_FAULTS} faults at a time")
-        record = faults.make_fault(request, vm_ids, time.time(), faults.free_slot(records))
+        record = faults.make_fault(request, vm_ids, time.time(), self.budgets.free_slot(records), self.budgets)
         self._write_faults([*records, record])
         log_event("fault_added", fault=record)
         return record
@@ -417,7 +419,7 @@ class Control:
         log_event("faults_removed", faults=[record["id"] for record in removed])
         return [record["id"] for record in removed]
 
-    def _write_faults(self, records: list[dict[str, Any]]) -> None:
+    def _write_faults(self, records: list[faults.FaultRecord]) -> None:
         self.bus.write_faults(records)  # durable before acknowledged, as VM updates are
         self.fault_records = records
         self.fault_table.load(records, time.time())
@@ -594,11 +596,11 @@ def apply_entry(registry: VmRegistry, entry: BusEntry) -> bool:
 class Follower:
     """A worker's view of the bus."""
 
-    def __init__(self, bus: Bus, registry: VmRegistry) -> None:
+    def __init__(self, bus: Bus, registry: VmRegistry, budgets: faults.FaultBudgets | None = None) -> None:
         self.bus = bus
         self.registry = registry
         self.stamps: dict[str, tuple[int, int]] = {}  # what each VM file looked like when last applied
-        self.fault_table = faults.FaultTable()  # the injected faults this worker applies
+        self.fault_table = faults.FaultTable(budgets)  # the injected faults this worker applies (shared counts)
         self.faults_stamp: tuple[int, int] | None = None
 
     def rescan(self) -> None:

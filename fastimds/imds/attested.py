@@ -105,8 +105,7 @@ class Attestor:
                 .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
             )
             body = json_body({"encoding": "pkcs7", "signature": base64.b64encode(signature).decode()})
-            reply = make_reply(200, body)
-            reply.volatile = True
+            reply = make_reply(200, body, volatile=True)
             self._cache[content] = reply
             while len(self._cache) > MAX_CACHED_DOCUMENTS:
                 self._cache.popitem(last=False)

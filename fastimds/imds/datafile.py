@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from fastimds.imds.events import MAX_EVENTS_PER_VM, event_problems
+from fastimds.imds.events import MAX_EVENTS_PER_VM, EventsState, event_problems
 from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
 
 # A data file larger than this is refused before parsing: a VM description is
@@ -70,7 +70,7 @@ class VmDescription:
     reserved: dict[str, Any] = field(default_factory=dict)
     document: dict[str, Any] = field(default_factory=dict)  # as given, before normalising
     # The live scheduled events (fastimds.imds.events), set by the control plane, never by a file.
-    scheduled: dict[str, Any] | None = None
+    scheduled: EventsState | None = None
 
 
 def _kind(value: Any) -> str:

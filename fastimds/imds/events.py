@@ -5,11 +5,15 @@ Rules of this module:
   clock or does I/O. The control process owns the lifecycle (fastimds.control.writer)
   and publishes each change as a new generation of the VM.
 - A VM's events state is plain JSON, so it travels through the bus beside
-  the VM description: {"DocumentIncarnation": N, "Events": [event, ...]}.
-  Each event holds its wire fields at the newest api-version, plus three
-  private fields that are never served: "startsAt" (NotBefore, unix seconds),
-  "startedFor" (seconds from Started to removal) and "endsAt" (when a Started
-  event is removed; null while Scheduled).
+  the VM description: {"DocumentIncarnation": N, "Events": [event, ...]},
+  typed as `EventsState` and `ScheduledEvent` (TypedDicts: the JSON the bus
+  stores, key for key). Each event holds its wire fields at the newest
+  api-version, plus three private fields that are never served: "startsAt"
+  (NotBefore, unix seconds), "startedFor" (seconds from Started to removal)
+  and "endsAt" (when a Started event is removed; null while Scheduled).
+- `dict[str, Any]` only at the JSON boundary: what a user gives (checked by
+  `event_problems`) and what the bus gives back (checked by `state_problems`,
+  after which it is an `EventsState`).
 - States are never changed in place: a change returns a new state whose
   DocumentIncarnation is one higher (Azure increments it whenever Events
   change); no change returns the same object.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import math
 import uuid
 from email.utils import formatdate, parsedate_to_datetime
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import orjson
 
@@ -79,7 +83,39 @@ MAX_EVENTS_PER_VM = 100
 # make is a date formatdate can write (Azure's longest notice is ~7 days).
 MAX_SECONDS = 10 * 366 * 86400
 
-EMPTY_STATE: dict[str, Any] = {"DocumentIncarnation": 1, "Events": []}
+
+class ScheduledEvent(TypedDict):
+    """One event as the bus stores it: its wire fields (WIRE_FIELDS, newest api-version), then the private ones."""
+
+    EventId: str
+    EventStatus: Literal["Scheduled", "Started"]
+    EventType: str
+    ResourceType: str
+    Resources: list[str]
+    NotBefore: str  # RFC 1123; "" once Started
+    Description: str
+    EventSource: str
+    DurationInSeconds: int
+    startsAt: float  # NotBefore as unix seconds
+    startedFor: float  # seconds from Started to removal
+    endsAt: float | None  # when a Started event is removed; None while Scheduled
+
+
+class EventsState(TypedDict):
+    """A VM's events: what the bus stores beside its description, and the admin API shows."""
+
+    DocumentIncarnation: int
+    Events: list[ScheduledEvent]
+
+
+class EventsDocument(TypedDict):
+    """GET /metadata/scheduledevents at one api-version: its events' fields depend on the version."""
+
+    DocumentIncarnation: int
+    Events: list[dict[str, object]]
+
+
+EMPTY_STATE: EventsState = {"DocumentIncarnation": 1, "Events": []}
 
 # The answer to an approval: 200 with no body (spec §8).
 APPROVED = Reply(200, STATUS_LINES[200] + SERVER_HEADER + b"Content-Length: 0\r\n", b"")
@@ -160,7 +196,7 @@ def event_problems(value: Any, path: str) -> list[str]:
     return problems
 
 
-def make_event(value: dict[str, Any], now: float, default_resources: list[str]) -> dict[str, Any]:
+def make_event(value: dict[str, Any], now: float, default_resources: list[str]) -> ScheduledEvent:
     """A full event (wire fields and timing) from a validated user event, as of `now`."""
     event_type = value["EventType"]
     duration = value.get("DurationInSeconds", DEFAULT_DURATION_S[event_type])
@@ -170,7 +206,7 @@ def make_event(value: dict[str, Any], now: float, default_resources: list[str]) 
     else:
         starts_at = now + float(value.get("NotBeforeSeconds", NOTICE_S[event_type]))
     started_for = float(value.get("StartedForSeconds", duration if duration > 0 else DEFAULT_STARTED_FOR_S))
-    event: dict[str, Any] = {
+    event: ScheduledEvent = {
         "EventId": value.get("EventId") or str(uuid.uuid4()).upper(),
         "EventStatus": "Scheduled",
         "EventType": event_type,
@@ -202,6 +238,9 @@ def state_problems(state: Any) -> list[str]:
         if not isinstance(event, dict):
             problems.append(f"{path}: expected an object")
             continue
+        missing = sorted(ScheduledEvent.__required_keys__ - set(event))
+        if missing:
+            problems.append(f"{path}: missing {', '.join(missing)}")
         # NotBefore is checked on its own: a Started event's is "".
         given = {key: value for key, value in event.items() if key in INPUT_FIELDS and key != "NotBefore"}
         problems.extend(event_problems(given, path))
@@ -211,25 +250,36 @@ def state_problems(state: Any) -> list[str]:
             problems.append(f"{path}: startsAt and startedFor are required numbers")
         if event.get("endsAt") is not None and not _is_number(event["endsAt"]):
             problems.append(f"{path}.endsAt: a number or null")
+        elif event.get("EventStatus") == "Started" and event.get("endsAt") is None:
+            problems.append(f"{path}.endsAt: a Started event's is a number (when it is removed)")
     return problems
 
 
 # ---- the lifecycle ----
 
 
-def _started(event: dict[str, Any], now: float) -> dict[str, Any]:
+def _started(event: ScheduledEvent, now: float) -> ScheduledEvent:
     return {**event, "EventStatus": "Started", "NotBefore": "", "endsAt": now + event["startedFor"]}
 
 
-def _next(state: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+def _next(state: EventsState, events: list[ScheduledEvent]) -> EventsState:
     return {"DocumentIncarnation": state["DocumentIncarnation"] + 1, "Events": events}
 
 
-def event_ids(state: dict[str, Any] | None) -> frozenset[str]:
+def _changes_at(event: ScheduledEvent) -> float:
+    """When `advance` next changes `event`: its start while Scheduled, its removal once Started."""
+    if event["EventStatus"] == "Scheduled":
+        return event["startsAt"]
+    ends_at = event["endsAt"]
+    assert ends_at is not None  # _started sets it; state_problems refuses a Started event without it
+    return ends_at
+
+
+def event_ids(state: EventsState | None) -> frozenset[str]:
     return frozenset(event["EventId"] for event in state["Events"]) if state is not None else frozenset()
 
 
-def add(state: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
+def add(state: EventsState | None, event: ScheduledEvent) -> EventsState:
     """`state` with `event` added; EventError if its EventId is taken or the VM has too many."""
     state = state if state is not None else EMPTY_STATE
     if event["EventId"] in event_ids(state):
@@ -239,7 +289,7 @@ def add(state: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
     return _next(state, [*state["Events"], event])
 
 
-def with_events(state: dict[str, Any] | None, events: list[dict[str, Any]]) -> dict[str, Any]:
+def with_events(state: EventsState | None, events: list[ScheduledEvent]) -> EventsState:
     """A VM's events replaced wholesale (its description's list changed).
 
     No state reads as EMPTY_STATE (incarnation 1, no events), so events that
@@ -250,7 +300,7 @@ def with_events(state: dict[str, Any] | None, events: list[dict[str, Any]]) -> d
     return _next(state if state is not None else EMPTY_STATE, events)
 
 
-def cancel(state: dict[str, Any] | None, event_id: str) -> dict[str, Any]:
+def cancel(state: EventsState | None, event_id: str) -> EventsState:
     """`state` without the event; EventError(404) if it has no such event."""
     if event_id not in event_ids(state):
         raise EventError(404, f"no event {event_id}")
@@ -258,7 +308,7 @@ def cancel(state: dict[str, Any] | None, event_id: str) -> dict[str, Any]:
     return _next(state, [event for event in state["Events"] if event["EventId"] != event_id])
 
 
-def approve(state: dict[str, Any] | None, approved: frozenset[str], now: float) -> dict[str, Any] | None:
+def approve(state: EventsState | None, approved: frozenset[str], now: float) -> EventsState | None:
     """Start the approved events that are still Scheduled (approving a Started one is a no-op)."""
     if state is None or not any(
         event["EventId"] in approved and event["EventStatus"] == "Scheduled" for event in state["Events"]
@@ -271,7 +321,7 @@ def approve(state: dict[str, Any] | None, approved: frozenset[str], now: float) 
     return _next(state, events)
 
 
-def advance(state: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+def advance(state: EventsState | None, now: float) -> EventsState | None:
     """Start the events whose NotBefore has come and remove the ones whose time is up."""
     if state is None:
         return None
@@ -281,38 +331,36 @@ def advance(state: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
         current = event
         if current["EventStatus"] == "Scheduled" and current["startsAt"] <= now:
             current, changed = _started(current, now), True
-        if current["EventStatus"] == "Started" and current["endsAt"] <= now:
+        if current["EventStatus"] == "Started" and _changes_at(current) <= now:
             changed = True
             continue
         events.append(current)
     return _next(state, events) if changed else state
 
 
-def next_change(state: dict[str, Any] | None) -> float | None:
+def next_change(state: EventsState | None) -> float | None:
     """When `advance` will next change `state` (unix seconds); None if never."""
     if state is None:
         return None
-    return min(
-        (event["startsAt"] if event["EventStatus"] == "Scheduled" else event["endsAt"] for event in state["Events"]),
-        default=None,
-    )
+    return min((_changes_at(event) for event in state["Events"]), default=None)
 
 
 # ---- what the endpoint answers ----
 
 
-def document_at(state: dict[str, Any] | None, version: str) -> dict[str, Any]:
+def document_at(state: EventsState | None, version: str) -> EventsDocument:
     """The wire document at `version`: gated event types and fields, no private fields."""
     state = state if state is not None else EMPTY_STATE
-    events = []
+    events: list[dict[str, object]] = []
     for event in state["Events"]:
         if EVENT_TYPE_SINCE.get(event["EventType"], "") > version:
             continue
-        events.append({key: event[key] for key in WIRE_FIELDS if FIELD_SINCE.get(key, "") <= version})
+        fields: dict[str, object] = {**event}
+        events.append({key: fields[key] for key in WIRE_FIELDS if FIELD_SINCE.get(key, "") <= version})
     return {"DocumentIncarnation": state["DocumentIncarnation"], "Events": events}
 
 
-def reply_at(state: dict[str, Any] | None, version: str) -> Reply:
+def reply_at(state: EventsState | None, version: str) -> Reply:
     """GET /metadata/scheduledevents at `version`, in Azure's field order (not key-sorted)."""
     return make_reply(200, orjson.dumps(document_at(state, version)), CONTENT_TYPE_JSON)
 

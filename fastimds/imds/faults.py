@@ -7,9 +7,11 @@ Rules of this module:
   a count, or until removed. Users test their clients' retry logic with it.
 - The control plane owns the list (admin API) and writes it to the bus as one
   file, FAULTS_FILE, whose name is no VM id; every worker loads it into its
-  `FaultTable`. A fault's count is shared by every worker: it lives in
-  `BUDGETS`, a slot of shared memory made at import (before any fork), taken
-  under a lock, so "fail the next 3 requests" means 3 however many workers.
+  `FaultTable`. A fault's count is shared by every worker: it lives in a
+  slot of `FaultBudgets`, shared memory the server makes once at start
+  (before any fork) and passes to the control plane and to every worker's
+  table, taken under a lock, so "fail the next 3 requests" means 3 however
+  many workers. Nothing here is made at import.
 - Free when unused: the request memo answers known requests without the
   parser, so faults are checked on the parser path only, and loading a fault
   list empties every snapshot's request memo; a faulted reply is never
@@ -17,6 +19,10 @@ Rules of this module:
   memo while that fault lives. With no live fault the check is one attribute
   test per parsed request.
 - Every injected fault is counted in telemetry (fastimds.ops.telemetry FAULT_KINDS).
+- A stored fault is a `FaultRecord` (a TypedDict: the JSON of the faults file
+  and of the admin API, key for key). `dict[str, Any]` only at the JSON
+  boundary: what a user gives (`fault_problems`) and what the file gives
+  back (`parse_records`, which checks every field before it is a record).
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ import multiprocessing
 import struct
 import threading
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 
 from fastimds.imds.render import Reply, json_reply
 
@@ -50,12 +56,31 @@ _MESSAGES = {
 _IDENTITY_ERRORS = {410: "service_unavailable", 429: "throttled", 500: "unknown_error", 503: "service_unavailable"}
 
 
+class FaultRecord(TypedDict):
+    """One injected fault as the faults file, the admin API and the event log show it."""
+
+    id: str
+    slot: int  # its count's slot in FaultBudgets
+    vms: list[str] | None  # None: every VM, present and future
+    path: str  # the target prefix it matches (case-insensitive)
+    status: int | None  # one of STATUSES; None for latency or reset
+    latencyMs: int | None
+    reset: bool
+    retryAfter: int | None  # seconds, sent in Retry-After
+    until: float | None  # unix seconds; None: no duration
+    count: int | None  # how many requests it takes; None: no count
+    created: float  # unix seconds
+
+
 class FaultBudgets:
     """What is left of each fault's count, in memory every process shares (one int64 slot per fault).
 
     The lock is a process-shared semaphore, waited on at most LOCK_WAIT_S: a
     worker killed while holding it (a window of microseconds) must not freeze
     the others, so a count that cannot be taken in time counts as spent.
+
+    Made before any fork, so every process maps the same memory. A table or
+    control plane made without one (a test, a tool) makes its own, private.
     """
 
     _SLOT = struct.Struct("<q")
@@ -68,6 +93,10 @@ class FaultBudgets:
             self.lock: Any = multiprocessing.get_context("fork").Lock()
         except OSError:  # no POSIX semaphores (no /dev/shm): counts stay exact within one process only
             self.lock = threading.Lock()
+        # Where free_slot looks first. Only the control plane hands out slots;
+        # each process has its own copy of this cursor, as it had of the module
+        # global it replaces.
+        self.next_slot = 0
 
     def set(self, slot: int, remaining: int) -> None:
         locked = self.lock.acquire(timeout=self.LOCK_WAIT_S)
@@ -92,6 +121,19 @@ class FaultBudgets:
 
     def left(self, slot: int) -> int:
         return int(self._SLOT.unpack_from(self.memory, slot * self._SLOT.size)[0])
+
+    def free_slot(self, records: list[FaultRecord]) -> int:
+        """A slot no live record holds: the first after the last one given, round the ring.
+
+        Slots are reused as late as possible: a worker that has not reloaded the
+        list yet still holds spent and removed faults, and one whose slot had a
+        new count would come back to life on that count.
+        """
+        taken = {record["slot"] for record in records}
+        start = self.next_slot
+        slot = next(slot % self.slots for slot in range(start, start + self.slots) if slot % self.slots not in taken)
+        self.next_slot = (slot + 1) % self.slots
+        return slot
 
 
 def fault_problems(value: Any) -> list[str]:
@@ -133,11 +175,55 @@ def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def make_fault(value: dict[str, Any], vms: list[str] | None, now: float, slot: int) -> dict[str, Any]:
-    """The stored record of a validated fault, as of `now`; its count (if any) goes in BUDGETS[slot]."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each field of a stored record may hold: what make_fault makes from a valid fault.
+_RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (lambda value: isinstance(value, str) and value != "", "a non-empty string"),
+    "slot": (lambda value: _whole(value, 0, MAX_FAULTS - 1), f"a whole number from 0 to {MAX_FAULTS - 1}"),
+    "vms": (
+        lambda value: value is None or (isinstance(value, list) and all(isinstance(vm, str) for vm in value)),
+        "null or an array of strings",
+    ),
+    "path": (lambda value: isinstance(value, str), "a string"),
+    "status": (lambda value: value is None or (_whole(value, 0, 999) and value in STATUSES), "null or a status"),
+    "latencyMs": (lambda value: value is None or _whole(value, 1, MAX_LATENCY_MS), "null or milliseconds"),
+    "reset": (lambda value: isinstance(value, bool), "true or false"),
+    "retryAfter": (lambda value: value is None or _whole(value, 0, 3600), "null or whole seconds"),
+    "until": (lambda value: value is None or _number(value), "null or a number"),
+    "count": (lambda value: value is None or _whole(value, 1, 2**31), "null or a whole number"),
+    "created": (_number, "a number"),
+}
+
+
+def parse_records(value: Any) -> list[FaultRecord]:
+    """The records of a faults file's "faults" list; ValueError naming every problem if any is not one."""
+    if not isinstance(value, list):
+        raise ValueError("'faults' must be a list of objects")
+    problems = []
+    for index, record in enumerate(value):
+        if not isinstance(record, dict):
+            problems.append(f"faults[{index}]: expected an object")
+            continue
+        for key, (valid, expected) in _RECORD_FIELDS.items():
+            if key not in record:
+                problems.append(f"faults[{index}].{key}: missing")
+            elif not valid(record[key]):
+                problems.append(f"faults[{index}].{key}: {expected}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value  # every element checked above: each is a FaultRecord
+
+
+def make_fault(
+    value: dict[str, Any], vms: list[str] | None, now: float, slot: int, budgets: FaultBudgets
+) -> FaultRecord:
+    """The stored record of a validated fault, as of `now`; its count (if any) goes in `budgets` at `slot`."""
     duration = value.get("durationSeconds")
     if value.get("count") is not None:
-        BUDGETS.set(slot, value["count"])
+        budgets.set(slot, value["count"])
     return {
         "id": uuid.uuid4().hex[:12],
         "slot": slot,
@@ -153,34 +239,17 @@ def make_fault(value: dict[str, Any], vms: list[str] | None, now: float, slot: i
     }
 
 
-def live(records: Iterable[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    """The records whose duration has not run out and whose count is not used up."""
+def live(records: Iterable[FaultRecord], now: float, budgets: FaultBudgets) -> list[FaultRecord]:
+    """The records whose duration has not run out and whose count (in `budgets`) is not used up."""
     return [
         record
         for record in records
         if (record["until"] is None or record["until"] > now)
-        and (record["count"] is None or BUDGETS.left(record["slot"]) > 0)
+        and (record["count"] is None or budgets.left(record["slot"]) > 0)
     ]
 
 
-def free_slot(records: list[dict[str, Any]]) -> int:
-    """A BUDGETS slot no live record holds: the first after the last one given, round the ring.
-
-    Slots are reused as late as possible: a worker that has not reloaded the
-    list yet still holds spent and removed faults, and one whose slot had a
-    new count would come back to life on that count.
-    """
-    taken = {record["slot"] for record in records}
-    start = _NEXT_SLOT[0]
-    slot = next(slot % MAX_FAULTS for slot in range(start, start + MAX_FAULTS) if slot % MAX_FAULTS not in taken)
-    _NEXT_SLOT[0] = (slot + 1) % MAX_FAULTS
-    return slot
-
-
-_NEXT_SLOT = [0]  # where free_slot looks first (the control plane is its only caller)
-
-
-def kind_of(record: dict[str, Any]) -> str:
+def kind_of(record: FaultRecord) -> str:
     """Its telemetry label: the status, "latency" or "reset"."""
     if record["status"] is not None:
         return str(record["status"])
@@ -192,7 +261,7 @@ class Fault:
 
     __slots__ = ("id", "vms", "path", "kind", "reply", "identity_reply", "latency_s", "until", "slot", "counted")
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: FaultRecord) -> None:
         self.id: str = record["id"]
         self.vms: frozenset[str] | None = frozenset(record["vms"]) if record["vms"] is not None else None
         self.path: bytes = record["path"].lower().encode("latin-1", "replace")
@@ -209,39 +278,42 @@ class Fault:
         self.latency_s = record["latencyMs"] / 1000 if record["latencyMs"] is not None else 0.0
         self.until: float | None = record["until"]
         self.slot: int = record["slot"]
-        self.counted = record["count"] is not None  # its count is in BUDGETS[slot]
+        self.counted = record["count"] is not None  # its count is in the table's budgets, at `slot`
 
 
 class FaultTable:
-    """A worker's faults; `active` is False whenever no fault can match."""
+    """A worker's faults; `active` is False whenever no fault can match.
 
-    __slots__ = ("faults", "active")
+    `budgets` holds the counts: the server's, shared by every process, or
+    without one (tests) private ones made here.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("faults", "active", "budgets")
+
+    def __init__(self, budgets: FaultBudgets | None = None) -> None:
         self.faults: list[Fault] = []
         self.active = False
+        self.budgets = budgets if budgets is not None else FaultBudgets(MAX_FAULTS)
 
-    def load(self, records: list[dict[str, Any]], now: float) -> None:
+    def load(self, records: list[FaultRecord], now: float) -> None:
         """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
-        faults = [Fault(record) for record in live(records, now)]
+        faults = [Fault(record) for record in live(records, now, self.budgets)]
         self.faults = faults
         self.active = bool(faults)
 
     def match(self, vm_id: str, target: bytes, now: float) -> Fault | None:
         """The fault that takes this request (using one of its count), or None."""
         lowered = target.lower()
+        budgets = self.budgets
         live_left = False
         for fault in self.faults:
-            if (fault.until is not None and fault.until <= now) or (fault.counted and BUDGETS.left(fault.slot) <= 0):
+            if (fault.until is not None and fault.until <= now) or (fault.counted and budgets.left(fault.slot) <= 0):
                 continue
             live_left = True
             if (fault.vms is None or vm_id in fault.vms) and lowered.startswith(fault.path):
-                if fault.counted and not BUDGETS.take(fault.slot):
+                if fault.counted and not budgets.take(fault.slot):
                     continue  # another worker took the last of its count just now
                 return fault
         if not live_left:
             self.active = False  # every fault ran out: back to the free path
         return None
-
-
-BUDGETS = FaultBudgets(MAX_FAULTS)

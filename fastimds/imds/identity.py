@@ -127,7 +127,7 @@ def token_reply(issuer: TokenIssuer, vm: Any, query: dict[str, str], now: float)
     second = int(now)
     # Keyed by every claim it signs: two VMs (or two versions of one) share a token only if it says the same.
     token, not_before, expires_on = issuer.token(tuple(sorted(claims.items())), claims, second)
-    reply = json_reply(
+    return json_reply(
         200,
         {
             "access_token": token,
@@ -139,9 +139,8 @@ def token_reply(issuer: TokenIssuer, vm: Any, query: dict[str, str], now: float)
             "resource": resource,
             "token_type": "Bearer",
         },
+        volatile=True,
     )
-    reply.volatile = True
-    return reply
 
 
 def info_reply(vm: Any) -> Reply:

@@ -52,6 +52,7 @@ from fastimds.http.connection import MAX_LINGERING_REFUSALS, HttpProtocol, Serve
 from fastimds.http.throttle import Throttle, ThrottleLimits
 from fastimds.imds import attested, identity
 from fastimds.imds.datafile import DataError
+from fastimds.imds.faults import MAX_FAULTS, FaultBudgets
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID
 from fastimds.ops.event_log import EVENT_LOG, log_event
@@ -167,14 +168,14 @@ def serves_data_file(settings: Settings, bus: Bus) -> bool:
     return settings.data_path is not None or set(bus.ids()) <= {DEFAULT_VM_ID}
 
 
-def prepare_control(settings: Settings, bus: Bus) -> Control:
+def prepare_control(settings: Settings, bus: Bus, budgets: FaultBudgets) -> Control:
     """Load the last good state, then every configured source.
 
     Raises DataError on a bad --data and UpdateError when it conflicts with saved VMs.
     """
     single = serves_data_file(settings, bus)
     default_vm_id = DEFAULT_VM_ID if single else settings.default_vm
-    control = Control(bus, VmRegistry(default_vm_id=default_vm_id))
+    control = Control(bus, VmRegistry(default_vm_id=default_vm_id), budgets)
     control.load_state()
     if settings.data_dir is not None:
         control.sync_data_dir(settings.data_dir)
@@ -330,8 +331,12 @@ async def _run_worker(
     control: Control | None,
     admin: AdminSockets | None,
     telemetry: Telemetry,
+    budgets: FaultBudgets,
 ) -> None:
-    """One process serving VMs. With `control`, it is also the control plane (single-process mode)."""
+    """One process serving VMs. With `control`, it is also the control plane (single-process mode).
+
+    `budgets`: the fault counts shared with every process (a Follower's table takes them).
+    """
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
     if control is not None:
@@ -340,7 +345,7 @@ async def _run_worker(
         APPROVALS.set(Deferred(control))  # scheduled-event approvals go to the control plane, next loop turn
     else:
         registry = VmRegistry(default_vm_id=settings.default_vm if settings.data_dir else DEFAULT_VM_ID)
-        follower = Follower(bus, registry)
+        follower = Follower(bus, registry, budgets)
         fault_table = follower.fault_table
         tasks.append(await follower.start())
         APPROVALS.set(BusApprovals(bus.directory, bus.durable))  # through the bus to the control process
@@ -446,13 +451,19 @@ async def _start_control(
 
 
 async def _run_control(
-    settings: Settings, bus: Bus, admin: AdminSockets | None, on_ready: Callable[[], None], telemetry: Telemetry
+    settings: Settings,
+    bus: Bus,
+    admin: AdminSockets | None,
+    on_ready: Callable[[], None],
+    telemetry: Telemetry,
+    *,
+    budgets: FaultBudgets,
 ) -> None:
     """The control process of a multi-worker server: admin API, data sources, SIGHUP."""
     loop = asyncio.get_running_loop()
     EVENT_LOG.configure(role="control")
     EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
-    control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
+    control = prepare_control(settings, bus, budgets)  # from the bus: a restarted control resumes the generations
     telemetry.control = control
     servers, tasks = await _start_control(settings, control, admin, telemetry, approvals_watch=True)
 
@@ -487,9 +498,11 @@ def serve(settings: Settings) -> int:
     log_event("fd_limit", **fd_report)
     bus = Bus(settings.state_dir, durable=True) if settings.state_dir is not None else Bus.private()
     admin: AdminSockets | None = None  # bound below; only what was bound here is removed at exit
+    # Made before any fork: every process shares the injected faults' counts.
+    budgets = FaultBudgets(MAX_FAULTS)
     try:
         try:
-            control = prepare_control(settings, bus)
+            control = prepare_control(settings, bus, budgets)
             control.rearm_faults()
         except DataError as exc:
             print(f"fastimds: cannot serve {exc.source}:", file=sys.stderr)
@@ -531,11 +544,15 @@ def serve(settings: Settings) -> int:
                 print(_ready_line(settings, port, registry, admin_names), flush=True)
 
             telemetry = Telemetry(area, 0, settings.telemetry, workers=1)
-            uvloop.run(_run_worker(settings, bus, sock, announce, control=control, admin=admin, telemetry=telemetry))
+            uvloop.run(
+                _run_worker(
+                    settings, bus, sock, announce, control=control, admin=admin, telemetry=telemetry, budgets=budgets
+                )
+            )
             return 0
         sock.close()
         ready_line = _ready_line(replace(settings, port=port), port, control.registry, admin_names)
-        return Supervisor(replace(settings, port=port), bus, admin, ready_line, area).run()
+        return Supervisor(replace(settings, port=port), bus, admin, ready_line, area, budgets=budgets).run()
     finally:
         if settings.state_dir is None:
             shutil.rmtree(bus.directory, ignore_errors=True)
@@ -553,10 +570,18 @@ class Supervisor:
     """Forks the workers, forwards signals to them, restarts the ones that die."""
 
     def __init__(
-        self, settings: Settings, bus: Bus, admin: AdminSockets | None, ready_line: str, area: TelemetryArea
+        self,
+        settings: Settings,
+        bus: Bus,
+        admin: AdminSockets | None,
+        ready_line: str,
+        area: TelemetryArea,
+        *,
+        budgets: FaultBudgets,
     ) -> None:
         self.settings = settings
         self.area = area
+        self.budgets = budgets  # the fault counts: made before any fork, shared by every child
         self.regions: dict[int, int] = {}  # worker pid -> its telemetry region
         self.bus = bus  # where every process reads the data: restarts start from the newest
         self.admin = admin
@@ -626,6 +651,7 @@ class Supervisor:
                 control=None,
                 admin=None,
                 telemetry=telemetry,
+                budgets=self.budgets,
             )
             uvloop.run(worker)
 
@@ -639,7 +665,11 @@ class Supervisor:
             telemetry = Telemetry(
                 self.area, self.settings.workers, self.settings.telemetry, workers=self.settings.workers
             )
-            uvloop.run(_run_control(self.settings, self.bus, self.admin, lambda: _report_ready(ready), telemetry))
+            uvloop.run(
+                _run_control(
+                    self.settings, self.bus, self.admin, lambda: _report_ready(ready), telemetry, budgets=self.budgets
+                )
+            )
 
         self.control_pid = self._fork("control", control)
         self.workers[self.control_pid] = time.monotonic()

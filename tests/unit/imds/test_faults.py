@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import socket
 import struct
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from fastimds.bus.files import Bus
@@ -22,7 +24,7 @@ from fastimds.control.admin_api import AdminApi
 from fastimds.control.writer import Control, Follower, UpdateError
 from fastimds.http.connection import HttpProtocol
 from fastimds.imds import faults
-from fastimds.imds.faults import BUDGETS, FaultBudgets, FaultTable, fault_problems, free_slot, live, make_fault
+from fastimds.imds.faults import MAX_FAULTS, FaultBudgets, FaultTable, fault_problems, live, make_fault
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import Reply
 from fastimds.imds.store import SnapshotStore
@@ -38,17 +40,21 @@ LONG_POLL = request("/metadata/instance?api-version=2021-02-01&wait_for_change=t
 VM_ID_TEXT = sample_vm().instance["compute"]["vmId"].encode()
 
 
+# The counts of the faults `records` makes (a server makes one FaultBudgets at start and passes it in).
+BUDGETS = FaultBudgets(MAX_FAULTS)
+
+
 def records(*specs: dict[str, Any], vms: list[str] | None = None, now: float = NOW) -> list[dict[str, Any]]:
     """Validated records of `specs`, in slots 0, 1, ... (counts set in BUDGETS)."""
     made = []
     for slot, spec in enumerate(specs):
         assert fault_problems(spec) == [], spec
-        made.append(make_fault(spec, vms, now, slot))
+        made.append(make_fault(spec, vms, now, slot, BUDGETS))
     return made
 
 
 def table(*specs: dict[str, Any], vms: list[str] | None = None, now: float = NOW) -> FaultTable:
-    loaded = FaultTable()
+    loaded = FaultTable(BUDGETS)
     loaded.load(records(*specs, vms=vms, now=now), now)
     return loaded
 
@@ -154,7 +160,7 @@ def test_every_problem_is_named_at_once() -> None:
 
 
 def test_make_fault_fills_in_the_defaults() -> None:
-    record = make_fault({"status": 429}, None, NOW, 3)
+    record = make_fault({"status": 429}, None, NOW, 3, BUDGETS)
     assert record == {
         "id": record["id"],
         "slot": 3,
@@ -169,42 +175,87 @@ def test_make_fault_fills_in_the_defaults() -> None:
         "created": NOW,
     }
     assert len(record["id"]) == 12 and int(record["id"], 16) >= 0
-    assert make_fault({"status": 429}, None, NOW, 3)["id"] != record["id"]
-    assert make_fault({"status": 503}, None, NOW, 0)["retryAfter"] is None
-    assert make_fault({"status": 503, "retryAfter": 9}, None, NOW, 0)["retryAfter"] == 9
+    assert make_fault({"status": 429}, None, NOW, 3, BUDGETS)["id"] != record["id"]
+    assert make_fault({"status": 503}, None, NOW, 0, BUDGETS)["retryAfter"] is None
+    assert make_fault({"status": 503, "retryAfter": 9}, None, NOW, 0, BUDGETS)["retryAfter"] == 9
 
 
 def test_make_fault_keeps_what_was_given_and_sets_the_count() -> None:
     spec = {"latencyMs": 250, "path": "/metadata/identity", "durationSeconds": 2.5, "count": 7}
-    record = make_fault(spec, ["a", "b"], NOW, 5)
+    record = make_fault(spec, ["a", "b"], NOW, 5, BUDGETS)
     assert (record["vms"], record["path"], record["latencyMs"]) == (["a", "b"], "/metadata/identity", 250)
     assert (record["until"], record["count"], record["status"], record["reset"]) == (NOW + 2.5, 7, None, False)
     assert BUDGETS.left(5) == 7
-    assert make_fault({"reset": True}, None, NOW, 6)["reset"] is True
+    assert make_fault({"reset": True}, None, NOW, 6, BUDGETS)["reset"] is True
 
 
 def test_live_drops_expired_and_spent_records() -> None:
     timed, counted, forever = records(
         {"status": 503, "durationSeconds": 10}, {"status": 500, "count": 1}, {"reset": True}
     )
-    assert live([timed, counted, forever], NOW + 9.99) == [timed, counted, forever]
-    assert live([timed, counted, forever], NOW + 10) == [counted, forever]  # `until` itself is over
+    assert live([timed, counted, forever], NOW + 9.99, BUDGETS) == [timed, counted, forever]
+    assert live([timed, counted, forever], NOW + 10, BUDGETS) == [counted, forever]  # `until` itself is over
     BUDGETS.set(counted["slot"], 0)
-    assert live([timed, counted, forever], NOW) == [timed, forever]
+    assert live([timed, counted, forever], NOW, BUDGETS) == [timed, forever]
 
 
-def test_free_slot_goes_round_the_ring_past_held_slots(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faults, "_NEXT_SLOT", [0])
-    assert [free_slot([]) for _ in range(3)] == [0, 1, 2]  # a freed slot is not reused at once
-    assert free_slot([{"slot": 3}, {"slot": 4}]) == 5
-    monkeypatch.setattr(faults, "_NEXT_SLOT", [faults.MAX_FAULTS - 1])
-    assert free_slot([{"slot": faults.MAX_FAULTS - 1}, {"slot": 0}]) == 1  # wraps
-    all_but_7 = [{"slot": slot} for slot in range(faults.MAX_FAULTS) if slot != 7]
-    assert free_slot(all_but_7) == 7
+def test_free_slot_goes_round_the_ring_past_held_slots() -> None:
+    budgets = FaultBudgets(MAX_FAULTS)
+    assert [budgets.free_slot([]) for _ in range(3)] == [0, 1, 2]  # a freed slot is not reused at once
+    assert budgets.free_slot([{"slot": 3}, {"slot": 4}]) == 5
+    budgets.next_slot = MAX_FAULTS - 1
+    assert budgets.free_slot([{"slot": MAX_FAULTS - 1}, {"slot": 0}]) == 1  # wraps
+    all_but_7 = [{"slot": slot} for slot in range(MAX_FAULTS) if slot != 7]
+    assert budgets.free_slot(all_but_7) == 7
+
+
+def test_parse_records_gives_back_what_make_fault_makes() -> None:
+    made = records({"status": 503, "count": 3, "durationSeconds": 5}, {"latencyMs": 20}, vms=["a"])
+    assert faults.parse_records(orjson.loads(orjson.dumps(made))) == made  # as the faults file gives it back
+    assert faults.parse_records([]) == []
+    assert set(faults._RECORD_FIELDS) == faults.FaultRecord.__required_keys__  # every field is checked
+
+
+BAD_RECORDS: list[tuple[str, Any, str]] = [
+    ("id", "", "faults[0].id: a non-empty string"),
+    ("id", 5, "faults[0].id"),
+    ("slot", MAX_FAULTS, "faults[0].slot: a whole number from 0 to 999"),
+    ("slot", -1, "faults[0].slot"),
+    ("slot", True, "faults[0].slot"),
+    ("vms", "a", "faults[0].vms: null or an array of strings"),
+    ("vms", [1], "faults[0].vms"),
+    ("path", None, "faults[0].path: a string"),
+    ("status", 404, "faults[0].status: null or a status"),
+    ("status", "503", "faults[0].status"),
+    ("latencyMs", 0, "faults[0].latencyMs"),
+    ("latencyMs", 1.5, "faults[0].latencyMs"),
+    ("reset", None, "faults[0].reset: true or false"),
+    ("retryAfter", -1, "faults[0].retryAfter"),
+    ("until", "soon", "faults[0].until: null or a number"),
+    ("count", 0, "faults[0].count"),
+    ("created", None, "faults[0].created: a number"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), BAD_RECORDS)
+def test_parse_records_names_each_bad_field(key: str, value: Any, problem: str) -> None:
+    [record] = orjson.loads(orjson.dumps(records({"status": 503})))
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        faults.parse_records([{**record, key: value}])
+    del record[key]
+    with pytest.raises(ValueError, match=re.escape(f"faults[0].{key}: missing")):
+        faults.parse_records([record])
+
+
+def test_parse_records_refuses_what_is_no_list_of_objects() -> None:
+    with pytest.raises(ValueError, match="must be a list of objects"):
+        faults.parse_records({"id": "x"})
+    with pytest.raises(ValueError, match=re.escape("faults[1]: expected an object")):
+        faults.parse_records([*records({"reset": True}), "x"])
 
 
 def test_kind_of_names_the_telemetry_label() -> None:
-    kinds = [faults.kind_of(make_fault(spec, None, NOW, 0)) for spec in GOOD]
+    kinds = [faults.kind_of(make_fault(spec, None, NOW, 0, BUDGETS)) for spec in GOOD]
     assert kinds == ["410", "429", "500", "503", "429", "latency", "latency", "reset", "503"]
     assert set(kinds) == set(FAULT_KINDS)
 
@@ -248,11 +299,19 @@ def test_take_never_goes_below_zero() -> None:
     assert budgets.left(0) == 0
 
 
+def test_budgets_are_made_by_the_server_and_passed_in_never_at_import() -> None:
+    assert not [name for name, value in vars(faults).items() if isinstance(value, FaultBudgets)]
+    shared = FaultBudgets(4)
+    assert FaultTable(shared).budgets is shared
+    first, second = FaultTable(), FaultTable()  # made without the server's: private ones each
+    assert first.budgets is not second.budgets and first.budgets.slots == MAX_FAULTS
+
+
 # ---- the table ----
 
 
 def test_an_empty_table_is_inactive() -> None:
-    empty = FaultTable()
+    empty = FaultTable(BUDGETS)
     assert not empty.active and empty.match("default", b"/metadata/instance", NOW) is None
     empty.load(records({"status": 503, "durationSeconds": 1}), NOW + 5)  # only dead records
     assert not empty.active and empty.faults == []
@@ -634,7 +693,7 @@ def test_control_writes_loads_and_forgets(control: Control) -> None:
     record = control.add_fault({"status": 503, "count": 3}, ["a"])
     assert remembered(control.registry, "a") == {}
     assert control.bus.read_faults() == [record] == control.live_faults()
-    assert control.fault_table.active and BUDGETS.left(record["slot"]) == 3
+    assert control.fault_table.active and control.budgets.left(record["slot"]) == 3
     other = control.add_fault({"reset": True, "path": "/metadata/identity"}, None)
     assert other["slot"] != record["slot"]
     assert control.live_faults() == [record, other]
@@ -664,7 +723,7 @@ def test_control_refuses_bad_faults_and_changes_nothing(control: Control) -> Non
 
 
 def test_a_spent_fault_stays_spent_in_a_worker_that_has_not_reloaded(control: Control) -> None:
-    worker = Follower(control.bus, VmRegistry())
+    worker = Follower(control.bus, VmRegistry(), control.budgets)  # the counts every process shares
     spent = control.add_fault({"status": 500, "count": 1}, None)
     worker.load_faults()
     assert worker.fault_table.match("a", b"/metadata/instance", NOW) is not None
@@ -672,15 +731,15 @@ def test_a_spent_fault_stays_spent_in_a_worker_that_has_not_reloaded(control: Co
     again = control.add_fault({"status": 503, "count": 4, "path": "/metadata/identity"}, None)
     # Before the worker sees the new list, its copy of the spent fault must not live again on the new count.
     assert worker.fault_table.match("a", b"/metadata/instance", NOW) is None
-    assert again["slot"] != spent["slot"] and BUDGETS.left(again["slot"]) == 4
+    assert again["slot"] != spent["slot"] and control.budgets.left(again["slot"]) == 4
     worker.load_faults()
     found = worker.fault_table.match("a", b"/metadata/identity/info", NOW)
-    assert found is not None and found.kind == "503" and BUDGETS.left(again["slot"]) == 3
+    assert found is not None and found.kind == "503" and control.budgets.left(again["slot"]) == 3
 
 
 def test_a_follower_loads_the_list_and_forgets_its_memo(control: Control) -> None:
     registry = VmRegistry()
-    follower = Follower(control.bus, registry)
+    follower = Follower(control.bus, registry, control.budgets)
     follower.rescan()
     assert set(registry.live()) == {"a", "b"} and not follower.fault_table.active
     warm(registry, "10.1.0.4")
@@ -693,20 +752,48 @@ def test_a_follower_loads_the_list_and_forgets_its_memo(control: Control) -> Non
     assert not follower.fault_table.active
 
 
+def test_the_control_plane_and_followers_count_in_the_budgets_they_are_given(tmp_path: Path) -> None:
+    shared = FaultBudgets(MAX_FAULTS)
+    control = Control(Bus(tmp_path / "bus", durable=False), VmRegistry(), shared)
+    follower = Follower(control.bus, VmRegistry(), shared)
+    assert control.budgets is shared and control.fault_table.budgets is shared
+    assert follower.fault_table.budgets is shared
+    record = control.add_fault({"status": 503, "count": 2}, None)
+    assert shared.left(record["slot"]) == 2
+    follower.load_faults()
+    assert follower.fault_table.match("a", b"/metadata/instance", NOW) is not None
+    assert shared.left(record["slot"]) == 1  # the worker's take is the control plane's count
+    assert Follower(control.bus, VmRegistry()).fault_table.budgets is not shared
+
+
+def test_the_faults_file_keeps_its_shape(control: Control) -> None:
+    record = control.add_fault({"status": 503, "count": 3, "durationSeconds": 5}, ["a"])
+    raw = (control.bus.directory / faults.FAULTS_FILE).read_bytes()
+    until, created = orjson.dumps(record["until"]).decode(), orjson.dumps(record["created"]).decode()
+    assert (
+        raw
+        == (
+            f'{{"faults":[{{"id":"{record["id"]}","slot":{record["slot"]},"vms":["a"],"path":"/metadata",'
+            f'"status":503,"latencyMs":null,"reset":false,"retryAfter":null,"until":{until},"count":3,'
+            f'"created":{created}}}]}}'
+        ).encode()
+    )
+
+
 def test_a_restarted_control_keeps_its_faults(control: Control) -> None:
     record = control.add_fault({"status": 503, "durationSeconds": 600}, None)
-    again = Control(control.bus, VmRegistry())
+    again = Control(control.bus, VmRegistry(), control.budgets)  # a replaced control process: same counts
     assert again.live_faults() == [record] and again.fault_table.active
 
 
 def test_a_restarted_server_rearms_counted_faults_with_their_whole_count(control: Control) -> None:
     record = control.add_fault({"status": 503, "count": 3}, None)
-    faults.BUDGETS.set(record["slot"], 0)  # a restart: the shared counts start empty
-    again = Control(control.bus, VmRegistry())
+    again = Control(control.bus, VmRegistry(), FaultBudgets(MAX_FAULTS))  # a restart: the shared counts start empty
+    assert again.budgets.left(record["slot"]) == 0
     assert again.live_faults() == []  # a replaced control process would see it spent
     again.rearm_faults()  # what serve() does once per start
     assert again.live_faults() == [record] and again.fault_table.active
-    assert faults.BUDGETS.left(record["slot"]) == 3
+    assert again.budgets.left(record["slot"]) == 3
 
 
 def test_an_invalid_faults_file_is_served_without_faults(control: Control) -> None:

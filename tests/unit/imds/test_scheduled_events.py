@@ -498,6 +498,12 @@ def _event_with(**fields: Any) -> dict[str, Any]:
     return state
 
 
+def _started_with(**fields: Any) -> dict[str, Any]:
+    state = _good_state()
+    state["Events"][1] = {**state["Events"][1], **fields}
+    return state
+
+
 def _event_without(key: str) -> dict[str, Any]:
     state = _good_state()
     del state["Events"][0][key]
@@ -519,6 +525,12 @@ BAD_STATES: dict[str, tuple[Any, str]] = {
     "no_starts_at": (_event_without("startsAt"), "events.Events[0]: startsAt and startedFor"),
     "text_started_for": (_event_with(startedFor="60"), "events.Events[0]: startsAt and startedFor"),
     "text_ends_at": (_event_with(endsAt="soon"), "events.Events[0].endsAt: a number or null"),
+    # Every field of a stored event is there (a ScheduledEvent), or the lifecycle could not read it.
+    "no_status": (_event_without("EventStatus"), "events.Events[0]: missing EventStatus"),
+    "no_description": (_event_without("Description"), "events.Events[0]: missing Description"),
+    "no_ends_at": (_event_without("endsAt"), "events.Events[0]: missing endsAt"),
+    # A Started event is removed at endsAt: without one the event clock could never remove it.
+    "started_without_end": (_started_with(endsAt=None), "events.Events[1].endsAt: a Started event's is a number"),
 }
 
 

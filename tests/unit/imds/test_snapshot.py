@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import re
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from fastimds.imds import snapshot as snapshot_module
 from fastimds.imds.datafile import normalise, parse_vm
-from fastimds.imds.render import ERRORS, Reply
+from fastimds.imds.render import ERRORS, Reply, make_reply
 from fastimds.imds.snapshot import Node, View, build_snapshot, newest_view
 from fastimds.imds.store import SnapshotStore
 from fastimds.imds.versions import (
@@ -251,3 +252,25 @@ def test_publish_swaps_atomically_and_generations_grow() -> None:
     assert store.current is second
     assert second.generation == first.generation + 1
     assert first.url_replies is not second.url_replies  # memo dies with its snapshot
+
+
+@pytest.mark.parametrize("name", ["status", "head", "body", "close", "etag", "not_modified", "reject", "volatile"])
+def test_a_reply_cannot_be_changed_once_made(name: str) -> None:
+    # Snapshots, memos and every connection share one Reply: a write to it would change them all.
+    snapshot = build_snapshot(sample_vm(), generation=1)
+    for reply in (snapshot.root.children["compute"].view_at("2021-02-01").json, ERRORS["throttled"]):
+        before = getattr(reply, name)
+        with pytest.raises(FrozenInstanceError):
+            setattr(reply, name, True)
+        with pytest.raises(FrozenInstanceError):
+            delattr(reply, name)
+        assert getattr(reply, name) == before
+
+
+def test_what_a_reply_is_made_with_is_given_at_construction() -> None:
+    volatile = make_reply(200, b"{}", volatile=True)
+    assert volatile.volatile and volatile.reject is None and volatile.etag is not None
+    assert volatile.not_modified.startswith(b"HTTP/1.1 304 Not Modified\r\n")
+    assert volatile.not_modified.endswith(b"\r\nETag: " + volatile.etag + b"\r\n")
+    assert ERRORS["throttled"].reject == "throttled" and not ERRORS["throttled"].volatile
+    assert ERRORS["not_found"].reject is None
