@@ -771,3 +771,20 @@ def test_sighup_refuses_a_data_file_that_conflicts_with_an_admin_vm(tmp_path: Pa
         assert "'x'" in json.dumps(record)
         assert vm_seen(server, "127.0.0.5") == vm_uuid("x")
         assert location_seen(server, UNKNOWN) == b"westus"
+
+
+def test_a_single_process_follows_the_bus(tmp_path: Path) -> None:
+    """One worker runs the same Follower the workers of a group run: a bus file written by
+    anyone (here the test, as a control process would) is served, without the admin API."""
+    state = tmp_path / "state"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with running_server("--data-dir", str(data_dir), "--state-dir", str(state)) as server:
+        assert vm_seen(server, "127.0.0.9") is None
+        record = {"generation": 5, "source": "admin", "vm": vm_document("vm9", callers=["127.0.0.9"]), "events": None}
+        temp = state / ".vm9.writing"
+        temp.write_bytes(json.dumps(record).encode())
+        temp.rename(state / "vm9.json")  # whole, as the bus writes: the watch sees the new name
+        assert poll_until(lambda: vm_seen(server, "127.0.0.9") == vm_uuid("vm9"), timeout=3)
+        applied = [r for r in log_events(server, "update_applied") if r["vm"] == "vm9"]
+        assert [r["generation"] for r in applied] == [5]
