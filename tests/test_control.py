@@ -694,3 +694,42 @@ def test_a_failing_watch_callback_does_not_end_the_watch(tmp_path: Path) -> None
 @pytest.fixture
 def dir_source(control: Control, data_dir: Path, log: EventLog) -> DataDirSource:
     return DataDirSource(data_dir, control, log)
+
+
+# ---- the control's own model ----
+
+
+def test_control_answers_from_its_own_model_with_no_serving_registry(bus: Bus, log: EventLog) -> None:
+    control = Control(bus, log)  # nothing serves here: no registry, no follower
+    assert not hasattr(control, "registry") and control.in_process is None
+    assert control.put("a", vm_document("a", callers=["10.1.0.4"])) == 1
+    assert control.patch("a", {"instance": {"compute": {"location": "eastus"}}}) == 2
+    assert control.put("b", vm_document("b", callers=["10.2.0.4"])) == 1
+    assert control.document("a")["generation"] == 2
+    assert control.document("a")["vm"]["instance"]["compute"]["location"] == "eastus"
+    assert control.summary() == [
+        {"id": "a", "generation": 2, "callers": ["10.1.0.4"]},
+        {"id": "b", "generation": 1, "callers": ["10.2.0.4"]},
+    ]
+    with pytest.raises(UpdateError) as caught:  # the conflict check reads the control's own address map
+        control.put("c", vm_document("c", callers=["10.2.0.4"]))
+    assert caught.value.status == 409 and "'b'" in caught.value.message
+    assert control.delete("b") == 2
+    assert (control.generation("b"), control.source_of("b")) == (2, None)  # the removal keeps its generation
+    assert control.put("c", vm_document("c", callers=["10.2.0.4"])) == 1  # the address is free again
+
+
+def test_the_layers_import_only_downward() -> None:
+    """control/, sources/ and bus/ never import process/; bus/ never imports control/ or sources/."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "fastimds"
+    forbidden = {"control": {"process"}, "sources": {"process"}, "bus": {"process", "control", "sources"}}
+    found = []
+    for layer, above in forbidden.items():
+        for path in sorted((package / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                if module and module.startswith("fastimds.") and module.split(".")[1] in above:
+                    found.append(f"{layer}/{path.name}: {module}")
+    assert found == []
