@@ -1,26 +1,25 @@
 """How a scheduled-event approval gets from the VM that sent it to the control plane.
 
 Rules of this module:
-- Workers never write VM data (fastimds.control.writer), yet an approval
-  (POST /metadata/scheduledevents) arrives at a worker. The worker checks it
-  against the snapshot it serves, answers 200 and hands the EventIds to
-  `APPROVALS`, which the server sets once per process:
-  - one process: to the control plane (`Control.approve`) on the loop's next
-    turn (`Deferred`), not inside the request's parser callback, which the
-    publish it causes could re-enter (a long-poll on the same connection);
-  - several: a file in the bus's `approvals/` folder, written whole and then
-    renamed into place (readers never see half of one), which the control
-    process watches, applies and deletes (`take_approvals`). Workers follow
-    the bus folder without recursing, so these files never wake them.
+- Whoever serves VMs never writes VM data (fastimds.control.writer), yet an
+  approval (POST /metadata/scheduledevents) arrives where VMs are served.
+  The server checks it against the snapshot it serves, answers 200 and hands
+  the EventIds to its `BusApprovals`: a file in the bus's approvals folder
+  (fastimds.bus.layout), written whole and then renamed into place (readers
+  never see half of one). The control plane watches that folder, applies
+  the approvals and deletes the files (`take_approvals`).
+- One path for every topology: a single process sends its approvals through
+  the folder too, so an approval never runs inside the request's parser
+  callback (the publish it causes could re-enter a long-poll on the same
+  connection), and every test of approvals exercises the production path.
 - Approval is by EventId alone: one event can span many VMs (a scale set),
   and approving it from any of them starts it on all (spec §8). A VM can only
-  approve an id its own snapshot holds, which the worker checks first.
+  approve an id its own snapshot holds, which the server checks first.
 - Not a hot path: at most a few approvals per event.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from pathlib import Path
@@ -28,37 +27,18 @@ from typing import Protocol
 
 import orjson
 
-from fastimds.bus.files import write_whole
+from fastimds.bus.atomic import write_whole
+from fastimds.bus.layout import APPROVAL_SUFFIX, TEMP_PREFIX, approvals_directory
 from fastimds.imds.once import Once
-from fastimds.ops.event_log import log_event
-
-APPROVALS_FOLDER = "approvals"
-SUFFIX = ".json"
+from fastimds.ops.event_log import EventLog
 
 
 class ApprovalSink(Protocol):
     def approve(self, event_ids: frozenset[str]) -> None: ...
 
 
-class Unconnected:
-    """Before the server connects a sink (unit tests of routing): approvals are logged and dropped."""
-
-    def approve(self, event_ids: frozenset[str]) -> None:
-        log_event("approval_dropped", events=sorted(event_ids))
-
-
-class Deferred:
-    """One process's sink: `sink.approve` on the event loop's next turn."""
-
-    def __init__(self, sink: ApprovalSink) -> None:
-        self.sink = sink
-
-    def approve(self, event_ids: frozenset[str]) -> None:
-        asyncio.get_running_loop().call_soon(self.sink.approve, event_ids)
-
-
 class BusApprovals:
-    """A worker's sink: one file per approval in the bus's approvals folder."""
+    """The serving side's sink: one file per approval in the bus's approvals folder."""
 
     def __init__(self, bus_directory: Path, durable: bool) -> None:
         self.directory = approvals_directory(bus_directory)
@@ -66,21 +46,15 @@ class BusApprovals:
         self.sequence = itertools.count()
 
     def approve(self, event_ids: frozenset[str]) -> None:
-        name = f"{os.getpid()}-{next(self.sequence)}{SUFFIX}"
+        name = f"{os.getpid()}-{next(self.sequence)}{APPROVAL_SUFFIX}"
         write_whole(self.directory / name, orjson.dumps({"EventIds": sorted(event_ids)}), self.durable)
 
 
-def approvals_directory(bus_directory: Path) -> Path:
-    directory = bus_directory / APPROVALS_FOLDER
-    directory.mkdir(exist_ok=True)
-    return directory
-
-
-def take_approvals(directory: Path) -> frozenset[str]:
+def take_approvals(directory: Path, log: EventLog) -> frozenset[str]:
     """Every EventId approved in `directory`'s files; the files are deleted once read."""
     approved: set[str] = set()
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
-        if path.name.startswith("."):
+    for path in sorted(directory.glob(f"*{APPROVAL_SUFFIX}")):
+        if path.name.startswith(TEMP_PREFIX):
             continue
         try:
             record = orjson.loads(path.read_bytes())
@@ -89,9 +63,20 @@ def take_approvals(directory: Path) -> frozenset[str]:
                 raise ValueError("EventIds must be a list of strings")
             approved.update(ids)
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            log_event("approval_unreadable", path=str(path), error=str(exc))
+            log.event("approval_unreadable", path=str(path), error=str(exc))
         path.unlink(missing_ok=True)
     return frozenset(approved)
 
 
-APPROVALS: Once[ApprovalSink] = Once(Unconnected)
+class _NotConnected:
+    """Unit tests of routing without a server: there is no control plane to tell."""
+
+    def approve(self, event_ids: frozenset[str]) -> None:
+        pass
+
+
+# Shim until the routing/http helper's branch is merged: fastimds/imds/routing.py
+# still reaches the sink through this name. The worker sets it to the one
+# BusApprovals it builds (fastimds.process.worker); delete it once resolve
+# returns the approval as an effect that the connection hands to that sink.
+APPROVALS: Once[ApprovalSink] = Once(_NotConnected)

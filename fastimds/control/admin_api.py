@@ -3,23 +3,28 @@
 Rules of this module:
 - Never served on the VM-facing listener: it has its own sockets, a Unix
   socket created with mode 0600 and an optional TCP port.
-- On TCP every /vms request (reads too: they show every VM's data) needs
-  `Authorization: Bearer <token>`, compared in constant time. The Unix
-  socket relies on its file mode instead. /healthz, /readyz and /metrics
-  need nothing: they show no VM's data.
-- Writes go through `Control`, which validates, numbers, persists and only
-  then answers; every error is JSON naming the problem, and a refused write
-  changes nothing.
+- On TCP every /vms, /scheduledevents and /faults request (reads too: they
+  show every VM's data) needs `Authorization: Bearer <token>`, compared in
+  constant time. The Unix socket relies on its file mode instead. /healthz,
+  /readyz, /metrics and /jwks need nothing: they show no VM's data.
+- Writes go through the control plane (fastimds.control.plane), which
+  validates, numbers, persists and only then answers; every error is JSON
+  naming the problem, and a refused write changes nothing.
+- Routing is one table (ROUTES: a path pattern and its methods). A path no
+  route matches is 404; a method its route lacks is 405 with Allow listing
+  the route's methods. Replies are built by the shared response builder
+  (fastimds.imds.render.make_reply), so a reply's status is a field, never
+  read back out of bytes.
 - Not a hot path: plain code, one request at a time per connection.
 
 Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
-GET /metrics (Prometheus text), GET /jwks (the managed-identity token key); like
-/healthz and /readyz they need no token. Scheduled events (fastimds.imds.events):
-GET|POST /vms/{id}/scheduledevents, DELETE /vms/{id}/scheduledevents/{EventId},
-and for a group of VMs POST /scheduledevents ({"vms": [...]} or
-{"vmScaleSetName": ...} beside the event) and DELETE /scheduledevents/{EventId}.
-Injected faults (fastimds.imds.faults): GET|POST|DELETE /faults (POST: every VM, or
-"vms": [...] beside the fault), DELETE /faults/{id}, POST|DELETE /vms/{id}/faults.
+GET /metrics (Prometheus text), GET /jwks (the managed-identity token key).
+Scheduled events (fastimds.imds.events): GET|POST /vms/{id}/scheduledevents,
+DELETE /vms/{id}/scheduledevents/{EventId}, and for a group of VMs POST
+/scheduledevents ({"vms": [...]} or {"vmScaleSetName": ...} beside the event)
+and DELETE /scheduledevents/{EventId}. Injected faults (fastimds.imds.faults):
+GET|POST|DELETE /faults (POST: every VM, or "vms": [...] beside the fault),
+DELETE /faults/{id}, POST|DELETE /vms/{id}/faults.
 """
 
 from __future__ import annotations
@@ -27,44 +32,80 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 import orjson
 
-from fastimds.control.writer import Control, UpdateError
-from fastimds.imds import identity
+from fastimds.control.plane import ControlPlane
+from fastimds.control.writer import UpdateError
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
-from fastimds.imds.render import STATUS_LINES
+from fastimds.imds.keys import Keys
+from fastimds.imds.render import CONNECTION_CLOSE, CONTENT_TYPE_JSON, Reply, make_reply
 from fastimds.ops.telemetry import LAYOUT
 
 MAX_ADMIN_BODY_BYTES = MAX_VM_FILE_BYTES + 64 * 1024  # a VM description plus JSON framing slack
 MAX_ADMIN_HEAD_BYTES = 16 * 1024
+CONTENT_TYPE_METRICS = b"text/plain; version=0.0.4; charset=utf-8"
+# The first path segments whose routes need the bearer token on TCP (they show VM data).
+PROTECTED = frozenset({"vms", "scheduledevents", "faults"})
+# In a route's pattern: one path segment, as sent (a handler unquotes it if it means to).
+PARAM = "{}"
+# Last in a pattern: the rest of the path, one segment or more, "/" included (a VM id as sent).
+REST = "{...}"
 
-_STATUS_REASONS = {201: "Created", 401: "Unauthorized", 409: "Conflict", 415: "Unsupported Media Type"}
+
+def json_reply(status: int, value: Any, extra_headers: bytes = b"", close: bool = False) -> Reply:
+    return make_reply(status, orjson.dumps(value, option=orjson.OPT_SORT_KEYS), CONTENT_TYPE_JSON, extra_headers, close)
 
 
-def _status_line(status: int) -> bytes:
-    line = STATUS_LINES.get(status)
-    return line if line is not None else f"HTTP/1.1 {status} {_STATUS_REASONS.get(status, 'Error')}\r\n".encode()
+def wire(reply: Reply) -> bytes:
+    """The bytes of a reply (the admin API sends no Date)."""
+    return b"".join((reply.head, CONNECTION_CLOSE if reply.close else b"", b"\r\n", reply.body))
 
 
-def json_response(status: int, value: Any, extra_headers: bytes = b"", close: bool = False) -> bytes:
-    body = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    return b"".join(
-        (
-            _status_line(status),
-            b"Content-Type: application/json; charset=utf-8\r\n",
-            b"Content-Length: ",
-            str(len(body)).encode(),
-            b"\r\n",
-            extra_headers,
-            b"Connection: close\r\n" if close else b"",
-            b"\r\n",
-            body,
-        )
-    )
+@dataclass(frozen=True)
+class AdminRequest:
+    method: str
+    path: str  # without the query and any trailing "/"
+    params: tuple[str, ...]  # what PARAM and REST matched, in order
+    body: bytes
+
+
+Handler = Callable[[AdminRequest], Reply]
+
+
+@dataclass(frozen=True)
+class Route:
+    pattern: tuple[str, ...]  # path segments: literals, PARAM, or a last REST
+    methods: dict[str, Handler]  # in the order Allow lists them
+
+    def match(self, segments: list[str]) -> tuple[str, ...] | None:
+        """The parameters, if `segments` fit this route's pattern."""
+        rest = self.pattern[-1] == REST
+        fixed = self.pattern[:-1] if rest else self.pattern
+        if len(segments) < len(fixed) + rest or (not rest and len(segments) != len(fixed)):
+            return None
+        params = []
+        for expected, segment in zip(fixed, segments, strict=False):
+            if expected == PARAM:
+                params.append(segment)
+            elif expected != segment:
+                return None
+        if rest:
+            params.append("/".join(segments[len(fixed) :]))
+        return tuple(params)
+
+
+def route(table: list[Route], segments: list[str]) -> tuple[Route, tuple[str, ...]] | None:
+    """The first route of `table` that matches, with its parameters."""
+    for candidate in table:
+        params = candidate.match(segments)
+        if params is not None:
+            return candidate, params
+    return None
 
 
 class AdminApi:
@@ -77,73 +118,72 @@ class AdminApi:
 
     def __init__(
         self,
-        control: Control,
+        plane: ControlPlane,
         token: str | None,
+        keys: Keys,
+        *,
         metrics: Callable[[], bytes] | None = None,
         readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
         counters: list[int] | None = None,
     ) -> None:
-        self.control = control
+        self.plane = plane
+        self.control = plane.control
         self.token = token
+        self.keys = keys
         self.metrics = metrics
         self.readiness = readiness
         self.counters = counters
+        read = ("GET", "HEAD")
+        self.routes = [
+            Route(("healthz",), dict.fromkeys(read, self._health)),
+            Route(("readyz",), dict.fromkeys(read, self._ready)),
+            Route(("jwks",), dict.fromkeys(read, self._jwks)),
+            Route(("metrics",), dict.fromkeys(read, self._metrics)),
+            Route(("vms",), {"GET": self._list_vms}),
+            Route(("vms", PARAM, "scheduledevents"), {"GET": self._vm_events, "POST": self._add_vm_event}),
+            Route(("vms", PARAM, "scheduledevents", PARAM), {"DELETE": self._cancel_vm_event}),
+            Route(("vms", PARAM, "faults"), {"POST": self._add_vm_fault, "DELETE": self._remove_vm_faults}),
+            Route(
+                ("vms", REST),
+                {"GET": self._get_vm, "PUT": self._put_vm, "PATCH": self._patch_vm, "DELETE": self._delete_vm},
+            ),
+            Route(("scheduledevents",), {"POST": self._add_group_event}),
+            Route(("scheduledevents", PARAM), {"DELETE": self._cancel_event}),
+            Route(("faults",), {"GET": self._list_faults, "POST": self._add_fault, "DELETE": self._remove_faults}),
+            Route(("faults", PARAM), {"DELETE": self._remove_fault}),
+        ]
 
     def handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
-        reply = self._handle(method, path, authorization, body, over_tcp)
+        reply = self.answer(method, path, authorization, body, over_tcp)
+        data = wire(reply)
         if self.counters is not None:
-            status = int(reply[9:12])
-            self.counters[LAYOUT.request_slot("admin", status)] += 1
-            self.counters[LAYOUT.bytes_slot("admin")] += len(reply)
-        return reply
+            self.counters[LAYOUT.request_slot("admin", reply.status)] += 1
+            self.counters[LAYOUT.bytes_slot("admin")] += len(data)
+        return data
 
-    def _handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
+    def answer(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> Reply:
         path = path.split("?", 1)[0].rstrip("/") or "/"
-        if path == "/healthz":
-            return json_response(200, {"status": "ok"})
-        if path == "/readyz":
-            ready, detail = self.readiness() if self.readiness else (True, {})
-            detail = {"status": "ready" if ready else "not ready", "vms": len(self.control.registry.live()), **detail}
-            return json_response(200 if ready else 503, detail)
-        if path == "/jwks":
-            # The public key of managed-identity tokens, for a test service to validate them.
-            return json_response(200, identity.ISSUER.get().jwks)
-        if path == "/metrics":
-            if self.metrics is None:
-                return json_response(404, {"error": "telemetry is off (--no-telemetry)"})
-            body = self.metrics()
-            return b"".join(
-                (
-                    _status_line(200),
-                    b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n",
-                    b"Content-Length: ",
-                    str(len(body)).encode(),
-                    b"\r\n\r\n",
-                    body,
-                )
-            )
-        resource = path.split("/")[1] if path.startswith("/") else ""  # "*" and "http://..." are targets too
-        if resource not in ("vms", "scheduledevents", "faults"):
-            return json_response(404, {"error": f"no admin route {path}"})
-        if over_tcp and not self._authorized(authorization):
-            return json_response(
+        # "*" and "http://..." are request targets too: no route has them.
+        segments = path[1:].split("/") if path.startswith("/") else []
+        if segments and segments[0] in PROTECTED and over_tcp and not self._authorized(authorization):
+            return json_reply(
                 401, {"error": "a bearer token is required"}, b'WWW-Authenticate: Bearer realm="fastimds"\r\n'
             )
+        found = route(self.routes, segments)
+        if found is None:
+            return json_reply(404, {"error": f"no admin route {path}"})
+        chosen, params = found
+        handler = chosen.methods.get(method)
+        if handler is None:
+            allow = ", ".join(chosen.methods).encode()
+            return json_reply(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
         try:
-            if resource == "scheduledevents":
-                return self._group_events(method, path, body)
-            if resource == "faults":
-                return self._faults(method, path, body)
-            if path.count("/") >= 3 and path.split("/")[3] == "scheduledevents":
-                return self._vm_events(method, path, body)
-            if path.count("/") == 3 and path.split("/")[3] == "faults":
-                return self._vm_faults(method, path, body)
-            return self._vms(method, path, body)
+            return handler(AdminRequest(method, path, params, body))
         except UpdateError as exc:
             error: dict[str, Any] = {"error": exc.message}
             if exc.problems:
                 error["problems"] = exc.problems
-            return json_response(exc.status, error)
+            return json_reply(exc.status, error)
 
     def _authorized(self, authorization: bytes | None) -> bool:
         if self.token is None or authorization is None:
@@ -151,94 +191,111 @@ class AdminApi:
         scheme, _, credential = authorization.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token.encode())
 
-    def _vm_events(self, method: str, path: str, body: bytes) -> bytes:
-        """/vms/{id}/scheduledevents[/{EventId}]."""
-        parts = [unquote(part) for part in path.split("/")]  # "", "vms", id, "scheduledevents"[, EventId]
-        vm_id = parts[2]
-        if len(parts) == 4 and method == "GET":
-            return json_response(200, {"id": vm_id, **self.control.events_of(vm_id)})
-        if len(parts) == 4 and method == "POST":
-            event_id, generations = self.control.add_event([vm_id], _json_body(body))
-            return json_response(201, {"EventId": event_id, "generations": generations})
-        if len(parts) == 5 and method == "DELETE":
-            return json_response(200, {"EventId": parts[4], "generations": self.control.cancel_event(parts[4], vm_id)})
-        allow = b"GET, POST" if len(parts) == 4 else b"DELETE"
-        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
+    # ---- health, keys, telemetry ----
 
-    def _group_events(self, method: str, path: str, body: bytes) -> bytes:
-        """/scheduledevents (POST: one event on a group of VMs) and /scheduledevents/{EventId} (DELETE)."""
-        parts = [unquote(part) for part in path.split("/")]  # "", "scheduledevents"[, EventId]
-        if len(parts) == 2 and method == "POST":
-            request = _json_body(body)
-            if not isinstance(request, dict):
-                raise UpdateError(400, "the body must be a JSON object: an event plus 'vms' or 'vmScaleSetName'")
-            event = dict(request)
-            vm_ids, scale_set = event.pop("vms", None), event.pop("vmScaleSetName", None)
-            if scale_set is not None and vm_ids is None and isinstance(scale_set, str):
-                vm_ids = self.control.vms_in_scale_set(scale_set)
-                if not vm_ids:
-                    raise UpdateError(404, f"no VM has vmScaleSetName {scale_set!r}")
-            elif not (scale_set is None and isinstance(vm_ids, list) and vm_ids):
-                raise UpdateError(400, "give either 'vms' (a non-empty array of VM ids) or 'vmScaleSetName'")
-            if not all(isinstance(vm_id, str) for vm_id in vm_ids):
-                raise UpdateError(400, "'vms' must hold VM ids (strings)")
-            event_id, generations = self.control.add_event(sorted(set(vm_ids)), event)
-            return json_response(201, {"EventId": event_id, "generations": generations})
-        if len(parts) == 3 and method == "DELETE":
-            return json_response(200, {"EventId": parts[2], "generations": self.control.cancel_event(parts[2])})
-        allow = b"POST" if len(parts) == 2 else b"DELETE"
-        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
+    def _health(self, _request: AdminRequest) -> Reply:
+        return json_reply(200, {"status": "ok"})
 
-    def _faults(self, method: str, path: str, body: bytes) -> bytes:
-        """/faults (GET, POST, DELETE all) and /faults/{id} (DELETE)."""
-        parts = path.split("/")  # "", "faults"[, id]
-        if len(parts) == 2 and method == "GET":
-            return json_response(200, {"faults": self.control.live_faults()})
-        if len(parts) == 2 and method == "POST":
-            request = _json_body(body)
-            vm_ids = request.pop("vms", None) if isinstance(request, dict) else None
-            if vm_ids is not None and not (
-                isinstance(vm_ids, list) and vm_ids and all(isinstance(vm_id, str) for vm_id in vm_ids)
-            ):
-                raise UpdateError(400, "'vms' must be a non-empty array of VM ids (or absent: every VM)")
-            return json_response(201, self.control.add_fault(request, sorted(set(vm_ids)) if vm_ids else None))
-        if method == "DELETE" and len(parts) in (2, 3):
-            removed = self.control.remove_faults(fault_id=parts[2] if len(parts) == 3 else None)
-            return json_response(200, {"removed": removed})
-        allow = b"GET, POST, DELETE" if len(parts) == 2 else b"DELETE"
-        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: " + allow + b"\r\n")
+    def _ready(self, _request: AdminRequest) -> Reply:
+        ready, detail = self.readiness() if self.readiness else (True, {})
+        detail = {"status": "ready" if ready else "not ready", "vms": len(self.control.live_ids()), **detail}
+        return json_reply(200 if ready else 503, detail)
 
-    def _vm_faults(self, method: str, path: str, body: bytes) -> bytes:
-        """/vms/{id}/faults: POST one for this VM; DELETE this VM's own."""
-        vm_id = path.split("/")[2]
-        if method == "POST":
-            return json_response(201, self.control.add_fault(_json_body(body), [vm_id]))
-        if method == "DELETE":
-            return json_response(200, {"removed": self.control.remove_faults(vm_id=vm_id)})
-        return json_response(405, {"error": f"{method} is not allowed on {path}"}, b"Allow: POST, DELETE\r\n")
+    def _jwks(self, _request: AdminRequest) -> Reply:
+        # The public key of managed-identity tokens, for a test service to validate them.
+        return json_reply(200, self.keys.issuer.jwks)
 
-    def _vms(self, method: str, path: str, body: bytes) -> bytes:
-        control = self.control
-        if path == "/vms":
-            if method != "GET":
-                return json_response(405, {"error": f"{method} is not allowed on /vms"}, b"Allow: GET\r\n")
-            return json_response(200, {"vms": control.registry.summary()})
-        vm_id = path[len("/vms/") :]
-        if method == "GET":
-            return json_response(200, control.document(vm_id))
-        if method == "DELETE":
-            generation = control.delete(vm_id)
-            return json_response(200, {"id": vm_id, "deleted": True, "generation": generation})
-        if method in ("PUT", "PATCH"):
-            document = _json_body(body)
-            existed = vm_id in control.registry.live()
-            generation = control.put(vm_id, document) if method == "PUT" else control.patch(vm_id, document)
-            return json_response(
-                201 if method == "PUT" and not existed else 200, {"id": vm_id, "generation": generation}
-            )
-        return json_response(
-            405, {"error": f"{method} is not allowed on /vms/{{id}}"}, b"Allow: GET, PUT, PATCH, DELETE\r\n"
-        )
+    def _metrics(self, _request: AdminRequest) -> Reply:
+        if self.metrics is None:
+            return json_reply(404, {"error": "telemetry is off (--no-telemetry)"})
+        return make_reply(200, self.metrics(), CONTENT_TYPE_METRICS)
+
+    # ---- VMs ----
+
+    def _list_vms(self, _request: AdminRequest) -> Reply:
+        return json_reply(200, {"vms": self.control.summary()})
+
+    def _get_vm(self, request: AdminRequest) -> Reply:
+        return json_reply(200, self.control.document(request.params[0]))
+
+    def _put_vm(self, request: AdminRequest) -> Reply:
+        vm_id = request.params[0]
+        document = _json_body(request.body)
+        existed = self.control.vm(vm_id) is not None
+        generation = self.control.put(vm_id, document)
+        return json_reply(200 if existed else 201, {"id": vm_id, "generation": generation})
+
+    def _patch_vm(self, request: AdminRequest) -> Reply:
+        vm_id = request.params[0]
+        generation = self.control.patch(vm_id, _json_body(request.body))
+        return json_reply(200, {"id": vm_id, "generation": generation})
+
+    def _delete_vm(self, request: AdminRequest) -> Reply:
+        vm_id = request.params[0]
+        generation = self.control.delete(vm_id)
+        return json_reply(200, {"id": vm_id, "deleted": True, "generation": generation})
+
+    # ---- scheduled events ----
+
+    def _vm_events(self, request: AdminRequest) -> Reply:
+        vm_id = unquote(request.params[0])
+        return json_reply(200, {"id": vm_id, **self.control.events_of(vm_id)})
+
+    def _add_vm_event(self, request: AdminRequest) -> Reply:
+        event_id, generations = self.plane.clock.add_event([unquote(request.params[0])], _json_body(request.body))
+        return json_reply(201, {"EventId": event_id, "generations": generations})
+
+    def _cancel_vm_event(self, request: AdminRequest) -> Reply:
+        vm_id, event_id = (unquote(param) for param in request.params)
+        return json_reply(200, {"EventId": event_id, "generations": self.plane.clock.cancel_event(event_id, vm_id)})
+
+    def _add_group_event(self, request: AdminRequest) -> Reply:
+        """One event on a group of VMs: named in "vms", or every VM of "vmScaleSetName"."""
+        given = _json_body(request.body)
+        if not isinstance(given, dict):
+            raise UpdateError(400, "the body must be a JSON object: an event plus 'vms' or 'vmScaleSetName'")
+        event = dict(given)
+        vm_ids, scale_set = event.pop("vms", None), event.pop("vmScaleSetName", None)
+        if scale_set is not None and vm_ids is None and isinstance(scale_set, str):
+            vm_ids = self.plane.clock.vms_in_scale_set(scale_set)
+            if not vm_ids:
+                raise UpdateError(404, f"no VM has vmScaleSetName {scale_set!r}")
+        elif not (scale_set is None and isinstance(vm_ids, list) and vm_ids):
+            raise UpdateError(400, "give either 'vms' (a non-empty array of VM ids) or 'vmScaleSetName'")
+        if not all(isinstance(vm_id, str) for vm_id in vm_ids):
+            raise UpdateError(400, "'vms' must hold VM ids (strings)")
+        event_id, generations = self.plane.clock.add_event(sorted(set(vm_ids)), event)
+        return json_reply(201, {"EventId": event_id, "generations": generations})
+
+    def _cancel_event(self, request: AdminRequest) -> Reply:
+        event_id = unquote(request.params[0])
+        return json_reply(200, {"EventId": event_id, "generations": self.plane.clock.cancel_event(event_id)})
+
+    # ---- injected faults ----
+
+    def _list_faults(self, _request: AdminRequest) -> Reply:
+        return json_reply(200, {"faults": self.plane.faults.live()})
+
+    def _add_fault(self, request: AdminRequest) -> Reply:
+        given = _json_body(request.body)
+        vm_ids = given.pop("vms", None) if isinstance(given, dict) else None
+        if vm_ids is not None and not (
+            isinstance(vm_ids, list) and vm_ids and all(isinstance(vm_id, str) for vm_id in vm_ids)
+        ):
+            raise UpdateError(400, "'vms' must be a non-empty array of VM ids (or absent: every VM)")
+        return json_reply(201, self.plane.faults.add(given, sorted(set(vm_ids)) if vm_ids else None))
+
+    def _remove_faults(self, _request: AdminRequest) -> Reply:
+        return json_reply(200, {"removed": self.plane.faults.remove()})
+
+    def _remove_fault(self, request: AdminRequest) -> Reply:
+        return json_reply(200, {"removed": self.plane.faults.remove(fault_id=request.params[0])})
+
+    def _add_vm_fault(self, request: AdminRequest) -> Reply:
+        return json_reply(201, self.plane.faults.add(_json_body(request.body), [request.params[0]]))
+
+    def _remove_vm_faults(self, request: AdminRequest) -> Reply:
+        return json_reply(200, {"removed": self.plane.faults.remove(vm_id=request.params[0])})
 
 
 def _json_body(body: bytes) -> Any:
@@ -274,7 +331,7 @@ class AdminProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.transport.close()  # Upgrade or CONNECT: answered (on_message_complete); we speak nothing else
         except httptools.HttpParserError:
-            reply = self.failure or json_response(400, {"error": "malformed HTTP request"}, close=True)
+            reply = self.failure or wire(json_reply(400, {"error": "malformed HTTP request"}, close=True))
             self.transport.write(reply)
             self.transport.close()
 
@@ -290,13 +347,13 @@ class AdminProtocol(asyncio.Protocol):
     def _count(self, size: int) -> None:
         self.head_size += size
         if self.head_size > MAX_ADMIN_HEAD_BYTES:
-            self.failure = json_response(431, {"error": "request head too large"}, close=True)
+            self.failure = wire(json_reply(431, {"error": "request head too large"}, close=True))
             raise ValueError("head too large")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
         if self.body_size > MAX_ADMIN_BODY_BYTES:
-            self.failure = json_response(413, {"error": f"body over {MAX_ADMIN_BODY_BYTES} bytes"}, close=True)
+            self.failure = wire(json_reply(413, {"error": f"body over {MAX_ADMIN_BODY_BYTES} bytes"}, close=True))
             raise ValueError("body too large")
         self.body.append(body)
 
@@ -308,7 +365,7 @@ class AdminProtocol(asyncio.Protocol):
                 method, self.url.decode("latin-1"), self.authorization, b"".join(self.body), self.over_tcp
             )
         except Exception as exc:  # an admin bug must not take the listener down
-            reply = json_response(500, {"error": f"internal error: {exc!r}"})
+            reply = wire(json_reply(500, {"error": f"internal error: {exc!r}"}))
         self.transport.write(reply)
         if not self.parser.should_keep_alive():
             self.transport.close()

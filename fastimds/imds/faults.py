@@ -38,7 +38,6 @@ from typing import Any, TypedDict
 
 from fastimds.imds.render import Reply, json_reply
 
-FAULTS_FILE = "_faults.json"
 STATUSES = (410, 429, 500, 503)
 MAX_LATENCY_MS = 600_000  # ten minutes: longer than any client waits
 MAX_DURATION_S = 7 * 24 * 3600

@@ -39,11 +39,14 @@ STATUS_LINES: dict[int, bytes] = {
     code: f"HTTP/1.1 {code} {reason}\r\n".encode()
     for code, reason in (
         (200, "OK"),
+        (201, "Created"),  # from here on, the admin API's too (fastimds.control.admin_api)
         (304, "Not Modified"),
         (400, "Bad Request"),
+        (401, "Unauthorized"),
         (404, "Not Found"),
         (405, "Method Not Allowed"),
         (408, "Request Timeout"),
+        (409, "Conflict"),
         (410, "Gone"),
         (413, "Payload Too Large"),
         (414, "URI Too Long"),

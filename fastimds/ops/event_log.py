@@ -13,6 +13,9 @@ Rules of this module:
   `log_suppressed` line per event name.
 - Lines go to stderr by default (stdout carries only the ready line), to a
   file with `--log-file PATH`, or to stdout with `--log-file -`.
+- No module-level log: each process has one EventLog, built at start (a
+  forked child keeps its parent's and names its own role) and passed to
+  everything that logs.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class EventLog:
             self.stream = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
         if role is not None:
             self.role = role
+
+    def count_into(self, counters: list[int] | None, slot: int) -> None:
+        """Count suppressed lines in `counters[slot]` (the process's telemetry), from now on."""
+        self.counters, self.suppressed_slot = counters, slot
 
     def allow(self, event: str, now: float) -> bool:
         """Take a token for `event`; False (and counted) when its bucket is empty."""
@@ -87,8 +94,8 @@ class EventLog:
             self.write("log_suppressed", now, {"suppressed_event": event, "lines": count})
 
 
+# Shim until the http helper's branch is merged: fastimds/http/connection.py
+# still imports this name. The server hands this very object to everything it
+# builds (fastimds.process.serve), so there is one log per process either way.
+# Delete it once the connection reads `state.event_log`.
 EVENT_LOG = EventLog()
-
-
-def log_event(event: str, **fields: Any) -> None:
-    EVENT_LOG.event(event, **fields)

@@ -524,7 +524,8 @@ def test_corrupt_state_file_is_reported_and_skipped(tmp_path: Path, admin_socket
             assert admin_unix(admin_socket, "PUT", f"/vms/{vm_id}", vm_document(vm_id, callers=[caller]))[0] == 201
         first.kill_group()
 
-    assert sorted(path.name for path in state.iterdir()) == ["vm1.json", "vm2.json", "vm3.json"]
+    # The approvals folder is part of the bus in every topology (fastimds.bus.layout).
+    assert sorted(path.name for path in state.iterdir()) == ["approvals", "vm1.json", "vm2.json", "vm3.json"]
     (state / "vm2.json").write_bytes(b'{"generation": 1, "source": "admin", "vm": {"instance": {"comp\x00garbage')
     with running_server(*args) as second:
         assert " vms=2 " in second.ready_line
@@ -771,3 +772,20 @@ def test_sighup_refuses_a_data_file_that_conflicts_with_an_admin_vm(tmp_path: Pa
         assert "'x'" in json.dumps(record)
         assert vm_seen(server, "127.0.0.5") == vm_uuid("x")
         assert location_seen(server, UNKNOWN) == b"westus"
+
+
+def test_a_single_process_follows_the_bus(tmp_path: Path) -> None:
+    """One worker runs the same Follower the workers of a group run: a bus file written by
+    anyone (here the test, as a control process would) is served, without the admin API."""
+    state = tmp_path / "state"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with running_server("--data-dir", str(data_dir), "--state-dir", str(state)) as server:
+        assert vm_seen(server, "127.0.0.9") is None
+        record = {"generation": 5, "source": "admin", "vm": vm_document("vm9", callers=["127.0.0.9"]), "events": None}
+        temp = state / ".vm9.writing"
+        temp.write_bytes(json.dumps(record).encode())
+        temp.rename(state / "vm9.json")  # whole, as the bus writes: the watch sees the new name
+        assert poll_until(lambda: vm_seen(server, "127.0.0.9") == vm_uuid("vm9"), timeout=3)
+        applied = [r for r in log_events(server, "update_applied") if r["vm"] == "vm9"]
+        assert [r["generation"] for r in applied] == [5]

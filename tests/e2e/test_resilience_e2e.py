@@ -54,7 +54,8 @@ from typing import Any
 
 import pytest
 
-from fastimds.process.serve import CRASH_LOOP_WINDOW_S, DRAIN_ANSWER_S
+from fastimds.process.supervisor import CRASH_LOOP_WINDOW_S
+from fastimds.process.worker import DRAIN_ANSWER_S
 from tests.support.server_process import (
     RawReader,
     ServerProcess,

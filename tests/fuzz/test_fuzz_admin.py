@@ -45,13 +45,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastimds.bus.files import Bus
 from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, AdminApi, AdminProtocol
 from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, VM_ID_PATTERN
-from fastimds.imds.registry import VmRegistry
 from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
-from tests.support.fakes import FakeTransport, Response, make_connection, request, split_responses
+from tests.support.fakes import (
+    FakeTransport,
+    Response,
+    admin_api,
+    make_connection,
+    new_plane,
+    request,
+    serving,
+    split_responses,
+)
 from tests.support.reference import rfc7396_merge_patch
 from tests.support.server_process import vm_document
 
@@ -89,7 +96,7 @@ class World:
 
     def observed(self) -> dict[str, Any]:
         """Everything a refused write must leave as it was."""
-        registry = self.control.registry
+        registry = serving(self.control)
         bus = self.control.bus.directory
         return {
             "summary": registry.summary(),
@@ -102,7 +109,7 @@ class World:
 
     def served(self, caller: str) -> bytes:
         """What a caller of the VM gets for the instance document, over the real protocol."""
-        protocol, transport, _ = make_connection(registry=self.control.registry, peer=caller)
+        protocol, transport, _ = make_connection(registry=serving(self.control), peer=caller)
         protocol.data_received(request(INSTANCE))
         return transport.output
 
@@ -110,14 +117,15 @@ class World:
         return self.control.document(vm_id)["vm"]
 
     def generation(self, vm_id: str) -> int:
-        return self.control.registry.stores[vm_id].generation
+        return serving(self.control).stores[vm_id].generation
 
 
 @contextlib.contextmanager
 def world() -> Iterator[World]:
     with tempfile.TemporaryDirectory(prefix="fastimds-fuzz-admin-") as directory:
-        control = Control(Bus(Path(directory) / "bus", durable=False), VmRegistry())
-        api = AdminApi(control, None)
+        plane = new_plane(Path(directory) / "bus")
+        control = plane.control
+        api = admin_api(plane)
         for vm_id, document in SEEDS.items():
             [created] = split_responses(api.handle("PUT", f"/vms/{vm_id}", None, orjson.dumps(document), False))
             assert created.status == 201

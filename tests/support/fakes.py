@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from fastimds.bus.files import Bus
+from fastimds.bus.follower import Follower
 from fastimds.config import Limits
+from fastimds.control.admin_api import AdminApi
+from fastimds.control.plane import ControlPlane
+from fastimds.control.writer import Control
 from fastimds.http.connection import HttpProtocol, ServerState
 from fastimds.imds.datafile import VmDescription, load_vm
+from fastimds.imds.keys import Keys
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
+from fastimds.ops.event_log import EventLog
 
 PINNED_UNIX_TIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 PINNED_DATE = b"Tue, 14 Nov 2023 22:13:20 GMT"
@@ -151,3 +159,31 @@ def request(
     if body:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# ---- the control plane as a single process runs it ----
+
+
+def in_process(plane: ControlPlane) -> ControlPlane:
+    """`plane` with an in-process Follower attached (and caught up), as a single process runs it."""
+    control = plane.control
+    follower = Follower(control.bus, VmRegistry(control.model.default_vm_id), control.log, plane.faults.budgets)
+    follower.rescan()
+    control.attach(follower)
+    return plane
+
+
+def new_plane(directory: Path, durable: bool = False) -> ControlPlane:
+    """A control plane over a new bus in `directory`, serving in-process."""
+    log = EventLog()
+    return in_process(ControlPlane.over(Bus(directory, durable, log), log))
+
+
+def serving(control: Control) -> VmRegistry:
+    """What the control's in-process follower serves: never the control's own model."""
+    assert control.in_process is not None
+    return control.in_process.registry
+
+
+def admin_api(plane: ControlPlane, token: str | None = None, **extras: Any) -> AdminApi:
+    return AdminApi(plane, token, Keys(), **extras)

@@ -16,12 +16,21 @@ from typing import Any
 import orjson
 import pytest
 
-from fastimds.bus.files import Bus
-from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, MAX_ADMIN_HEAD_BYTES, AdminApi, AdminProtocol
+from fastimds.control.admin_api import (
+    MAX_ADMIN_BODY_BYTES,
+    MAX_ADMIN_HEAD_BYTES,
+    PARAM,
+    REST,
+    AdminApi,
+    AdminProtocol,
+    Route,
+    route,
+)
+from fastimds.control.plane import ControlPlane
 from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
-from fastimds.imds.registry import VmRegistry
-from tests.support.fakes import FakeTransport, Response, split_responses
+from fastimds.imds.render import Reply
+from tests.support.fakes import FakeTransport, Response, admin_api, new_plane, serving, split_responses
 from tests.support.server_process import vm_document, vm_uuid
 
 TOKEN = "s3cret-token-value"
@@ -29,13 +38,18 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 
 @pytest.fixture
-def control(tmp_path: Path) -> Control:
-    return Control(Bus(tmp_path / "bus", durable=False), VmRegistry())
+def plane(tmp_path: Path) -> ControlPlane:
+    return new_plane(tmp_path / "bus")
 
 
 @pytest.fixture
-def api(control: Control) -> AdminApi:
-    return AdminApi(control, TOKEN)
+def control(plane: ControlPlane) -> Control:
+    return plane.control
+
+
+@pytest.fixture
+def api(plane: ControlPlane) -> AdminApi:
+    return admin_api(plane, TOKEN)
 
 
 def call(
@@ -83,6 +97,48 @@ def test_unknown_routes_are_404(api: AdminApi, path: str) -> None:
         assert "no admin route" in response.json()["error"]
 
 
+# ---- the route table ----
+
+
+def test_a_path_the_table_lacks_is_404_json_whatever_the_method(api: AdminApi) -> None:
+    seeded(api)
+    # Each was answered otherwise by the old string-splitting router (405, or a VM lookup).
+    for method, path in [("DELETE", "/faults/x/y"), ("POST", "/scheduledevents/E1/more"), ("GET", "/jwks/x")]:
+        response = call(api, method, path)
+        assert response.status == 404, path
+        assert response.json() == {"error": f"no admin route {path}"}
+
+
+def test_a_method_the_route_lacks_is_405_with_its_allow(api: AdminApi) -> None:
+    seeded(api)
+    checked = 0
+    for candidate in api.routes:
+        path = "/" + "/".join("a" if segment in (PARAM, REST) else segment for segment in candidate.pattern)
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            if method in candidate.methods:
+                continue
+            [response] = split_responses(api.handle(method, path, None, b"{}", False))
+            assert response.status == 405, (method, path)
+            assert response.headers["allow"] == ", ".join(candidate.methods), (method, path)
+            assert response.json() == {"error": f"{method} is not allowed on {path}"}
+            checked += 1
+    assert checked > 50
+    # The health routes answer reads only now: a POST was answered 200 before the table.
+    assert call(api, "POST", "/healthz").headers["allow"] == "GET, HEAD"
+
+
+def test_the_table_matches_literals_one_segment_params_and_a_rest() -> None:
+    def nothing(_request: object) -> Reply:
+        raise AssertionError
+
+    table = [Route(("vms", PARAM, "faults"), {"POST": nothing}), Route(("vms", REST), {"GET": nothing})]
+    assert route(table, ["vms", "a", "faults"]) == (table[0], ("a",))
+    assert route(table, ["vms", "a", "b", "faults"]) == (table[1], ("a/b/faults",))  # an id as sent
+    assert route(table, ["vms", "%2e"]) == (table[1], ("%2e",))
+    assert route(table, ["vms"]) is None
+    assert route(table, ["faults"]) is None
+
+
 # ---- the token ----
 
 PROTECTED = [
@@ -112,7 +168,7 @@ BAD_AUTHORIZATIONS = {
 @pytest.mark.parametrize("case", BAD_AUTHORIZATIONS)
 def test_tcp_refuses_every_vms_request_without_the_right_token(api: AdminApi, control: Control, case: str) -> None:
     seeded(api)
-    summary = control.registry.summary()
+    summary = serving(control).summary()
     for method, path, body in PROTECTED:
         raw = b"" if body is None else orjson.dumps(body)
         [response] = split_responses(api.handle(method, path, BAD_AUTHORIZATIONS[case], raw, True))
@@ -120,7 +176,7 @@ def test_tcp_refuses_every_vms_request_without_the_right_token(api: AdminApi, co
         assert response.headers["www-authenticate"] == 'Bearer realm="fastimds"'
         assert response.json() == {"error": "a bearer token is required"}
         assert TOKEN not in response.body.decode()
-    assert control.registry.summary() == summary
+    assert serving(control).summary() == summary
 
 
 @pytest.mark.parametrize("authorization", [f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN} "])
@@ -146,8 +202,8 @@ def test_the_token_is_compared_in_constant_time(api: AdminApi, monkeypatch: pyte
     assert compared == [(b"wrong", TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]
 
 
-def test_tcp_without_a_configured_token_refuses_everything(control: Control) -> None:
-    api = AdminApi(control, None)
+def test_tcp_without_a_configured_token_refuses_everything(plane: ControlPlane) -> None:
+    api = admin_api(plane, None)
     for authorization in (None, b"Bearer ", b"Bearer None", b"Bearer"):
         [response] = split_responses(api.handle("GET", "/vms", authorization, b"", True))
         assert response.status == 401
@@ -158,7 +214,7 @@ def test_the_unix_socket_needs_no_token(api: AdminApi) -> None:
     for authorization in (None, b"Bearer wrong"):
         [response] = split_responses(api.handle("GET", "/vms", authorization, b"", False))
         assert response.status == 200
-    assert AdminApi(api.control, None).handle("GET", "/vms/a", None, b"", False).startswith(b"HTTP/1.1 200 ")
+    assert admin_api(api.plane, None).handle("GET", "/vms/a", None, b"", False).startswith(b"HTTP/1.1 200 ")
 
 
 # ---- the routes ----
@@ -260,7 +316,7 @@ REFUSED: dict[str, tuple[str, str, Any, int, str]] = {
 def test_a_refused_write_names_the_problem_and_changes_nothing(api: AdminApi, control: Control, case: str) -> None:
     method, path, body, status, needle = REFUSED[case]
     seeded(api)
-    summary = control.registry.summary()
+    summary = serving(control).summary()
     documents = {vm_id: call(api, "GET", f"/vms/{vm_id}").json() for vm_id in ("a", "b")}
     bus_files = {path.name: path.read_bytes() for path in control.bus.directory.iterdir()}
 
@@ -273,7 +329,7 @@ def test_a_refused_write_names_the_problem_and_changes_nothing(api: AdminApi, co
         assert "'a'" in error["error"]
         assert ("'b'" in error["error"]) or ("'c'" in error["error"])
 
-    assert control.registry.summary() == summary
+    assert serving(control).summary() == summary
     assert {vm_id: call(api, "GET", f"/vms/{vm_id}").json() for vm_id in ("a", "b")} == documents
     assert {path.name: path.read_bytes() for path in control.bus.directory.iterdir()} == bus_files
     assert call(api, "GET", "/vms/c").status == 404
@@ -345,7 +401,7 @@ def test_protocol_refuses_a_body_over_the_limit(api: AdminApi, control: Control)
     assert response.headers["connection"] == "close"
     assert str(MAX_ADMIN_BODY_BYTES) in response.json()["error"]
     assert transport.ended
-    assert control.registry.live() == {}
+    assert serving(control).live() == {}
 
 
 def test_protocol_refuses_a_head_over_the_limit(api: AdminApi) -> None:

@@ -19,17 +19,15 @@ import orjson
 import pytest
 
 from fastimds.bus.files import Bus, BusEntry
-from fastimds.control.writer import (
-    DATA_DIR_SOURCE_PREFIX,
-    Control,
-    Follower,
-    UpdateError,
-    apply_entry,
-    merge_patch,
-    start_watch,
-)
+from fastimds.bus.follower import Follower, apply_entry
+from fastimds.bus.watch import start_watch
+from fastimds.control.writer import DATA_DIR_SOURCE_PREFIX, Control, UpdateError, merge_patch
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
 from fastimds.imds.registry import NOBODY, VmRegistry
+from fastimds.ops.event_log import EventLog
+from fastimds.sources.data_dir import DataDirSource
+from fastimds.sources.data_file import DataFileSource
+from tests.support.fakes import serving
 from tests.support.server_process import vm_document, vm_uuid
 
 
@@ -74,8 +72,8 @@ def test_put_patch_delete_number_generations(control: Control, bus: Bus) -> None
     assert document["generation"] == 3
     assert document["source"] == "admin"
     assert document["vm"]["instance"]["compute"]["location"] == "northeurope"
-    assert control.registry.stores["a"].current is not None
-    assert control.registry.stores["a"].current.generation == 3
+    assert serving(control).stores["a"].current is not None
+    assert serving(control).stores["a"].current.generation == 3
     entry = bus.read("a")
     assert entry is not None
     assert (entry.generation, entry.source) == (3, "admin")
@@ -83,8 +81,8 @@ def test_put_patch_delete_number_generations(control: Control, bus: Bus) -> None
 
     assert control.delete("a") == 4  # a removal is numbered too
     assert bus.read("a") == BusEntry("a", 4, "admin", None)  # a tombstone keeps the generation
-    assert "a" not in control.registry.live()
-    assert served_vm_id(control.registry, "10.1.0.4") is None
+    assert "a" not in serving(control).live()
+    assert served_vm_id(serving(control), "10.1.0.4") is None
     with pytest.raises(UpdateError) as caught:
         control.document("a")
     assert caught.value.status == 404
@@ -107,12 +105,12 @@ def test_patch_merges_and_keeps_the_rest(control: Control) -> None:
     assert after["instance"]["network"] == before["instance"]["network"]
     assert before["instance"]["compute"]["location"] == "westeurope"  # the old document was not mutated
     assert "tags" in before["instance"]["compute"]
-    assert served_vm_id(control.registry, "10.1.0.4") is None
-    assert served_vm_id(control.registry, "10.1.0.5") == vm_uuid("a")
+    assert served_vm_id(serving(control), "10.1.0.4") is None
+    assert served_vm_id(serving(control), "10.1.0.5") == vm_uuid("a")
 
     control.patch("a", {"callers": None})
     assert "callers" not in control.document("a")["vm"]
-    assert served_vm_id(control.registry, "10.1.0.5") is None
+    assert served_vm_id(serving(control), "10.1.0.5") is None
 
 
 def test_a_patch_that_changes_nothing_keeps_the_generation_and_writes_nothing(control: Control, bus: Bus) -> None:
@@ -213,7 +211,7 @@ def test_a_refused_put_changes_nothing(case: str, control: Control, bus: Bus) ->
     vm_id, build, status, needle = REFUSED_PUTS[case]
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("b", vm_document("b", callers=["10.2.0.4"]))
-    registry = control.registry
+    registry = serving(control)
     before = (registry.summary(), dict(registry.callers), {k: s.current for k, s in registry.stores.items()})
     files = bus_state(bus)
 
@@ -238,7 +236,7 @@ def test_a_refused_patch_changes_nothing(control: Control, bus: Bus) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("b", vm_document("b", callers=["10.2.0.4"]))
     files = bus_state(bus)
-    summary = control.registry.summary()
+    summary = serving(control).summary()
     for patch, status in (
         ({"instance": {"compute": "flat"}}, 400),
         ({"instance": None}, 400),
@@ -251,8 +249,8 @@ def test_a_refused_patch_changes_nothing(control: Control, bus: Bus) -> None:
             control.patch("a", patch)
         assert caught.value.status == status, patch
     assert bus_state(bus) == files
-    assert control.registry.summary() == summary
-    assert location(control.registry, "a") == "westeurope"
+    assert serving(control).summary() == summary
+    assert location(serving(control), "a") == "westeurope"
 
 
 # ---- the bus ----
@@ -286,7 +284,7 @@ def test_bus_write_fsyncs_file_and_directory_when_durable(tmp_path: Path, monkey
         real_fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", spy)
-    durable = Bus(tmp_path / "durable", durable=True)
+    durable = Bus(tmp_path / "durable", durable=True, log=EventLog())
     durable.write(BusEntry("a", 1, "admin", vm_document("a")))
     assert len(synced) == 2
     assert Path(synced[0]).parent == durable.directory.resolve()  # the temp file, before its rename
@@ -297,7 +295,7 @@ def test_bus_write_fsyncs_file_and_directory_when_durable(tmp_path: Path, monkey
     assert len(synced) == 2
     assert Path(synced[1]) == durable.directory.resolve()
     synced.clear()
-    Bus(tmp_path / "private", durable=False).write(BusEntry("a", 1, "admin", vm_document("a")))
+    Bus(tmp_path / "private", durable=False, log=EventLog()).write(BusEntry("a", 1, "admin", vm_document("a")))
     assert synced == []
 
 
@@ -325,8 +323,8 @@ def test_a_failed_bus_write_fails_the_put_and_publishes_nothing(
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
         control.put("a", vm_document("a", callers=["10.1.0.4"], location="eastus"))
-    assert location(control.registry, "a") == "westeurope"  # not acknowledged, so not served
-    assert control.registry.stores["a"].generation == 1
+    assert location(serving(control), "a") == "westeurope"  # not acknowledged, so not served
+    assert serving(control).stores["a"].generation == 1
 
 
 def test_readers_never_see_a_partial_bus_file(bus: Bus, capfd: pytest.CaptureFixture[str]) -> None:
@@ -377,9 +375,9 @@ def test_a_corrupt_bus_file_is_reported_and_skipped(
     bus.path_of("bad").write_bytes(CORRUPT_FILES[case])
     capfd.readouterr()
     control.load_state()
-    assert set(control.registry.live()) == {"good"}
-    assert control.registry.stores["good"].generation == 2
-    assert served_vm_id(control.registry, "10.1.0.4") == vm_uuid("good")
+    assert control.live_ids() == ["good"]  # the control's own model
+    assert control.generation("good") == 2
+    assert control.model.owners["10.1.0.4"] == "good"
     [corrupt] = events(capfd.readouterr().err, "state_file_corrupt")
     assert corrupt["path"] == str(bus.path_of("bad"))
     assert corrupt["error"]
@@ -392,7 +390,7 @@ def test_an_invalid_vm_in_the_bus_is_reported_and_skipped(
     bus.write(BusEntry("bad", 1, "admin", {"instance": "not an object"}))
     capfd.readouterr()
     control.load_state()
-    assert set(control.registry.live()) == {"good"}
+    assert control.live_ids() == ["good"]
     [invalid] = events(capfd.readouterr().err, "state_file_invalid")
     assert invalid["vm"] == "bad"
 
@@ -408,10 +406,11 @@ def test_bus_ids_ignore_temp_probe_and_foreign_files(bus: Bus) -> None:
 def test_load_state_resumes_generations(control: Control, bus: Bus) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("a", vm_document("a", callers=["10.1.0.4"], location="eastus"))
-    restarted = Control(Bus(bus.directory, durable=True), VmRegistry())
+    restarted = Control(Bus(bus.directory, durable=True, log=EventLog()), EventLog())
     restarted.load_state()
-    assert restarted.registry.summary() == [{"id": "a", "generation": 2, "callers": ["10.1.0.4"]}]
-    assert location(restarted.registry, "a") == "eastus"
+    assert restarted.summary() == [{"id": "a", "generation": 2, "callers": ["10.1.0.4"]}]
+    vm = restarted.vm("a")
+    assert vm is not None and vm.instance["compute"]["location"] == "eastus"
     assert restarted.put("a", vm_document("a", callers=["10.1.0.4"])) == 3
 
 
@@ -419,15 +418,15 @@ def test_load_state_resumes_generations(control: Control, bus: Bus) -> None:
 
 
 @pytest.fixture
-def worker(bus: Bus) -> Follower:
-    return Follower(bus, VmRegistry())
+def worker(bus: Bus, log: EventLog) -> Follower:
+    return Follower(bus, VmRegistry(), log)
 
 
 def test_follower_applies_changed_files(control: Control, worker: Follower) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("b", vm_document("b", private_ips=["10.2.0.4"]))
     worker.apply({"a", "b"})
-    assert worker.registry.summary() == control.registry.summary()
+    assert worker.registry.summary() == serving(control).summary()
     assert served_vm_id(worker.registry, "10.2.0.4") == vm_uuid("b")
     control.patch("a", {"instance": {"compute": {"location": "eastus"}}})
     worker.apply({"a"})
@@ -457,7 +456,7 @@ def test_follower_keeps_serving_when_a_file_is_corrupt(
     assert events(capfd.readouterr().err, "state_file_corrupt")
 
 
-def test_follower_ignores_older_generations(control: Control, bus: Bus, worker: Follower) -> None:
+def test_follower_ignores_older_generations(log: EventLog, control: Control, bus: Bus, worker: Follower) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("a", vm_document("a", callers=["10.1.0.4"], location="eastus"))
     control.put("a", vm_document("a", callers=["10.1.0.4"], location="eastasia"))
@@ -470,7 +469,7 @@ def test_follower_ignores_older_generations(control: Control, bus: Bus, worker: 
     assert location(worker.registry, "a") == "eastasia"
     assert worker.registry.stores["a"].generation == 3
     # apply_entry says so too: an old entry is "handled" without publishing.
-    assert apply_entry(worker.registry, BusEntry("a", 1, "admin", vm_document("a"))) is True
+    assert apply_entry(worker.registry, BusEntry("a", 1, "admin", vm_document("a")), worker.log) is True
     assert location(worker.registry, "a") == "eastasia"
 
 
@@ -498,7 +497,7 @@ def test_follower_moves_an_address_within_one_batch(
     control.patch(claimant, {"callers": ["10.9.0.3", "10.9.0.1"]})
     worker.apply({"a", "b"})
     assert served_vm_id(worker.registry, "10.9.0.1") == vm_uuid(claimant)
-    assert worker.registry.summary() == control.registry.summary()
+    assert worker.registry.summary() == serving(control).summary()
 
 
 @pytest.mark.parametrize(("claimant", "holder"), [("a", "b"), ("b", "a")])
@@ -514,12 +513,12 @@ def test_follower_gives_a_deleted_vms_address_to_another_within_one_batch(
     assert set(worker.registry.live()) == {claimant}
 
 
-def test_follower_start_watches_the_bus(control: Control, bus: Bus) -> None:
+def test_follower_start_watches_the_bus(log: EventLog, control: Control, bus: Bus) -> None:
     registry = VmRegistry()
     control.put("before", vm_document("before", callers=["10.1.0.4"]))
 
     async def scenario() -> tuple[set[str], str]:
-        task = await Follower(bus, registry).start()
+        task = await Follower(bus, registry, log).start()
         try:
             started = set(registry.live())
             control.put("after", vm_document("after", callers=["10.2.0.4"]))
@@ -558,7 +557,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def test_sync_data_dir_applies_refuses_and_deletes_by_file(
-    control: Control, data_dir: Path, capfd: pytest.CaptureFixture[str]
+    dir_source: DataDirSource, control: Control, data_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     write_vm_file(data_dir, "a.json", vm_document("a", callers=["10.1.0.4"]))
     write_vm_file(data_dir, "b-file.json", vm_document("bee", callers=["10.2.0.4"], with_id=True))
@@ -568,8 +567,8 @@ def test_sync_data_dir_applies_refuses_and_deletes_by_file(
     control.put("admin-vm", vm_document("admin-vm", callers=["10.3.0.4"]))
     capfd.readouterr()
 
-    control.sync_data_dir(data_dir)
-    assert set(control.registry.live()) == {"a", "bee", "admin-vm"}  # VM id: the "id" key, else the stem
+    dir_source.load()
+    assert set(serving(control).live()) == {"a", "bee", "admin-vm"}  # VM id: the "id" key, else the stem
     assert control.document("a")["source"] == DATA_DIR_SOURCE_PREFIX + "a.json"
     assert control.document("bee")["source"] == DATA_DIR_SOURCE_PREFIX + "b-file.json"
     refused = events(capfd.readouterr().err, "update_refused")
@@ -579,83 +578,89 @@ def test_sync_data_dir_applies_refuses_and_deletes_by_file(
     assert "'clash'" in clash["error"]
 
     # Unchanged files are not re-published.
-    control.sync_data_dir(data_dir)
-    assert control.registry.stores["a"].generation == 1
+    dir_source.load()
+    assert serving(control).stores["a"].generation == 1
     # A changed file is; a deleted file's VM goes; VMs from other sources stay.
     write_vm_file(data_dir, "a.json", vm_document("a", callers=["10.1.0.4"], location="eastus"))
     (data_dir / "b-file.json").unlink()
-    control.sync_data_dir(data_dir)
-    assert set(control.registry.live()) == {"a", "admin-vm"}
-    assert control.registry.stores["a"].generation == 2
-    assert location(control.registry, "a") == "eastus"
-    assert served_vm_id(control.registry, "10.2.0.4") is None
+    dir_source.load()
+    assert set(serving(control).live()) == {"a", "admin-vm"}
+    assert serving(control).stores["a"].generation == 2
+    assert location(serving(control), "a") == "eastus"
+    assert served_vm_id(serving(control), "10.2.0.4") is None
 
 
-def test_sync_data_files_applies_refuses_and_forgets(control: Control, data_dir: Path) -> None:
+def test_sync_data_files_applies_refuses_and_forgets(
+    dir_source: DataDirSource, control: Control, data_dir: Path
+) -> None:
     path = write_vm_file(data_dir, "a.json", vm_document("a", callers=["10.1.0.4"]))
-    control.sync_data_files([path])
-    control.sync_data_files([path])  # unchanged: no new generation
-    assert control.registry.stores["a"].generation == 1
+    dir_source.sync_files([path])
+    dir_source.sync_files([path])  # unchanged: no new generation
+    assert serving(control).stores["a"].generation == 1
     write_vm_file(data_dir, "a.json", orjson.dumps(vm_document("a", callers=["10.1.0.4"]))[:200])  # half-written
-    control.sync_data_files([path])
-    assert served_vm_id(control.registry, "10.1.0.4") == vm_uuid("a")  # the good data keeps serving
-    assert control.registry.stores["a"].generation == 1
+    dir_source.sync_files([path])
+    assert served_vm_id(serving(control), "10.1.0.4") == vm_uuid("a")  # the good data keeps serving
+    assert serving(control).stores["a"].generation == 1
     path.unlink()
-    control.sync_data_files([path])  # a deleted file takes its VM with it
-    assert control.registry.live() == {}
+    dir_source.sync_files([path])  # a deleted file takes its VM with it
+    assert serving(control).live() == {}
 
 
-def test_changing_the_id_in_a_data_file_replaces_its_vm(control: Control, data_dir: Path) -> None:
+def test_changing_the_id_in_a_data_file_replaces_its_vm(
+    dir_source: DataDirSource, control: Control, data_dir: Path
+) -> None:
     """The VM id is the file's "id" key: a file whose id changes from x to y now describes y, and x is gone."""
     path = write_vm_file(data_dir, "f.json", vm_document("x", callers=["10.9.0.1"], with_id=True))
-    control.sync_data_files([path])
-    assert set(control.registry.live()) == {"x"}
+    dir_source.sync_files([path])
+    assert set(serving(control).live()) == {"x"}
     write_vm_file(data_dir, "f.json", {**vm_document("x", callers=["10.9.0.1"]), "id": "y"})
-    control.sync_data_files([path])
-    assert set(control.registry.live()) == {"y"}
-    assert control.registry.owner_of("10.9.0.1") == "y"
+    dir_source.sync_files([path])
+    assert set(serving(control).live()) == {"y"}
+    assert serving(control).owner_of("10.9.0.1") == "y"
 
 
 def test_sync_data_dir_keeps_serving_a_vm_whose_file_is_half_written(
-    control: Control, data_dir: Path, capfd: pytest.CaptureFixture[str]
+    dir_source: DataDirSource, control: Control, data_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """SIGHUP (or a restart with --state-dir) while a file is being rewritten must not drop its VM."""
     write_vm_file(data_dir, "a.json", vm_document("a", callers=["10.1.0.4"]))
     write_vm_file(data_dir, "b.json", vm_document("b", callers=["10.2.0.4"]))
-    control.sync_data_dir(data_dir)
+    dir_source.load()
     write_vm_file(data_dir, "a.json", orjson.dumps(vm_document("a", callers=["10.1.0.4"], location="eastus"))[:300])
     capfd.readouterr()
-    control.sync_data_dir(data_dir)
+    dir_source.load()
     assert events(capfd.readouterr().err, "update_refused")
-    assert served_vm_id(control.registry, "10.1.0.4") == vm_uuid("a"), (
+    assert served_vm_id(serving(control), "10.1.0.4") == vm_uuid("a"), (
         "a half-written file under --data-dir made sync_data_dir delete its VM: the VM's callers now get 404 "
         "instead of the last good data"
     )
-    assert location(control.registry, "a") == "westeurope"
+    assert location(serving(control), "a") == "westeurope"
 
 
-def test_sync_data_dir_moves_an_address_between_files(control: Control, data_dir: Path) -> None:
+def test_sync_data_dir_moves_an_address_between_files(
+    dir_source: DataDirSource, control: Control, data_dir: Path
+) -> None:
     """Both files change at once: a.json takes 10.9.0.1 from b.json. The final directory is consistent."""
     write_vm_file(data_dir, "a.json", vm_document("a", callers=["10.9.0.3"]))
     write_vm_file(data_dir, "b.json", vm_document("b", callers=["10.9.0.1", "10.9.0.2"]))
-    control.sync_data_dir(data_dir)
+    dir_source.load()
     write_vm_file(data_dir, "a.json", vm_document("a", callers=["10.9.0.3", "10.9.0.1"]))
     write_vm_file(data_dir, "b.json", vm_document("b", callers=["10.9.0.2"]))
-    control.sync_data_dir(data_dir)
-    assert control.registry.summary() == [
+    dir_source.load()
+    assert serving(control).summary() == [
         {"id": "a", "generation": 2, "callers": ["10.9.0.1", "10.9.0.3"]},
         {"id": "b", "generation": 2, "callers": ["10.9.0.2"]},
     ], "sync_data_dir refused a.json (b still held the address) and then deleted VM a as if its file were gone"
 
 
-def test_load_data_file_is_the_default_vm(control: Control, tmp_path: Path) -> None:
+def test_load_data_file_is_the_default_vm(log: EventLog, control: Control, tmp_path: Path) -> None:
     path = write_vm_file(tmp_path, "vm.json", vm_document("one", private_ips=["10.1.0.4"]))
-    control.load_data_file(path)
-    assert served_vm_id(control.registry, "10.1.0.4") == vm_uuid("one")
-    control.load_data_file(path)  # unchanged: not re-published
-    assert control.registry.stores["default"].generation == 1
-    control.load_data_file(None)  # the embedded sample
-    assert control.registry.stores["default"].generation == 2
+    DataFileSource(path, control, log).load()
+    assert served_vm_id(serving(control), "10.1.0.4") == vm_uuid("one")
+    DataFileSource(path, control, log).load()  # unchanged: not re-published
+    assert serving(control).stores["default"].generation == 1
+    DataFileSource(None, control, log).load()  # the embedded sample
+    assert serving(control).stores["default"].generation == 2
     assert control.document("default")["source"] == "<embedded sample_vm.json>"
 
 
@@ -668,7 +673,7 @@ def test_a_failing_watch_callback_does_not_end_the_watch(tmp_path: Path) -> None
             raise RuntimeError("a bug in one callback")
 
     async def scenario() -> None:
-        task = await start_watch(tmp_path, on_change=on_change, on_idle=lambda: None)
+        task = await start_watch(tmp_path, on_change=on_change, on_idle=lambda: None, log=EventLog())
         try:
             (tmp_path / "first.json").write_bytes(b"{}")
             deadline = asyncio.get_running_loop().time() + 5
@@ -684,3 +689,47 @@ def test_a_failing_watch_callback_does_not_end_the_watch(tmp_path: Path) -> None
 
     asyncio.run(scenario())
     assert any("second.json" in names for names in seen), seen  # still watching after the exception
+
+
+@pytest.fixture
+def dir_source(control: Control, data_dir: Path, log: EventLog) -> DataDirSource:
+    return DataDirSource(data_dir, control, log)
+
+
+# ---- the control's own model ----
+
+
+def test_control_answers_from_its_own_model_with_no_serving_registry(bus: Bus, log: EventLog) -> None:
+    control = Control(bus, log)  # nothing serves here: no registry, no follower
+    assert not hasattr(control, "registry") and control.in_process is None
+    assert control.put("a", vm_document("a", callers=["10.1.0.4"])) == 1
+    assert control.patch("a", {"instance": {"compute": {"location": "eastus"}}}) == 2
+    assert control.put("b", vm_document("b", callers=["10.2.0.4"])) == 1
+    assert control.document("a")["generation"] == 2
+    assert control.document("a")["vm"]["instance"]["compute"]["location"] == "eastus"
+    assert control.summary() == [
+        {"id": "a", "generation": 2, "callers": ["10.1.0.4"]},
+        {"id": "b", "generation": 1, "callers": ["10.2.0.4"]},
+    ]
+    with pytest.raises(UpdateError) as caught:  # the conflict check reads the control's own address map
+        control.put("c", vm_document("c", callers=["10.2.0.4"]))
+    assert caught.value.status == 409 and "'b'" in caught.value.message
+    assert control.delete("b") == 2
+    assert (control.generation("b"), control.source_of("b")) == (2, None)  # the removal keeps its generation
+    assert control.put("c", vm_document("c", callers=["10.2.0.4"])) == 1  # the address is free again
+
+
+def test_the_layers_import_only_downward() -> None:
+    """control/, sources/ and bus/ never import process/; bus/ never imports control/ or sources/."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "fastimds"
+    forbidden = {"control": {"process"}, "sources": {"process"}, "bus": {"process", "control", "sources"}}
+    found = []
+    for layer, above in forbidden.items():
+        for path in sorted((package / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                if module and module.startswith("fastimds.") and module.split(".")[1] in above:
+                    found.append(f"{layer}/{path.name}: {module}")
+    assert found == []

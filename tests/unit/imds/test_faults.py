@@ -20,16 +20,31 @@ import orjson
 import pytest
 
 from fastimds.bus.files import Bus
+from fastimds.bus.follower import Follower
+from fastimds.bus.layout import FAULTS_FILE
 from fastimds.control.admin_api import AdminApi
-from fastimds.control.writer import Control, Follower, UpdateError
+from fastimds.control.faults import FaultList
+from fastimds.control.plane import ControlPlane
+from fastimds.control.writer import Control, UpdateError
 from fastimds.http.connection import HttpProtocol
 from fastimds.imds import faults
 from fastimds.imds.faults import MAX_FAULTS, FaultBudgets, FaultTable, fault_problems, live, make_fault
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import Reply
 from fastimds.imds.store import SnapshotStore
+from fastimds.ops.event_log import EventLog
 from fastimds.ops.telemetry import FAULT_KINDS, LAYOUT
-from tests.support.fakes import FakeTransport, Response, make_connection, request, sample_vm, split_responses
+from tests.support.fakes import (
+    FakeTransport,
+    Response,
+    admin_api,
+    make_connection,
+    new_plane,
+    request,
+    sample_vm,
+    serving,
+    split_responses,
+)
 from tests.support.server_process import vm_document
 
 NOW = 1_800_000_000.0
@@ -669,11 +684,21 @@ def test_a_delayed_connection_close_closes_after_its_reply(loop: FakeLoop) -> No
 
 
 @pytest.fixture
-def control(tmp_path: Path) -> Control:
-    made = Control(Bus(tmp_path / "bus", durable=False), VmRegistry())
-    made.put("a", vm_document("a", callers=["10.1.0.4"]))
-    made.put("b", vm_document("b", callers=["10.2.0.4"]))
+def plane(tmp_path: Path) -> ControlPlane:
+    made = new_plane(tmp_path / "bus")
+    made.control.put("a", vm_document("a", callers=["10.1.0.4"]))
+    made.control.put("b", vm_document("b", callers=["10.2.0.4"]))
     return made
+
+
+@pytest.fixture
+def control(plane: ControlPlane) -> Control:
+    return plane.control
+
+
+@pytest.fixture
+def fault_list(plane: ControlPlane) -> FaultList:
+    return plane.faults
 
 
 def remembered(registry: VmRegistry, vm_id: str) -> dict[bytes, Any]:
@@ -687,26 +712,26 @@ def warm(registry: VmRegistry, caller: str) -> None:
     protocol.data_received(LEAF)
 
 
-def test_control_writes_loads_and_forgets(control: Control) -> None:
-    warm(control.registry, "10.1.0.4")
-    assert remembered(control.registry, "a")
-    record = control.add_fault({"status": 503, "count": 3}, ["a"])
-    assert remembered(control.registry, "a") == {}
-    assert control.bus.read_faults() == [record] == control.live_faults()
-    assert control.fault_table.active and control.budgets.left(record["slot"]) == 3
-    other = control.add_fault({"reset": True, "path": "/metadata/identity"}, None)
+def test_control_writes_loads_and_forgets(fault_list: FaultList, control: Control) -> None:
+    warm(serving(control), "10.1.0.4")
+    assert remembered(serving(control), "a")
+    record = fault_list.add({"status": 503, "count": 3}, ["a"])
+    assert remembered(serving(control), "a") == {}
+    assert control.bus.read_faults() == [record] == fault_list.live()
+    assert control.in_process.fault_table.active and fault_list.budgets.left(record["slot"]) == 3
+    other = fault_list.add({"reset": True, "path": "/metadata/identity"}, None)
     assert other["slot"] != record["slot"]
-    assert control.live_faults() == [record, other]
+    assert fault_list.live() == [record, other]
 
-    assert control.remove_faults(vm_id="b") == []  # b has no fault of its own (the other is everyone's)
-    assert control.remove_faults(vm_id="a") == [record["id"]]
-    assert control.remove_faults(fault_id=other["id"]) == [other["id"]]
-    assert control.live_faults() == [] == control.bus.read_faults()
-    assert not control.fault_table.active
+    assert fault_list.remove(vm_id="b") == []  # b has no fault of its own (the other is everyone's)
+    assert fault_list.remove(vm_id="a") == [record["id"]]
+    assert fault_list.remove(fault_id=other["id"]) == [other["id"]]
+    assert fault_list.live() == [] == control.bus.read_faults()
+    assert not control.in_process.fault_table.active
 
 
-def test_control_refuses_bad_faults_and_changes_nothing(control: Control) -> None:
-    kept = control.add_fault({"status": 410}, None)
+def test_control_refuses_bad_faults_and_changes_nothing(fault_list: FaultList, control: Control) -> None:
+    kept = fault_list.add({"status": 410}, None)
     for given, vms, status in [
         ({"status": 404}, None, 400),
         ({"latencyMs": 5, "reset": True}, None, 400),
@@ -714,61 +739,70 @@ def test_control_refuses_bad_faults_and_changes_nothing(control: Control) -> Non
         ({"status": 503}, ["a", "nope"], 404),
     ]:
         with pytest.raises(UpdateError) as caught:
-            control.add_fault(given, vms)
+            fault_list.add(given, vms)
         assert caught.value.status == status
     with pytest.raises(UpdateError) as caught:
-        control.remove_faults(fault_id="0123456789ab")
+        fault_list.remove(fault_id="0123456789ab")
     assert caught.value.status == 404
-    assert control.live_faults() == [kept] == control.bus.read_faults()
+    assert fault_list.live() == [kept] == control.bus.read_faults()
 
 
-def test_a_spent_fault_stays_spent_in_a_worker_that_has_not_reloaded(control: Control) -> None:
-    worker = Follower(control.bus, VmRegistry(), control.budgets)  # the counts every process shares
-    spent = control.add_fault({"status": 500, "count": 1}, None)
+def test_a_spent_fault_stays_spent_in_a_worker_that_has_not_reloaded(fault_list: FaultList, control: Control) -> None:
+    worker = Follower(control.bus, VmRegistry(), control.log, fault_list.budgets)  # the counts every process shares
+    spent = fault_list.add({"status": 500, "count": 1}, None)
     worker.load_faults()
     assert worker.fault_table.match("a", b"/metadata/instance", NOW) is not None
-    assert control.live_faults() == []
-    again = control.add_fault({"status": 503, "count": 4, "path": "/metadata/identity"}, None)
+    assert fault_list.live() == []
+    again = fault_list.add({"status": 503, "count": 4, "path": "/metadata/identity"}, None)
     # Before the worker sees the new list, its copy of the spent fault must not live again on the new count.
     assert worker.fault_table.match("a", b"/metadata/instance", NOW) is None
-    assert again["slot"] != spent["slot"] and control.budgets.left(again["slot"]) == 4
+    assert again["slot"] != spent["slot"] and fault_list.budgets.left(again["slot"]) == 4
     worker.load_faults()
     found = worker.fault_table.match("a", b"/metadata/identity/info", NOW)
-    assert found is not None and found.kind == "503" and control.budgets.left(again["slot"]) == 3
+    assert found is not None and found.kind == "503" and fault_list.budgets.left(again["slot"]) == 3
 
 
-def test_a_follower_loads_the_list_and_forgets_its_memo(control: Control) -> None:
+def test_a_follower_loads_the_list_and_forgets_its_memo(fault_list: FaultList, control: Control) -> None:
     registry = VmRegistry()
-    follower = Follower(control.bus, registry, control.budgets)
+    follower = Follower(control.bus, registry, control.log, fault_list.budgets)
     follower.rescan()
     assert set(registry.live()) == {"a", "b"} and not follower.fault_table.active
     warm(registry, "10.1.0.4")
-    record = control.add_fault({"status": 429}, ["a"])
-    follower._on_change({faults.FAULTS_FILE})
+    record = fault_list.add({"status": 429}, ["a"])
+    follower.on_change({FAULTS_FILE})
     assert remembered(registry, "a") == {}
     assert [fault.id for fault in follower.fault_table.faults] == [record["id"]]
-    control.remove_faults()
+    fault_list.remove()
     follower.rescan()  # the idle rescan sees the file changed too
     assert not follower.fault_table.active
 
 
+def test_a_restarted_control_keeps_its_faults(fault_list: FaultList, control: Control) -> None:
+    record = fault_list.add({"status": 503, "durationSeconds": 600}, None)
+    again = ControlPlane.over(control.bus, control.log, budgets=fault_list.budgets)  # a replaced control process
+    assert again.faults.live() == [record]
+    follower = Follower(control.bus, VmRegistry(), control.log, fault_list.budgets)
+    follower.rescan()
+    assert follower.fault_table.active
+
+
 def test_the_control_plane_and_followers_count_in_the_budgets_they_are_given(tmp_path: Path) -> None:
     shared = FaultBudgets(MAX_FAULTS)
-    control = Control(Bus(tmp_path / "bus", durable=False), VmRegistry(), shared)
-    follower = Follower(control.bus, VmRegistry(), shared)
-    assert control.budgets is shared and control.fault_table.budgets is shared
-    assert follower.fault_table.budgets is shared
-    record = control.add_fault({"status": 503, "count": 2}, None)
+    log = EventLog()
+    plane = ControlPlane.over(Bus(tmp_path / "bus", durable=False, log=log), log, budgets=shared)
+    follower = Follower(plane.control.bus, VmRegistry(), log, shared)
+    assert plane.faults.budgets is shared and follower.fault_table.budgets is shared
+    record = plane.faults.add({"status": 503, "count": 2}, None)
     assert shared.left(record["slot"]) == 2
     follower.load_faults()
     assert follower.fault_table.match("a", b"/metadata/instance", NOW) is not None
     assert shared.left(record["slot"]) == 1  # the worker's take is the control plane's count
-    assert Follower(control.bus, VmRegistry()).fault_table.budgets is not shared
+    assert Follower(plane.control.bus, VmRegistry(), log).fault_table.budgets is not shared
 
 
-def test_the_faults_file_keeps_its_shape(control: Control) -> None:
-    record = control.add_fault({"status": 503, "count": 3, "durationSeconds": 5}, ["a"])
-    raw = (control.bus.directory / faults.FAULTS_FILE).read_bytes()
+def test_the_faults_file_keeps_its_shape(fault_list: FaultList, control: Control) -> None:
+    record = fault_list.add({"status": 503, "count": 3, "durationSeconds": 5}, ["a"])
+    raw = (control.bus.directory / FAULTS_FILE).read_bytes()
     until, created = orjson.dumps(record["until"]).decode(), orjson.dumps(record["created"]).decode()
     assert (
         raw
@@ -780,26 +814,26 @@ def test_the_faults_file_keeps_its_shape(control: Control) -> None:
     )
 
 
-def test_a_restarted_control_keeps_its_faults(control: Control) -> None:
-    record = control.add_fault({"status": 503, "durationSeconds": 600}, None)
-    again = Control(control.bus, VmRegistry(), control.budgets)  # a replaced control process: same counts
-    assert again.live_faults() == [record] and again.fault_table.active
-
-
-def test_a_restarted_server_rearms_counted_faults_with_their_whole_count(control: Control) -> None:
-    record = control.add_fault({"status": 503, "count": 3}, None)
-    again = Control(control.bus, VmRegistry(), FaultBudgets(MAX_FAULTS))  # a restart: the shared counts start empty
-    assert again.budgets.left(record["slot"]) == 0
-    assert again.live_faults() == []  # a replaced control process would see it spent
-    again.rearm_faults()  # what serve() does once per start
-    assert again.live_faults() == [record] and again.fault_table.active
-    assert again.budgets.left(record["slot"]) == 3
+def test_a_restarted_server_rearms_counted_faults_with_their_whole_count(
+    fault_list: FaultList, control: Control
+) -> None:
+    record = fault_list.add({"status": 503, "count": 3}, None)
+    # A restart: the shared counts start empty.
+    again = ControlPlane.over(control.bus, control.log, budgets=FaultBudgets(MAX_FAULTS))
+    assert again.faults.budgets.left(record["slot"]) == 0
+    assert again.faults.live() == []  # a replaced control process would see it spent
+    again.faults.rearm()  # what serve() does once per start
+    assert again.faults.live() == [record]
+    follower = Follower(control.bus, VmRegistry(), control.log, again.faults.budgets)
+    follower.rescan()
+    assert follower.fault_table.active
+    assert again.faults.budgets.left(record["slot"]) == 3
 
 
 def test_an_invalid_faults_file_is_served_without_faults(control: Control) -> None:
     control.bus.write_faults([{"id": "x"}])  # a record missing its fields
-    assert Control(control.bus, VmRegistry()).fault_table.active is False
-    follower = Follower(control.bus, VmRegistry())
+    assert ControlPlane.over(control.bus, control.log).faults.records == []
+    follower = Follower(control.bus, VmRegistry(), control.log)
     follower.load_faults()
     assert not follower.fault_table.active
 
@@ -815,8 +849,8 @@ def admin(api: AdminApi, method: str, path: str, body: Any = None) -> tuple[int,
     return response.status, response.json()
 
 
-def test_admin_fault_routes(control: Control) -> None:
-    api = AdminApi(control, "token")
+def test_admin_fault_routes(plane: ControlPlane) -> None:
+    api = admin_api(plane, "token")
     status, everyone = admin(api, "POST", "/faults", {"status": 503, "retryAfter": 2})
     assert status == 201 and everyone["vms"] is None and everyone["retryAfter"] == 2
     status, some = admin(api, "POST", "/faults", {"latencyMs": 5, "vms": ["b", "a", "b"]})
@@ -848,9 +882,9 @@ def test_admin_fault_routes(control: Control) -> None:
         ("GET", "/vms/a/faults", None, 405, "GET"),
     ],
 )
-def test_admin_refusals_change_nothing(control: Control, case: tuple[str, str, Any, int, str]) -> None:
+def test_admin_refusals_change_nothing(plane: ControlPlane, case: tuple[str, str, Any, int, str]) -> None:
     method, path, body, status, words = case
-    api = AdminApi(control, "token")
+    api = admin_api(plane, "token")
     _, kept = admin(api, "POST", "/faults", {"status": 410})
     found, answer = admin(api, method, path, body)
     assert found == status and words in str(answer)

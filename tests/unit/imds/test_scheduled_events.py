@@ -9,6 +9,7 @@ explicit here: every lifecycle step is given its `now`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from dataclasses import replace
@@ -23,8 +24,11 @@ from hypothesis import strategies as st
 
 from fastimds.bus.approvals import APPROVALS, BusApprovals, take_approvals
 from fastimds.bus.files import Bus, BusEntry
+from fastimds.bus.follower import apply_entries, apply_entry
+from fastimds.control import event_clock as event_clock_module
 from fastimds.control.admin_api import AdminApi
-from fastimds.control.writer import Control, UpdateError, apply_entries, apply_entry
+from fastimds.control.plane import ControlPlane
+from fastimds.control.writer import Control, UpdateError
 from fastimds.imds import events
 from fastimds.imds.datafile import DataError, describe_vm
 from fastimds.imds.registry import VmRegistry
@@ -32,7 +36,8 @@ from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import Snapshot, build_snapshot
 from fastimds.imds.versions import SCHEDULED_EVENTS_VERSIONS
-from tests.support.fakes import sample_vm, split_responses
+from fastimds.ops.event_log import EventLog
+from tests.support.fakes import admin_api, sample_vm, serving, split_responses
 from tests.support.server_process import vm_document
 
 NOW = 2_000_000_000.0  # Wed, 18 May 2033 03:33:20 GMT: later than any real clock these tests run under
@@ -756,9 +761,9 @@ def test_bus_approvals_are_taken_once_and_junk_is_dropped(tmp_path: Path) -> Non
     (folder / "junk.json").write_bytes(b"{not json")
     (folder / "wrong.json").write_bytes(b'{"EventIds": "a"}')
     (folder / ".partial.json").write_bytes(b'{"EventIds": ["hidden"]}')  # being written: not read
-    assert take_approvals(folder) == frozenset({"a", "b", "c"})
+    assert take_approvals(folder, EventLog()) == frozenset({"a", "b", "c"})
     assert sorted(path.name for path in folder.iterdir()) == [".partial.json"]
-    assert take_approvals(folder) == frozenset()
+    assert take_approvals(folder, EventLog()) == frozenset()
 
 
 # ---- Control: the lifecycle as the control plane runs it ----
@@ -769,12 +774,12 @@ def bus_state(bus: Bus) -> dict[str, bytes]:
 
 
 def generation(control: Control, vm_id: str) -> int:
-    return control.registry.stores[vm_id].generation
+    return control.generation(vm_id)
 
 
 def served(control: Control, vm_id: str, version: str = NEWEST) -> Any:
     """What VM `vm_id`'s callers get from /metadata/scheduledevents now."""
-    snapshot = control.registry.stores[vm_id].current
+    snapshot = serving(control).stores[vm_id].current
     assert snapshot is not None
     reply = resolve(snapshot, b"GET", f"/metadata/scheduledevents?api-version={version}".encode(), True, False)
     assert reply.status == 200
@@ -790,13 +795,13 @@ def scale_set_vm(vm_id: str, caller: str, scale_set: str = "web") -> dict[str, A
 AT_NOW_900 = {"EventType": "Reboot", "NotBefore": date(NOW + 900), "StartedForSeconds": 60}
 
 
-def test_an_event_runs_its_lifecycle_as_new_generations(control: Control, bus: Bus) -> None:
+def test_an_event_runs_its_lifecycle_as_new_generations(plane: ControlPlane, control: Control, bus: Bus) -> None:
     assert control.put("a", vm_document("a", callers=["10.1.0.4"])) == 1
     assert served(control, "a") == EMPTY_DOCUMENT
     assert control.events_of("a") == events.EMPTY_STATE
-    assert control.next_event_change() is None
+    assert plane.clock.next_event_change() is None
 
-    event_id, generations = control.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
+    event_id, generations = plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
     assert (event_id, generations) == ("R1", {"a": 2})
     state = control.events_of("a")
     assert state["DocumentIncarnation"] == 2
@@ -805,91 +810,91 @@ def test_an_event_runs_its_lifecycle_as_new_generations(control: Control, bus: B
     entry = bus.read("a")
     assert entry is not None and (entry.generation, entry.events) == (2, state)  # durable before served
     assert served(control, "a")["Events"][0]["NotBefore"] == date(NOW + 900)
-    assert control.next_event_change() == NOW + 900
+    assert plane.clock.next_event_change() == NOW + 900
 
-    control.advance_events(NOW + 899)
+    plane.clock.advance_events(NOW + 899)
     assert generation(control, "a") == 2  # nothing due: no new generation
 
-    control.advance_events(NOW + 900)
+    plane.clock.advance_events(NOW + 900)
     assert generation(control, "a") == 3
     document = served(control, "a")
     assert document["DocumentIncarnation"] == 3
     assert (document["Events"][0]["EventStatus"], document["Events"][0]["NotBefore"]) == ("Started", "")
-    assert control.next_event_change() == NOW + 960
+    assert plane.clock.next_event_change() == NOW + 960
 
-    control.advance_events(NOW + 960)
+    plane.clock.advance_events(NOW + 960)
     assert generation(control, "a") == 4
     assert served(control, "a") == {"DocumentIncarnation": 4, "Events": []}
-    assert control.next_event_change() is None
+    assert plane.clock.next_event_change() is None
     entry = bus.read("a")
     assert entry is not None and entry.events == {"DocumentIncarnation": 4, "Events": []}
-    control.advance_events(NOW + 10_000)
+    plane.clock.advance_events(NOW + 10_000)
     assert generation(control, "a") == 4
 
 
-def test_an_approval_starts_the_event_now(control: Control) -> None:
+def test_an_approval_starts_the_event_now(plane: ControlPlane, control: Control) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
-    event_id, _ = control.add_event(["a"], {"EventType": "Redeploy", "StartedForSeconds": 60})
+    event_id, _ = plane.clock.add_event(["a"], {"EventType": "Redeploy", "StartedForSeconds": 60})
     before = time.time()
-    control.approve(frozenset({event_id}))
+    plane.clock.approve(frozenset({event_id}))
     after = time.time()
     assert generation(control, "a") == 3
     [event] = control.events_of("a")["Events"]
     assert (event["EventStatus"], event["NotBefore"]) == ("Started", "")
     assert before + 60 <= event["endsAt"] <= after + 60
-    assert control.next_event_change() == event["endsAt"]
+    assert plane.clock.next_event_change() == event["endsAt"]
 
-    control.approve(frozenset({event_id}))  # already Started
-    control.approve(frozenset({"unknown"}))
+    plane.clock.approve(frozenset({event_id}))  # already Started
+    plane.clock.approve(frozenset({"unknown"}))
     assert generation(control, "a") == 3
     assert control.events_of("a")["DocumentIncarnation"] == 3
 
 
-def test_a_group_event_is_one_event_on_every_vm(control: Control, bus: Bus) -> None:
+def test_a_group_event_is_one_event_on_every_vm(plane: ControlPlane, control: Control, bus: Bus) -> None:
     for index, vm_id in enumerate(("w1", "w2", "w3")):
         control.put(vm_id, scale_set_vm(vm_id, f"10.1.0.{index + 4}"))
     control.put("other", scale_set_vm("other", "10.2.0.4", scale_set="db"))
-    assert control.vms_in_scale_set("web") == ["w1", "w2", "w3"]
-    assert control.vms_in_scale_set("nope") == []
+    assert plane.clock.vms_in_scale_set("web") == ["w1", "w2", "w3"]
+    assert plane.clock.vms_in_scale_set("nope") == []
 
-    event_id, generations = control.add_event(control.vms_in_scale_set("web"), {**AT_NOW_900})
+    event_id, generations = plane.clock.add_event(plane.clock.vms_in_scale_set("web"), {**AT_NOW_900})
     assert generations == {"w1": 2, "w2": 2, "w3": 2}
     for vm_id in ("w1", "w2", "w3"):
         [event] = served(control, vm_id)["Events"]
         assert (event["EventId"], event["Resources"]) == (event_id, ["w1-name", "w2-name", "w3-name"])
     assert served(control, "other") == EMPTY_DOCUMENT
 
-    control.approve(frozenset({event_id}))  # approved from one VM, it starts on all
+    plane.clock.approve(frozenset({event_id}))  # approved from one VM, it starts on all
     for vm_id in ("w1", "w2", "w3"):
         assert generation(control, vm_id) == 3
         assert served(control, vm_id)["Events"][0]["EventStatus"] == "Started"
     assert generation(control, "other") == 1
 
-    assert control.cancel_event(event_id) == {"w1": 4, "w2": 4, "w3": 4}
+    assert plane.clock.cancel_event(event_id) == {"w1": 4, "w2": 4, "w3": 4}
     for vm_id in ("w1", "w2", "w3"):
         assert served(control, vm_id) == {"DocumentIncarnation": 4, "Events": []}
         entry = bus.read(vm_id)
         assert entry is not None and entry.events == {"DocumentIncarnation": 4, "Events": []}
 
 
-def test_cancel_on_one_vm_leaves_the_others(control: Control) -> None:
+def test_cancel_on_one_vm_leaves_the_others(plane: ControlPlane, control: Control) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("b", vm_document("b", callers=["10.2.0.4"]))
-    event_id, _ = control.add_event(["a", "b"], AT_NOW_900)
-    assert control.cancel_event(event_id, "a") == {"a": 3}
+    event_id, _ = plane.clock.add_event(["a", "b"], AT_NOW_900)
+    assert plane.clock.cancel_event(event_id, "a") == {"a": 3}
     assert served(control, "a")["Events"] == []
     assert [event["EventId"] for event in served(control, "b")["Events"]] == [event_id]
 
 
-def test_advance_runs_every_vm(control: Control) -> None:
+def test_advance_runs_every_vm(plane: ControlPlane, control: Control) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("b", vm_document("b", callers=["10.2.0.4"]))
-    control.add_event(["a"], AT_NOW_900)
-    control.add_event(["b"], {**AT_NOW_900, "NotBefore": date(NOW + 100)})
-    assert control.next_event_change() == NOW + 100
-    control.advance_events(NOW + 100)
+    plane.clock.add_event(["a"], AT_NOW_900)
+    plane.clock.add_event(["b"], {**AT_NOW_900, "NotBefore": date(NOW + 100)})
+    assert plane.clock.next_event_change() == NOW + 100
+    plane.clock.advance_events(NOW + 100)
     assert (generation(control, "a"), generation(control, "b")) == (2, 3)
-    control.advance_events(NOW + 900)
+    plane.clock.advance_events(NOW + 900)
     assert (generation(control, "a"), generation(control, "b")) == (3, 4)  # b: Started at 100, removed at 160
 
 
@@ -903,29 +908,29 @@ REFUSED_EVENTS: dict[str, tuple[list[str], Any, int, str]] = {
 
 
 @pytest.mark.parametrize("case", REFUSED_EVENTS)
-def test_a_refused_event_changes_nothing(case: str, control: Control, bus: Bus) -> None:
+def test_a_refused_event_changes_nothing(plane: ControlPlane, case: str, control: Control, bus: Bus) -> None:
     vm_ids, request, status, needle = REFUSED_EVENTS[case]
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     control.put("b", vm_document("b", callers=["10.2.0.4"]))
-    control.add_event(["b"], {**AT_NOW_900, "EventId": "on-b"})
+    plane.clock.add_event(["b"], {**AT_NOW_900, "EventId": "on-b"})
     files = bus_state(bus)
     before = {vm_id: (generation(control, vm_id), control.events_of(vm_id)) for vm_id in ("a", "b")}
 
     with pytest.raises(UpdateError) as caught:
-        control.add_event(vm_ids, request)
+        plane.clock.add_event(vm_ids, request)
     assert caught.value.status == status
     assert any(needle in text for text in [caught.value.message, *caught.value.problems]), caught.value.problems
     assert bus_state(bus) == files
     assert {vm_id: (generation(control, vm_id), control.events_of(vm_id)) for vm_id in ("a", "b")} == before
 
 
-def test_a_refused_cancel_changes_nothing(control: Control, bus: Bus) -> None:
+def test_a_refused_cancel_changes_nothing(plane: ControlPlane, control: Control, bus: Bus) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
-    control.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
+    plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
     files = bus_state(bus)
     for event_id, vm_id in (("R2", "a"), ("R2", None), ("R1", "nope")):
         with pytest.raises(UpdateError) as caught:
-            control.cancel_event(event_id, vm_id)
+            plane.clock.cancel_event(event_id, vm_id)
         assert caught.value.status == 404
     with pytest.raises(UpdateError):
         control.events_of("nope")
@@ -933,11 +938,11 @@ def test_a_refused_cancel_changes_nothing(control: Control, bus: Bus) -> None:
     assert generation(control, "a") == 2
 
 
-def test_events_survive_updates_that_leave_the_list_alone(control: Control) -> None:
+def test_events_survive_updates_that_leave_the_list_alone(plane: ControlPlane, control: Control) -> None:
     document = vm_document("a", callers=["10.1.0.4"])
     document["scheduledEvents"] = [{"EventType": "Freeze", "EventId": "F1", "NotBefore": date(NOW + 900)}]
     control.put("a", document)
-    control.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
+    plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
     kept = control.events_of("a")
     assert [event["EventId"] for event in kept["Events"]] == ["F1", "R1"]
 
@@ -948,11 +953,11 @@ def test_events_survive_updates_that_leave_the_list_alone(control: Control) -> N
     assert served(control, "a")["DocumentIncarnation"] == kept["DocumentIncarnation"]
 
 
-def test_changing_the_list_replaces_the_events(control: Control) -> None:
+def test_changing_the_list_replaces_the_events(plane: ControlPlane, control: Control) -> None:
     document = vm_document("a", callers=["10.1.0.4"])
     document["scheduledEvents"] = [{"EventType": "Freeze", "EventId": "F1", "NotBefore": date(NOW + 900)}]
     control.put("a", document)
-    control.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
+    plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
     incarnation = control.events_of("a")["DocumentIncarnation"]
 
     control.patch("a", {"scheduledEvents": [{"EventType": "Preempt", "EventId": "P1", "NotBeforeSeconds": 30}]})
@@ -979,26 +984,25 @@ def test_events_from_a_description_bump_the_incarnation_a_caller_saw(control: Co
     assert control.events_of("b")["Events"][0]["Resources"] == ["b-name"]
 
 
-def test_events_travel_through_the_bus(control: Control, bus: Bus) -> None:
+def test_events_travel_through_the_bus(plane: ControlPlane, control: Control, bus: Bus) -> None:
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
-    control.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
-    control.add_event(["a"], {**AT_NOW_900, "EventId": "R2"})
-    control.approve(frozenset({"R2"}))
+    plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
+    plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R2"})
+    plane.clock.approve(frozenset({"R2"}))
     state = control.events_of("a")
 
     worker = VmRegistry()
     entry = bus.read("a")
     assert entry is not None and entry.events == state
-    assert apply_entry(worker, entry)
+    assert apply_entry(worker, entry, EventLog())
     snapshot = worker.stores["a"].current
     assert snapshot is not None and snapshot.vm.scheduled == state
 
-    restarted = Control(bus, VmRegistry())  # a control process restarted on a --state-dir
-    restarted.load_state()
-    assert restarted.events_of("a") == state
-    assert restarted.next_event_change() == control.next_event_change()
-    restarted.advance_events(NOW + 900)
-    assert restarted.registry.stores["a"].generation == generation(control, "a") + 1
+    restarted = ControlPlane.over(bus, EventLog())  # a control process restarted on a --state-dir
+    assert restarted.control.events_of("a") == state
+    assert restarted.clock.next_event_change() == plane.clock.next_event_change()
+    restarted.clock.advance_events(NOW + 900)
+    assert restarted.control.generation("a") == generation(control, "a") + 1
 
 
 @pytest.mark.parametrize(
@@ -1012,26 +1016,26 @@ def test_events_travel_through_the_bus(control: Control, bus: Bus) -> None:
 def test_apply_entry_refuses_a_corrupt_events_state(corrupt: Any, control: Control, bus: Bus) -> None:
     document = vm_document("a", callers=["10.1.0.4"])
     registry = VmRegistry()
-    assert apply_entry(registry, BusEntry("a", 1, "admin", document, corrupt))
+    assert apply_entry(registry, BusEntry("a", 1, "admin", document, corrupt), EventLog())
     assert "a" not in registry.live()  # never served
 
     good = events.add(None, reboot())
-    assert apply_entry(registry, BusEntry("a", 2, "admin", document, good))
-    assert apply_entry(registry, BusEntry("a", 3, "admin", document, corrupt))
+    assert apply_entry(registry, BusEntry("a", 2, "admin", document, good), EventLog())
+    assert apply_entry(registry, BusEntry("a", 3, "admin", document, corrupt), EventLog())
     snapshot = registry.stores["a"].current
     assert snapshot is not None and (snapshot.generation, snapshot.vm.scheduled) == (2, good)  # the good one stays
 
 
-def test_the_event_clock_runs_events_on_time(control: Control) -> None:
+def test_the_event_clock_runs_events_on_time(plane: ControlPlane, control: Control) -> None:
     """run_event_clock on a real loop with compressed timing: sleeps until each change, wakes on a new event."""
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
 
     async def scenario() -> list[str]:
-        clock = asyncio.ensure_future(control.run_event_clock())
+        clock = asyncio.ensure_future(plane.clock.run())
         seen: list[str] = []
         try:
             await asyncio.sleep(0.05)  # the clock is asleep with nothing to do (up to 5 s)
-            control.add_event(["a"], {"EventType": "Reboot", "NotBeforeSeconds": 0.1, "StartedForSeconds": 0.1})
+            plane.clock.add_event(["a"], {"EventType": "Reboot", "NotBeforeSeconds": 0.1, "StartedForSeconds": 0.1})
             loop = asyncio.get_running_loop()
             give_up_at = loop.time() + 3.0
             while loop.time() < give_up_at:
@@ -1056,8 +1060,8 @@ def test_the_event_clock_runs_events_on_time(control: Control) -> None:
 
 
 @pytest.fixture
-def api(control: Control) -> AdminApi:
-    return AdminApi(control, None)
+def api(plane: ControlPlane) -> AdminApi:
+    return admin_api(plane)
 
 
 def admin(api: AdminApi, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
@@ -1138,26 +1142,28 @@ def test_admin_cancels_an_event_whose_id_needs_percent_encoding(api: AdminApi) -
     assert admin(api, "GET", "/vms/a/scheduledevents")[1]["Events"] == []
 
 
-def test_only_vms_with_events_wake_or_cost_the_event_clock(control: Control, bus: Bus) -> None:
+def test_only_vms_with_events_wake_or_cost_the_event_clock(plane: ControlPlane, control: Control, bus: Bus) -> None:
     for name in ("a", "b", "c"):
         control.put(name, vm_document(name, callers=[f"10.1.0.{ord(name)}"]))
     control.events_changed.clear()
     control.patch("a", {"instance": {"compute": {"location": "eastus"}}})
     assert not control.events_changed.is_set()  # an update of a VM without events does not wake the clock
     assert control.with_events == set()
-    event_id, _ = control.add_event(["b"], {**AT_NOW_900, "EventId": "E1"})
+    event_id, _ = plane.clock.add_event(["b"], {**AT_NOW_900, "EventId": "E1"})
     assert control.with_events == {"b"} and control.events_changed.is_set()
-    control.add_event(["c"], {**AT_NOW_900, "EventId": "E2"})
-    assert Control(bus, VmRegistry()).with_events == set()  # a fresh control learns them from the bus:
-    again = Control(bus, VmRegistry())
+    plane.clock.add_event(["c"], {**AT_NOW_900, "EventId": "E2"})
+    assert Control(bus, EventLog()).with_events == set()  # a fresh control learns them from the bus:
+    again = Control(bus, EventLog())
     again.load_state()
     assert again.with_events == {"b", "c"}
-    control.cancel_event(event_id, "b")
+    plane.clock.cancel_event(event_id, "b")
     control.delete("c")
     assert control.with_events == set()
 
 
-def test_a_group_event_never_names_more_vms_than_a_reader_accepts(control: Control, bus: Bus) -> None:
+def test_a_group_event_never_names_more_vms_than_a_reader_accepts(
+    plane: ControlPlane, control: Control, bus: Bus
+) -> None:
     # Regression: Resources defaulted to every VM's name, unchecked; past MAX_RESOURCES every
     # reader of the bus (workers, a restarted control) refused those VMs while the event lived.
     document = vm_document("v")
@@ -1165,23 +1171,21 @@ def test_a_group_event_never_names_more_vms_than_a_reader_accepts(control: Contr
     ids = [f"vm-{index:04d}" for index in range(events.MAX_RESOURCES + 1)]
     for index, vm_id in enumerate(ids):
         control.put(vm_id, {**document, "callers": [f"10.9.{index // 256}.{index % 256}"]})
-    generations = [control.registry.stores[vm_id].generation for vm_id in ids]
+    generations = [control.generation(vm_id) for vm_id in ids]
     with pytest.raises(UpdateError) as refused:
-        control.add_event(ids, {"EventType": "Reboot"})
+        plane.clock.add_event(ids, {"EventType": "Reboot"})
     assert refused.value.status == 400 and "Resources" in refused.value.message
-    assert [control.registry.stores[vm_id].generation for vm_id in ids] == generations  # nothing changed
-    control.add_event(ids, {"EventType": "Reboot", "EventId": "E1", "Resources": ["the-scale-set"]})
+    assert [control.generation(vm_id) for vm_id in ids] == generations  # nothing changed
+    plane.clock.add_event(ids, {"EventType": "Reboot", "EventId": "E1", "Resources": ["the-scale-set"]})
     reader = VmRegistry()
-    apply_entries(reader, bus.read_all())
+    apply_entries(reader, bus.read_all(), EventLog())
     assert all(reader.stores[vm_id].current is not None for vm_id in ids)
 
 
 def test_the_event_clock_survives_a_failed_bus_write(
-    control: Control, bus: Bus, monkeypatch: pytest.MonkeyPatch
+    plane: ControlPlane, control: Control, bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastimds.control import writer as control_module
-
-    monkeypatch.setattr(control_module, "EVENT_CLOCK_RETRY_S", 0.05)
+    monkeypatch.setattr(event_clock_module, "EVENT_CLOCK_RETRY_S", 0.05)
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     real_write = bus.write
     failures = [OSError(28, "No space left on device")]
@@ -1192,8 +1196,8 @@ def test_the_event_clock_survives_a_failed_bus_write(
         real_write(entry)
 
     async def scenario() -> dict[str, str]:
-        clock = asyncio.ensure_future(control.run_event_clock())
-        control.add_event(["a"], {"EventType": "Reboot", "EventId": "E1", "NotBeforeSeconds": 0.05})
+        clock = asyncio.ensure_future(plane.clock.run())
+        plane.clock.add_event(["a"], {"EventType": "Reboot", "EventId": "E1", "NotBeforeSeconds": 0.05})
         bus.write = flaky_write  # type: ignore[method-assign]  # the clock's start of E1 fails once
         deadline = asyncio.get_running_loop().time() + 5
         while asyncio.get_running_loop().time() < deadline:
@@ -1209,19 +1213,33 @@ def test_the_event_clock_survives_a_failed_bus_write(
     assert not failures  # it did fail once
 
 
-def test_one_process_approvals_run_on_the_next_loop_turn_not_inside_the_parser() -> None:
-    from fastimds.bus.approvals import Deferred
+def test_approvals_go_through_the_folder_never_inside_the_parser(
+    plane: ControlPlane, control: Control, bus: Bus
+) -> None:
+    """One path in every topology: the approving request only drops a file; the control's watch applies it."""
+    control.put("a", vm_document("a", callers=["10.1.0.4"]))
+    event_id, _ = plane.clock.add_event(["a"], AT_NOW_900)
 
-    seen: list[frozenset[str]] = []
+    async def scenario() -> tuple[int, int, str, str]:
+        watch = await plane.clock.start_approvals_watch()
+        try:
+            before = control.generation("a")
+            BusApprovals(bus.directory, bus.durable).approve(frozenset({event_id}))
+            during = control.generation("a")  # nothing applied inside the call (the parser callback)
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + 5
+            while loop.time() < give_up_at and control.events_of("a")["Events"][0]["EventStatus"] != "Started":
+                await asyncio.sleep(0.01)
+            return (
+                before,
+                during,
+                control.events_of("a")["Events"][0]["EventStatus"],
+                served(control, "a")["Events"][0]["EventStatus"],
+            )
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
 
-    class Sink:
-        def approve(self, event_ids: frozenset[str]) -> None:
-            seen.append(event_ids)
-
-    async def scenario() -> tuple[int, int]:
-        Deferred(Sink()).approve(frozenset({"E1"}))
-        during = len(seen)
-        await asyncio.sleep(0)
-        return during, len(seen)
-
-    assert asyncio.run(scenario()) == (0, 1)
+    assert asyncio.run(scenario()) == (2, 2, "Started", "Started")
+    assert not list((bus.directory / "approvals").glob("*.json"))  # taken

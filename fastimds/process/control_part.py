@@ -1,0 +1,65 @@
+"""The control plane on a running loop: the admin listeners, the sources, the event clock, approvals.
+
+Rules of this module:
+- It runs in the control process of a multi-worker server, or beside the
+  Worker in a single process; either way the same parts start: the admin
+  listeners, the event clock, the approvals watch on the bus, and every
+  source's follow (a --data-dir watch).
+- SIGHUP reloads every source: --data is re-read, --data-dir rescanned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastimds.control.admin_api import AdminApi
+from fastimds.control.plane import ControlPlane
+from fastimds.ops.event_log import EventLog
+from fastimds.process.sockets import AdminSockets
+from fastimds.sources.base import Source
+
+
+class ControlPart:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        sources: list[Source],
+        *,
+        admin: AdminSockets | None,
+        api: AdminApi,
+        backlog: int,
+        log: EventLog,
+    ) -> None:
+        self.plane = plane
+        self.sources = sources
+        self.admin = admin
+        self.api = api
+        self.backlog = backlog
+        self.log = log
+        self.servers: list[asyncio.Server] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.servers = await self.admin.serve(self.api, self.backlog) if self.admin is not None else []
+        self.tasks.append(asyncio.ensure_future(self.plane.clock.run()))
+        for source in self.sources:
+            await source.start()
+        self.tasks.append(await self.plane.clock.start_approvals_watch())
+
+    def tick(self, loop_time: float, unix_time: float) -> None:
+        pass  # the event clock keeps its own time
+
+    def reload(self) -> None:
+        for source in self.sources:
+            source.reload()
+
+    def announce(self) -> None:
+        self.log.event("control_ready", vms=len(self.plane.control.live_ids()))
+
+    async def stop(self) -> None:
+        for source in self.sources:
+            source.stop()
+        for task in self.tasks:
+            task.cancel()
+        for server in self.servers:
+            server.close()
