@@ -34,7 +34,7 @@ from typing import IO, Any, Final
 import orjson
 
 from fastimds.cli.durations import format_moment, parse_moment
-from fastimds.ops.request_log import LOG_FILE_NAME, RECORD_KEYS, parse_stamp
+from fastimds.ops.request_log_format import LOG_FILE_NAME, RECORD_KEYS, parse_stamp
 
 # A rotated file holds records from before the time in its name; this much
 # slack covers a clock stepped back while it was written.

@@ -18,7 +18,8 @@ from fastimds.cli import probe
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.http.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
 from fastimds.imds.datafile import DataError, load_vm
-from fastimds.ops.request_log import parse_retention, prepare_directory
+from fastimds.ops.request_log import prepare_directory
+from fastimds.ops.request_log_format import parse_retention
 
 # (flag, Limits field, type, help) for every per-request and per-connection limit.
 LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (

@@ -13,7 +13,8 @@ import pytest
 
 from fastimds.cli import logs as logs_cli
 from fastimds.cli.main import build_parser, main
-from fastimds.ops.request_log import RECORD_KEYS, rotated_files
+from fastimds.ops.request_log import rotated_files
+from fastimds.ops.request_log_format import RECORD_KEYS
 from tests.support.request_logs import T0, write_log
 
 

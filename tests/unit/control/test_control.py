@@ -717,19 +717,3 @@ def test_control_answers_from_its_own_model_with_no_serving_registry(bus: Bus, l
     assert control.delete("b") == 2
     assert (control.generation("b"), control.source_of("b")) == (2, None)  # the removal keeps its generation
     assert control.put("c", vm_document("c", callers=["10.2.0.4"])) == 1  # the address is free again
-
-
-def test_the_layers_import_only_downward() -> None:
-    """control/, sources/ and bus/ never import process/; bus/ never imports control/ or sources/."""
-    import ast
-
-    package = Path(__file__).resolve().parent.parent / "fastimds"
-    forbidden = {"control": {"process"}, "sources": {"process"}, "bus": {"process", "control", "sources"}}
-    found = []
-    for layer, above in forbidden.items():
-        for path in sorted((package / layer).glob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                module = node.module if isinstance(node, ast.ImportFrom) else None
-                if module and module.startswith("fastimds.") and module.split(".")[1] in above:
-                    found.append(f"{layer}/{path.name}: {module}")
-    assert found == []

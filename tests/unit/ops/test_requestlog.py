@@ -10,17 +10,14 @@ import orjson
 import pytest
 
 from fastimds.cli.logs import parse_line
-from fastimds.ops.request_log import (
+from fastimds.ops.request_log import MAX_BUFFERED_RECORDS, MAX_BUFFERED_VALUES, RequestLog, rotated_files
+from fastimds.ops.request_log_format import (
     FIELDS,
     HEADER,
-    MAX_BUFFERED_RECORDS,
-    MAX_BUFFERED_VALUES,
     UNLIMITED_FILES,
-    RequestLog,
     format_stamp,
     parse_retention,
     parse_stamp,
-    rotated_files,
 )
 
 T0 = 1_795_000_000.0  # a pinned clock: 2026-11-18T11:06:40Z
@@ -414,7 +411,7 @@ def test_record_read_writes_what_record_writes(tmp_path: Path) -> None:
 def test_record_read_drops_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastimds.ops import request_log as requestlog
 
-    monkeypatch.setattr(requestlog, "MAX_BUFFERED_VALUES", 2 * len(requestlog.FIELDS))
+    monkeypatch.setattr(requestlog, "MAX_BUFFERED_VALUES", 2 * len(FIELDS))
     log = RequestLog(tmp_path, worker=0)
     log.record_read(T0, ("10.0.0.4", "vm-1", 1), 1, [(("GET", "/a", 200), 1)] * 3)
     assert (log.buffered, log.dropped) == (2, 1)
