@@ -26,7 +26,7 @@ Rules of this module:
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ import orjson
 
 from fastimds.bus.atomic import file_stamps, write_whole
 from fastimds.bus.layout import FAULTS_FILE, vm_file_name, vm_id_of
-from fastimds.imds.events import EventsState
+from fastimds.imds.datafile import DataError, VmDescription, describe_vm
+from fastimds.imds.events import EventsState, state_problems
 from fastimds.imds.faults import FaultRecord, parse_records
 from fastimds.ops.event_log import EventLog
 
@@ -48,6 +49,21 @@ class BusEntry:
     # The live scheduled events, when there are any. As read from a file it is
     # unchecked: whoever applies the entry checks it first (events.state_problems).
     events: EventsState | None = None
+
+    def described(self) -> VmDescription:
+        """The VM this entry holds, validated as any description is, with its events checked.
+
+        Raises DataError naming every problem; a tombstone has no VM (the caller checks `document` first).
+        """
+        if self.document is None:
+            raise DataError(self.source, ["$: a removed VM (tombstone) describes no VM"])
+        vm = describe_vm(self.document, self.source)
+        if self.events is None:
+            return vm
+        problems = state_problems(self.events)
+        if problems:
+            raise DataError(self.source, problems)
+        return replace(vm, scheduled=self.events)
 
 
 class Bus:

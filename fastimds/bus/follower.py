@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 from fastimds.bus.files import Bus, BusEntry
 from fastimds.bus.layout import FAULTS_FILE, vm_id_of
 from fastimds.bus.watch import start_watch
-from fastimds.imds import events, faults
-from fastimds.imds.datafile import DataError, describe_vm
+from fastimds.imds import faults
+from fastimds.imds.datafile import DataError
 from fastimds.imds.registry import ConflictError, VmRegistry
 from fastimds.ops.event_log import EventLog
 
@@ -52,12 +51,7 @@ def apply_entry(registry: VmRegistry, entry: BusEntry, log: EventLog) -> bool:
             log.event("vm_removed", vm=entry.vm_id, generation=entry.generation)
         return True
     try:
-        vm = describe_vm(entry.document, entry.source)
-        if entry.events is not None:
-            problems = events.state_problems(entry.events)
-            if problems:
-                raise DataError(entry.source, problems)
-            vm = replace(vm, scheduled=entry.events)
+        vm = entry.described()
         registry.publish(entry.vm_id, vm, entry.generation)
         log.event("update_applied", vm=entry.vm_id, generation=entry.generation)
     except DataError as exc:

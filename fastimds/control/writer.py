@@ -261,12 +261,7 @@ class Control:
             self.model.remove(entry.vm_id, entry.generation, now)
             return True
         try:
-            vm = describe_vm(entry.document, entry.source)
-            if entry.events is not None:
-                problems = events.state_problems(entry.events)
-                if problems:
-                    raise DataError(entry.source, problems)
-                vm = replace(vm, scheduled=entry.events)
+            vm = entry.described()
             self.model.set(entry.vm_id, vm, entry.generation, now)
         except DataError as exc:
             self.log.event("state_file_invalid", vm=entry.vm_id, problems=exc.problems)
