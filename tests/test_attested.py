@@ -19,7 +19,7 @@ from fastimds.imds.datafile import parse_vm
 from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.fakes import sample_vm
+from tests.fakes import KEYS, sample_vm
 from tests.server_process import running_server, vm_document, vm_uuid
 from tests.test_e2e import fresh_get
 
@@ -45,7 +45,7 @@ def verified_content(signature_b64: str, tmp_path: Path) -> dict[str, Any]:
 
 def get(target: str) -> tuple[int, Any]:
     snapshot = build_snapshot(sample_vm(), 1)
-    reply = resolve(snapshot, b"GET", target.encode(), True, False)
+    reply = resolve(snapshot, b"GET", target.encode(), True, False, keys=KEYS)
     return reply.status, orjson.loads(reply.body)
 
 
@@ -99,7 +99,7 @@ def test_api_version_starts_at_2018_10_01() -> None:
 
 def test_it_is_never_memoised() -> None:
     snapshot = build_snapshot(sample_vm(), 1)
-    resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False)
+    resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False, keys=KEYS)
     assert snapshot.url_replies == {}
 
 

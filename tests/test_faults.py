@@ -27,7 +27,7 @@ from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import Reply
 from fastimds.imds.store import SnapshotStore
 from fastimds.ops.telemetry import FAULT_KINDS, LAYOUT
-from tests.fakes import FakeTransport, Response, make_connection, request, sample_vm, split_responses
+from tests.fakes import FakeTransport, Response, make_connection, remembered, request, sample_vm, split_responses
 from tests.server_process import vm_document
 
 NOW = 1_800_000_000.0
@@ -56,6 +56,12 @@ def table(*specs: dict[str, Any], vms: list[str] | None = None, now: float = NOW
 def real_table(*specs: dict[str, Any], vms: list[str] | None = None) -> FaultTable:
     """A table as of the real clock: the protocol matches with time.time()."""
     return table(*specs, vms=vms, now=time.time())
+
+
+def load_real(state: Any, *specs: dict[str, Any], vms: list[str] | None = None) -> None:
+    """Load `specs` into the worker's own table, as the real clock has them (as Control and Follower do)."""
+    now = time.time()
+    state.faults.load(records(*specs, vms=vms, now=now), now)
 
 
 # ---- validation ----
@@ -380,39 +386,37 @@ def fault_count(state: Any, kind: str) -> int:
 
 def test_a_remembered_request_is_faulted_once_a_fault_loads_and_served_again_after() -> None:
     protocol, transport, state = make_connection()
-    memo = state.registry.default.current.request_replies
+    snapshot = state.registry.default.current
     protocol.data_received(LEAF)
-    assert len(memo) == 1  # remembered: the next one skips the parser
+    assert len(remembered(snapshot, state.faults)) == 1  # remembered: the next one skips the parser
 
-    state.faults = real_table({"status": 503, "path": "/metadata/INSTANCE"})
-    state.registry.forget_requests()  # what loading a fault list does (Control, Follower)
-    assert memo == {}
+    load_real(state, {"status": 503, "path": "/metadata/INSTANCE"})  # the load alone: nobody forgets anything
+    assert remembered(snapshot, state.faults) == {}
     for _ in range(2):
         protocol.data_received(LEAF)
     protocol.data_received(VERSIONS)  # not under the fault's path: served, and remembered
-    assert list(memo) == [VERSIONS[:-4]]  # the faulted reply never is
+    assert list(remembered(snapshot, state.faults)) == [VERSIONS[:-4]]  # the faulted reply never is
 
-    state.faults = FaultTable()
-    state.registry.forget_requests()
+    load_real(state)  # no faults
     protocol.data_received(LEAF)
     protocol.data_received(LEAF)  # from the memo again
     statuses = [(response.status, response.body) for response in split_responses(transport.output)]
     assert [status for status, _ in statuses] == [200, 503, 503, 200, 200, 200]
     assert statuses[1][1] == b'{"error":"Internal service unavailable. Retry later"}'
     assert statuses[-1][1] == VM_ID_TEXT
-    assert LEAF[:-4] in memo
+    assert LEAF[:-4] in remembered(snapshot, state.faults)
     assert fault_count(state, "503") == 2
 
 
 def test_a_counted_fault_is_never_remembered_and_its_end_is() -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"status": 500, "count": 2})
+    load_real(state, {"status": 500, "count": 2})
     for _ in range(4):
         protocol.data_received(LEAF)
     assert [response.status for response in split_responses(transport.output)] == [500, 500, 200, 200]
     assert not state.faults.active
-    [(head, _body, *_)] = state.registry.default.current.request_replies.values()
-    assert head.startswith(b"HTTP/1.1 200")
+    [entry] = remembered(state.registry.default.current, state.faults).values()
+    assert entry.head.startswith(b"HTTP/1.1 200")
     assert fault_count(state, "500") == 2
 
 
@@ -421,18 +425,17 @@ def test_a_fault_for_another_vm_leaves_this_one_alone() -> None:
     registry.stores["a"] = SnapshotStore(sample_vm(), vm_id="a")
     registry.stores["b"] = SnapshotStore(sample_vm(), vm_id="b")
     protocol, transport, state = make_connection(registry=registry)
-    state.faults = real_table({"status": 410}, vms=["b"])
+    load_real(state, {"status": 410}, vms=["b"])
     protocol.data_received(LEAF)
     assert [response.status for response in split_responses(transport.output)] == [200]
-    state.faults = real_table({"status": 410}, vms=["a"])
-    state.registry.forget_requests()
+    load_real(state, {"status": 410}, vms=["a"])
     protocol.data_received(LEAF)
     assert [response.status for response in split_responses(transport.output)] == [200, 410]
 
 
 def test_identity_requests_get_the_identity_error_shape() -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"status": 429})
+    load_real(state, {"status": 429})
     protocol.data_received(TOKEN + LEAF)
     token, instance = split_responses(transport.output)
     assert (token.status, token.headers["retry-after"]) == (429, "1")
@@ -458,7 +461,7 @@ def test_a_reset_aborts_with_linger_zero_after_what_came_before() -> None:
     protocol = HttpProtocol(state)
     transport = SocketTransport()
     protocol.connection_made(transport)
-    state.faults = real_table({"reset": True, "path": "/metadata/instance"})
+    load_real(state, {"reset": True, "path": "/metadata/instance"})
     try:
         protocol.data_received(VERSIONS + LEAF + VERSIONS)
         assert transport.aborted
@@ -469,13 +472,13 @@ def test_a_reset_aborts_with_linger_zero_after_what_came_before() -> None:
     [versions] = split_responses(transport.output)
     assert versions.status == 200 and b"apiVersions" in versions.body
     assert fault_count(state, "reset") == 1
-    assert state.registry.default.current.request_replies == {}
+    assert remembered(state.registry.default.current, state.faults) == {}
 
 
 def test_every_kind_is_counted_in_its_own_slot() -> None:
     protocol, _, state = make_connection()
     for kind_spec in ({"status": 410}, {"status": 429}, {"status": 500}, {"status": 503}):
-        state.faults = real_table({**kind_spec, "count": 1})
+        load_real(state, {**kind_spec, "count": 1})
         protocol.data_received(LEAF)
     assert {kind: fault_count(state, kind) for kind in FAULT_KINDS} == {
         "410": 1,
@@ -519,7 +522,7 @@ def statuses(transport: FakeTransport) -> list[tuple[int, bool]]:
 
 def test_latency_holds_the_reply_and_those_behind_it_in_order(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 250, "path": "/metadata/instance"})
+    load_real(state, {"latencyMs": 250, "path": "/metadata/instance"})
     protocol.data_received(LEAF + VERSIONS)
     assert transport.output == b"" and not transport.reading
     assert [delay for delay, _ in loop.timers] == [0.25]
@@ -528,12 +531,12 @@ def test_latency_holds_the_reply_and_those_behind_it_in_order(loop: FakeLoop) ->
     assert split_responses(transport.output)[0].body == VM_ID_TEXT
     assert transport.reading and not transport.ended
     assert fault_count(state, "latency") == 1
-    assert state.registry.default.current.request_replies == {}  # a delayed read is never remembered
+    assert remembered(state.registry.default.current, state.faults) == {}  # a delayed read is never remembered
 
 
 def test_each_delayed_read_waits_its_own_latency(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100})
+    load_real(state, {"latencyMs": 100})
     protocol.data_received(VERSIONS + VERSIONS)  # both faulted: they wait together, once
     assert len(loop.timers) == 1
     loop.fire_next()
@@ -548,7 +551,7 @@ def test_each_delayed_read_waits_its_own_latency(loop: FakeLoop) -> None:
 
 def test_latency_behind_a_held_long_poll_keeps_the_long_poll_first(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100, "path": "/metadata/versions"})
+    load_real(state, {"latencyMs": 100, "path": "/metadata/versions"})
     protocol.data_received(LONG_POLL + VERSIONS)
     while loop.timers:
         loop.fire_next()
@@ -562,7 +565,7 @@ def test_latency_behind_a_held_long_poll_keeps_the_long_poll_first(loop: FakeLoo
 def test_a_delayed_reply_outlives_the_shutdown_linger(loop: FakeLoop) -> None:
     """SIGTERM: the linger's end closes idle half-closed connections, never one whose reply latency holds."""
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 2000})
+    load_real(state, {"latencyMs": 2000})
     state.draining = True
     protocol.data_received(VERSIONS)  # answered while draining: Connection: close, held by the latency
     protocol.shutdown()
@@ -577,8 +580,8 @@ def test_a_delayed_reply_outlives_the_shutdown_linger(loop: FakeLoop) -> None:
 @pytest.mark.parametrize("held", [LONG_POLL, VERSIONS], ids=["long-poll", "delayed"])
 def test_a_reset_behind_a_held_reply_lets_nothing_overtake_it(loop: FakeLoop, held: bytes) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table(
-        {"latencyMs": 5000, "path": "/metadata/versions"}, {"reset": True, "path": "/metadata/instance/compute"}
+    load_real(
+        state, {"latencyMs": 5000, "path": "/metadata/versions"}, {"reset": True, "path": "/metadata/instance/compute"}
     )
     protocol.data_received(held + VERSIONS + LEAF)  # held (long-poll or delayed), answered, reset
     assert transport.aborted
@@ -587,7 +590,7 @@ def test_a_reset_behind_a_held_reply_lets_nothing_overtake_it(loop: FakeLoop, he
 
 def test_a_connection_lost_during_a_delay_writes_nothing(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100})
+    load_real(state, {"latencyMs": 100})
     protocol.data_received(VERSIONS)
     protocol.connection_lost(None)
     transport.closed = True
@@ -597,7 +600,7 @@ def test_a_connection_lost_during_a_delay_writes_nothing(loop: FakeLoop) -> None
 
 def test_a_delayed_connection_close_closes_after_its_reply(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100})
+    load_real(state, {"latencyMs": 100})
     protocol.data_received(request("/metadata/versions", headers=(("Metadata", "true"), ("Connection", "close"))))
     assert not transport.ended
     state.tick(500.0, 1_700_000_500.0)  # deadlines do not cut a delay short
@@ -617,22 +620,22 @@ def control(tmp_path: Path) -> Control:
     return made
 
 
-def remembered(registry: VmRegistry, vm_id: str) -> dict[bytes, Any]:
+def remembered_by(registry: VmRegistry, vm_id: str, faults: FaultTable) -> dict[bytes, Any]:
     snapshot = registry.stores[vm_id].current
     assert snapshot is not None
-    return snapshot.request_replies
+    return remembered(snapshot, faults)
 
 
-def warm(registry: VmRegistry, caller: str) -> None:
-    protocol, _, _ = make_connection(registry=registry, peer=caller)
+def warm(registry: VmRegistry, caller: str, faults: FaultTable) -> None:
+    protocol, _, _ = make_connection(registry=registry, peer=caller, faults=faults)
     protocol.data_received(LEAF)
 
 
 def test_control_writes_loads_and_forgets(control: Control) -> None:
-    warm(control.registry, "10.1.0.4")
-    assert remembered(control.registry, "a")
+    warm(control.registry, "10.1.0.4", control.fault_table)
+    assert remembered_by(control.registry, "a", control.fault_table)
     record = control.add_fault({"status": 503, "count": 3}, ["a"])
-    assert remembered(control.registry, "a") == {}
+    assert remembered_by(control.registry, "a", control.fault_table) == {}
     assert control.bus.read_faults() == [record] == control.live_faults()
     assert control.fault_table.active and BUDGETS.left(record["slot"]) == 3
     other = control.add_fault({"reset": True, "path": "/metadata/identity"}, None)
@@ -683,10 +686,11 @@ def test_a_follower_loads_the_list_and_forgets_its_memo(control: Control) -> Non
     follower = Follower(control.bus, registry)
     follower.rescan()
     assert set(registry.live()) == {"a", "b"} and not follower.fault_table.active
-    warm(registry, "10.1.0.4")
+    warm(registry, "10.1.0.4", follower.fault_table)
+    assert remembered_by(registry, "a", follower.fault_table)
     record = control.add_fault({"status": 429}, ["a"])
     follower._on_change({faults.FAULTS_FILE})
-    assert remembered(registry, "a") == {}
+    assert remembered_by(registry, "a", follower.fault_table) == {}
     assert [fault.id for fault in follower.fault_table.faults] == [record["id"]]
     control.remove_faults()
     follower.rescan()  # the idle rescan sees the file changed too

@@ -16,7 +16,7 @@ import requests
 from fastimds.imds.datafile import DataError, parse_vm
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.fakes import sample_vm
+from tests.fakes import KEYS, sample_vm
 from tests.server_process import admin_unix, running_server
 
 TENANT = "abd8daee-d393-4239-9377-883adda3d40f"
@@ -39,7 +39,7 @@ def document_with(identities: Any) -> dict[str, Any]:
 
 def get(target: str, metadata_ok: bool = True, identities: Any = IDENTITIES) -> tuple[int, Any]:
     snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(identities)), "t"), 1)
-    reply = resolve(snapshot, b"GET", target.encode(), metadata_ok, False)
+    reply = resolve(snapshot, b"GET", target.encode(), metadata_ok, False, keys=KEYS)
     return reply.status, orjson.loads(reply.body)
 
 
@@ -107,8 +107,8 @@ def test_info_gives_the_tenant() -> None:
 
 def test_tokens_are_reused_until_near_expiry_and_never_memoised() -> None:
     snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(IDENTITIES)), "t"), 1)
-    first = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
-    second = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+    first = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
+    second = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
     assert orjson.loads(first.body)["access_token"] == orjson.loads(second.body)["access_token"]
     assert first is not second and snapshot.url_replies == {}
 
@@ -123,7 +123,7 @@ def test_vms_at_the_same_generation_never_share_a_token() -> None:
     tokens = []
     for document in (document_with(IDENTITIES), other, document_with(IDENTITIES)):
         snapshot = build_snapshot(parse_vm(orjson.dumps(document), "t"), 1)
-        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
         tokens.append(claims(orjson.loads(reply.body)["access_token"]))
     assert [token["tid"] for token in tokens] == [TENANT, other["identities"]["tenantId"], TENANT]
     assert tokens[1]["xms_mirid"] == other["instance"]["compute"]["resourceId"] != tokens[0]["xms_mirid"]

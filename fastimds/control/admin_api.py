@@ -34,8 +34,8 @@ import httptools
 import orjson
 
 from fastimds.control.writer import Control, UpdateError
-from fastimds.imds import identity
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
+from fastimds.imds.keys import Keys
 from fastimds.imds.render import STATUS_LINES
 from fastimds.ops.telemetry import LAYOUT
 
@@ -79,11 +79,14 @@ class AdminApi:
         self,
         control: Control,
         token: str | None,
+        *,
         metrics: Callable[[], bytes] | None = None,
         readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
         counters: list[int] | None = None,
+        keys: Keys | None = None,
     ) -> None:
         self.control = control
+        self.keys = keys if keys is not None else Keys()  # the server's, for /jwks (made on first use if none)
         self.token = token
         self.metrics = metrics
         self.readiness = readiness
@@ -107,7 +110,7 @@ class AdminApi:
             return json_response(200 if ready else 503, detail)
         if path == "/jwks":
             # The public key of managed-identity tokens, for a test service to validate them.
-            return json_response(200, identity.ISSUER.get().jwks)
+            return json_response(200, self.keys.issuer.jwks)
         if path == "/metrics":
             if self.metrics is None:
                 return json_response(404, {"error": "telemetry is off (--no-telemetry)"})

@@ -421,7 +421,6 @@ class Control:
         self.bus.write_faults(records)  # durable before acknowledged, as VM updates are
         self.fault_records = records
         self.fault_table.load(records, time.time())
-        self.registry.forget_requests()
 
     # ---- sources ----
 
@@ -619,7 +618,6 @@ class Follower:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             log_event("faults_file_invalid", error=repr(exc))
             return
-        self.registry.forget_requests()
 
     def apply(self, vm_ids: set[str]) -> None:
         entries = []

@@ -11,8 +11,8 @@ Rules of this module:
   `BUDGETS`, a slot of shared memory made at import (before any fork), taken
   under a lock, so "fail the next 3 requests" means 3 however many workers.
 - Free when unused: the request memo answers known requests without the
-  parser, so faults are checked on the parser path only, and loading a fault
-  list empties every snapshot's request memo; a faulted reply is never
+  parser, so faults are checked on the parser path only, and a memo filled
+  before the table's last load is not used (`generation`); a faulted reply is never
   remembered, and a request a fault could match is never answered from the
   memo while that fault lives. With no live fault the check is one attribute
   test per parsed request.
@@ -215,17 +215,19 @@ class Fault:
 class FaultTable:
     """A worker's faults; `active` is False whenever no fault can match."""
 
-    __slots__ = ("faults", "active")
+    __slots__ = ("faults", "active", "generation")
 
     def __init__(self) -> None:
         self.faults: list[Fault] = []
         self.active = False
+        self.generation = 0  # bumped by every load: what was remembered under another is unusable
 
     def load(self, records: list[dict[str, Any]], now: float) -> None:
         """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
         faults = [Fault(record) for record in live(records, now)]
         self.faults = faults
         self.active = bool(faults)
+        self.generation += 1
 
     def match(self, vm_id: str, target: bytes, now: float) -> Fault | None:
         """The fault that takes this request (using one of its count), or None."""

@@ -43,15 +43,17 @@ from typing import Any
 
 import uvloop
 
-from fastimds.bus.approvals import APPROVALS, BusApprovals, Deferred
+from fastimds.bus.approvals import BusApprovals
 from fastimds.bus.files import Bus
 from fastimds.config import Settings
 from fastimds.control.admin_api import AdminApi, admin_factory
 from fastimds.control.writer import Control, Follower, UpdateError
-from fastimds.http.connection import MAX_LINGERING_REFUSALS, HttpProtocol, ServerState
+from fastimds.http.connection import MAX_LINGERING_REFUSALS, HttpProtocol
 from fastimds.http.throttle import Throttle, ThrottleLimits
-from fastimds.imds import attested, identity
+from fastimds.http.worker_state import ApprovalSink, ServerState
+from fastimds.imds import attested
 from fastimds.imds.datafile import DataError
+from fastimds.imds.keys import Keys
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID
 from fastimds.ops.event_log import EVENT_LOG, log_event
@@ -304,7 +306,7 @@ class AdminSockets:
             names.append(_url("127.0.0.1", self.tcp.getsockname()[1]))
         return ",".join(names)
 
-    async def serve(self, control: Control, backlog: int, telemetry: Telemetry) -> list[asyncio.Server]:
+    async def serve(self, control: Control, backlog: int, telemetry: Telemetry, keys: Keys) -> list[asyncio.Server]:
         loop = asyncio.get_running_loop()
         api = AdminApi(
             control,
@@ -312,6 +314,7 @@ class AdminSockets:
             metrics=telemetry.metrics if telemetry.counters is not None else None,
             readiness=telemetry.readiness,
             counters=telemetry.counters,
+            keys=keys,
         )
         servers = []
         if self.unix is not None:
@@ -330,6 +333,7 @@ async def _run_worker(
     control: Control | None,
     admin: AdminSockets | None,
     telemetry: Telemetry,
+    keys: Keys,
 ) -> None:
     """One process serving VMs. With `control`, it is also the control plane (single-process mode)."""
     loop = asyncio.get_running_loop()
@@ -337,32 +341,41 @@ async def _run_worker(
     if control is not None:
         registry = control.registry
         fault_table = control.fault_table
-        APPROVALS.set(Deferred(control))  # scheduled-event approvals go to the control plane, next loop turn
+        approvals: ApprovalSink = control  # scheduled-event approvals go to the control plane (next loop turn)
     else:
         registry = VmRegistry(default_vm_id=settings.default_vm if settings.data_dir else DEFAULT_VM_ID)
         follower = Follower(bus, registry)
         fault_table = follower.fault_table
         tasks.append(await follower.start())
-        APPROVALS.set(BusApprovals(bus.directory, bus.durable))  # through the bus to the control process
-    state = ServerState(registry, settings.limits, loop.time(), time.time(), telemetry=False)
-    state.counters = telemetry.counters
-    state.faults = fault_table
-    if settings.throttle is not None:
-        state.throttle = Throttle(ThrottleLimits(*settings.throttle))
+        approvals = BusApprovals(bus.directory, bus.durable)  # through the bus to the control process
     request_log = None
     if settings.request_log_dir is not None:
         retain_files, retain_age_s = settings.request_log_retain
         request_log = RequestLog(
             settings.request_log_dir, telemetry.region, retain_files=retain_files, retain_age_s=retain_age_s
         )
-        state.request_log = request_log
     EVENT_LOG.configure(role="server" if control is not None else f"worker {telemetry.region}")
     EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
+    state = ServerState(
+        registry,
+        settings.limits,
+        now=loop.time(),
+        unix_time=time.time(),
+        counters=telemetry.counters,
+        request_log=request_log,
+        throttle=Throttle(ThrottleLimits(*settings.throttle)) if settings.throttle is not None else None,
+        faults=fault_table,
+        approvals=approvals,
+        keys=keys,
+        event_log=EVENT_LOG,
+    )
     server = await loop.create_server(lambda: HttpProtocol(state), sock=sock, backlog=settings.backlog)
     admin_servers: list[asyncio.Server] = []
     if control is not None:
         telemetry.control = control
-        admin_servers, control_tasks = await _start_control(settings, control, admin, telemetry, approvals_watch=False)
+        admin_servers, control_tasks = await _start_control(
+            settings, control, admin, telemetry, keys, approvals_watch=False
+        )
         tasks.extend(control_tasks)
 
     def tick() -> None:
@@ -430,13 +443,19 @@ async def _run_worker(
 
 
 async def _start_control(
-    settings: Settings, control: Control, admin: AdminSockets | None, telemetry: Telemetry, *, approvals_watch: bool
+    settings: Settings,
+    control: Control,
+    admin: AdminSockets | None,
+    telemetry: Telemetry,
+    keys: Keys,
+    *,
+    approvals_watch: bool,
 ) -> tuple[list[asyncio.Server], list[asyncio.Task[None]]]:
     """The control plane's listeners, watches and event clock, on the running loop.
 
     `approvals_watch`: workers in other processes send scheduled-event approvals through the bus.
     """
-    servers = await admin.serve(control, settings.backlog, telemetry) if admin is not None else []
+    servers = await admin.serve(control, settings.backlog, telemetry, keys) if admin is not None else []
     tasks = [asyncio.ensure_future(control.run_event_clock())]
     if settings.data_dir is not None:
         tasks.append(await control.start_data_dir_watch(settings.data_dir))
@@ -446,7 +465,13 @@ async def _start_control(
 
 
 async def _run_control(
-    settings: Settings, bus: Bus, admin: AdminSockets | None, on_ready: Callable[[], None], telemetry: Telemetry
+    settings: Settings,
+    bus: Bus,
+    admin: AdminSockets | None,
+    on_ready: Callable[[], None],
+    telemetry: Telemetry,
+    *,
+    keys: Keys,
 ) -> None:
     """The control process of a multi-worker server: admin API, data sources, SIGHUP."""
     loop = asyncio.get_running_loop()
@@ -454,7 +479,7 @@ async def _run_control(
     EVENT_LOG.counters, EVENT_LOG.suppressed_slot = telemetry.counters, LAYOUT.log_suppressed
     control = prepare_control(settings, bus)  # from the bus: a restarted control resumes the generations
     telemetry.control = control
-    servers, tasks = await _start_control(settings, control, admin, telemetry, approvals_watch=True)
+    servers, tasks = await _start_control(settings, control, admin, telemetry, keys, approvals_watch=True)
 
     def tick() -> None:
         EVENT_LOG.tick()
@@ -511,18 +536,16 @@ def serve(settings: Settings) -> int:
             return 1
         port = sock.getsockname()[1]
         admin_names = admin.describe(settings) if admin is not None else ""
-        # One signer for every worker: loaded, or made (RSA keygen, ~100 ms), before any fork.
-        # A single process makes its own on its first attested request instead.
+        # One signer and one token key for every worker and the control's /jwks: loaded, or made
+        # (RSA keygen, ~100 ms each), before any fork. A single process makes each on first use instead.
+        attestor = None
         if settings.attested_cert is not None and settings.attested_key is not None:
             try:
-                attested.SIGNER.set(attested.Attestor.from_files(settings.attested_cert, settings.attested_key))
+                attestor = attested.Attestor.from_files(settings.attested_cert, settings.attested_key)
             except ValueError as exc:
                 print(f"fastimds: {exc}", file=sys.stderr)
                 return 2
-        elif settings.workers > 1:
-            attested.SIGNER.set(attested.Attestor.self_signed())
-        if settings.workers > 1:  # every worker, and the control's /jwks, with one token key
-            identity.ISSUER.set(identity.TokenIssuer())
+        keys = Keys.made_now(attestor) if settings.workers > 1 else Keys(attestor)
         # Made before any fork: every process shares it (one region each, and one for the control plane).
         area = TelemetryArea(settings.workers + 1)
         if settings.workers == 1:
@@ -531,11 +554,13 @@ def serve(settings: Settings) -> int:
                 print(_ready_line(settings, port, registry, admin_names), flush=True)
 
             telemetry = Telemetry(area, 0, settings.telemetry, workers=1)
-            uvloop.run(_run_worker(settings, bus, sock, announce, control=control, admin=admin, telemetry=telemetry))
+            uvloop.run(
+                _run_worker(settings, bus, sock, announce, control=control, admin=admin, telemetry=telemetry, keys=keys)
+            )
             return 0
         sock.close()
         ready_line = _ready_line(replace(settings, port=port), port, control.registry, admin_names)
-        return Supervisor(replace(settings, port=port), bus, admin, ready_line, area).run()
+        return Supervisor(replace(settings, port=port), bus, admin, ready_line, area, keys=keys).run()
     finally:
         if settings.state_dir is None:
             shutil.rmtree(bus.directory, ignore_errors=True)
@@ -553,9 +578,17 @@ class Supervisor:
     """Forks the workers, forwards signals to them, restarts the ones that die."""
 
     def __init__(
-        self, settings: Settings, bus: Bus, admin: AdminSockets | None, ready_line: str, area: TelemetryArea
+        self,
+        settings: Settings,
+        bus: Bus,
+        admin: AdminSockets | None,
+        ready_line: str,
+        area: TelemetryArea,
+        *,
+        keys: Keys,
     ) -> None:
         self.settings = settings
+        self.keys = keys  # made before any fork: every worker and the control sign alike
         self.area = area
         self.regions: dict[int, int] = {}  # worker pid -> its telemetry region
         self.bus = bus  # where every process reads the data: restarts start from the newest
@@ -626,6 +659,7 @@ class Supervisor:
                 control=None,
                 admin=None,
                 telemetry=telemetry,
+                keys=self.keys,
             )
             uvloop.run(worker)
 
@@ -639,7 +673,11 @@ class Supervisor:
             telemetry = Telemetry(
                 self.area, self.settings.workers, self.settings.telemetry, workers=self.settings.workers
             )
-            uvloop.run(_run_control(self.settings, self.bus, self.admin, lambda: _report_ready(ready), telemetry))
+            uvloop.run(
+                _run_control(
+                    self.settings, self.bus, self.admin, lambda: _report_ready(ready), telemetry, keys=self.keys
+                )
+            )
 
         self.control_pid = self._fork("control", control)
         self.workers[self.control_pid] = time.monotonic()
