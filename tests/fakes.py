@@ -14,7 +14,7 @@ from fastimds.config import Limits
 from fastimds.http.connection import HttpProtocol
 from fastimds.http.memo import MemoEntry, known_requests
 from fastimds.http.throttle import Throttle
-from fastimds.http.worker_state import ServerState
+from fastimds.http.worker_state import ApprovalSink, ServerState
 from fastimds.imds.datafile import VmDescription, load_vm
 from fastimds.imds.faults import FaultTable
 from fastimds.imds.keys import Keys
@@ -101,6 +101,7 @@ def make_connection(
     *,
     faults: FaultTable | None = None,
     throttle: Throttle | None = None,
+    approvals: ApprovalSink | None = None,
 ) -> tuple[HttpProtocol, FakeTransport, ServerState]:
     """A connection from `peer`; by default to a single-VM registry of the sample (or of `store`)."""
     if registry is None:
@@ -114,6 +115,8 @@ def make_connection(
         counters=new_counters(),
         faults=faults,
         throttle=throttle,
+        approvals=approvals,
+        keys=KEYS,
     )
     protocol = HttpProtocol(state)
     transport = FakeTransport(peer)

@@ -6,12 +6,14 @@ against the parser's own answer, or proves what must never be remembered.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from fastimds.http.connection import HttpProtocol
 from fastimds.http.memo import MAX_REQUEST_MEMO_ENTRIES, MAX_REQUEST_MEMO_KEY_BYTES
+from fastimds.imds.faults import make_fault
 from fastimds.imds.store import SnapshotStore
 from tests.fakes import FakeTransport, make_connection, remembered, request, sample_vm, split_responses
 
@@ -146,3 +148,16 @@ def test_a_published_snapshot_starts_with_an_empty_memo() -> None:
     old = store.current
     store.publish(sample_vm())
     assert remembered(old) and not remembered(store.current)
+
+
+def test_a_fault_load_alone_makes_remembered_replies_unusable() -> None:
+    protocol, transport, state = make_connection()
+    protocol.data_received(LEAF)
+    protocol.data_received(LEAF)  # from the memo
+    assert remembered(state.registry.default.current, state.faults)
+    now = time.time()
+    # What Control and Follower do, and nothing more: no one is told to forget.
+    state.faults.load([make_fault({"status": 503}, None, now, 0)], now)
+    protocol.data_received(LEAF)
+    assert [r.status for r in split_responses(transport.output)] == [200, 200, 503]
+    assert remembered(state.registry.default.current, state.faults) == {}  # the faulted reply is not remembered
