@@ -1,7 +1,7 @@
 """The HTTP/1.1 connection: parse with httptools, check limits, write finished bytes.
 
-Rules of this module (its parts: fastimds.http.memo, .answer, .holds,
-.phases, .worker_state):
+Rules of this module (its parts: fastimds.http.request_head, .memo, .answer,
+.holds, .fields, .phases, .worker_state):
 - Dumb transport: this package parses and writes; what to answer is decided
   by `routing.resolve`, which returns a pre-rendered Reply. Nothing is
   formatted or encoded here per request.
@@ -15,9 +15,9 @@ Rules of this module (its parts: fastimds.http.memo, .answer, .holds,
   than `FEED_SLICE_BYTES` are fed in slices, and feeding stops while the
   transport is paused, so a client that never reads holds at most one slice
   of replies plus the unread input, not an unbounded queue.
-- Limits are checked where the bytes arrive: the URL in `on_url`, header
-  count and size in `on_header` (plus a cap on an unfinished head between
-  reads), the body in `on_body`. Breaking one gets its status and a close.
+- Limits are checked where the bytes arrive (fastimds.http.request_head),
+  plus a cap on an unfinished head between reads (`_feed`). Breaking one
+  gets its status and a close.
 - Connection limits are checked once, on accept (`connection_made`): per
   worker and per caller address (ServerState.callers). A connection over
   either is never admitted: it gets a pre-rendered 503, its write side is
@@ -52,9 +52,10 @@ from fastimds.http.answer import AnswerPath
 from fastimds.http.holds import Holds
 from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
+from fastimds.http.request_head import RequestHead
 from fastimds.http.worker_state import EXPIRE_SLICE, ServerState
 from fastimds.imds.registry import NOBODY
-from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply
+from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply
 from fastimds.imds.routing import category_of
 from fastimds.ops.telemetry import LAYOUT
 
@@ -65,20 +66,8 @@ __all__ = ["CLOSE_LINGER_S", "EXPIRE_SLICE", "FEED_SLICE_BYTES", "HttpProtocol",
 # normal request (~200 bytes) or a 16-deep pipeline (~3 KiB) is one slice.
 FEED_SLICE_BYTES = 8 * 1024
 
-# Header names whose presence makes a request's bytes unfit to remember:
-# a body may follow them, or a 100 Continue must precede the reply.
-_BODY_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
-# Lengths of every header name on_header looks at, so that most names are
-# passed over after one set lookup.
-_WATCHED_HEADER_SIZES = frozenset(
-    {len(name) for name in (b"metadata", b"x-forwarded-for", b"connection", b"upgrade", b"if-none-match")}
-)
-_WATCHED_HEADER_SIZES |= {len(name) for name in _BODY_FRAMING_HEADERS}
-
 _MALFORMED = ERRORS["malformed"]
 _HEAD_TOO_LARGE = ERRORS["head_too_large"]
-_URI_TOO_LONG = ERRORS["uri_too_long"]
-_BODY_TOO_LARGE = ERRORS["body_too_large"]
 _REQUEST_TIMEOUT = ERRORS["request_timeout"]
 _WORKER_CONNECTIONS_FULL = ERRORS["worker_connections_full"]
 _CALLER_CONNECTIONS_FULL = ERRORS["caller_connections_full"]
@@ -109,11 +98,7 @@ _OPENED_SLOT = LAYOUT.connections_opened
 _CLOSED_SLOT = LAYOUT.connections_closed
 
 
-class _Reject(Exception):
-    """Raised inside a parser callback to stop parsing; the reply is on the protocol."""
-
-
-class HttpProtocol(AnswerPath, MemoPath, Holds, asyncio.Protocol):
+class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
     __slots__ = ()  # the one layout is ConnectionFields'
 
     def __init__(self, state: ServerState) -> None:
@@ -335,75 +320,6 @@ class HttpProtocol(AnswerPath, MemoPath, Holds, asyncio.Protocol):
         out.append(self.state.date_block)
         if not head_only:
             out.append(reply.body)
-
-    # ---- httptools callbacks (only the ones we need: house rule 4) ----
-
-    def _reset_request(self) -> None:
-        self.url = b""
-        self.head_bytes = 0
-        self.header_count = 0
-        self.metadata_ok = False
-        self.forwarded = False
-        self.keep_alive_asked = False
-        self.upgrade_asked = False
-        self.rememberable = True
-        self.if_none_match = None
-        self.body = b""
-
-    def on_message_begin(self) -> None:
-        if self.phase is _IDLE:  # after a close in the same read, the phase stays: it is not answered
-            self.phase = _HEAD_BEGUN
-        # Fixed when the request starts, so trickling bytes cannot extend it.
-        self.deadline = self.state.now + self.limits.request_timeout_s
-
-    def on_url(self, url: bytes) -> None:
-        # httptools may deliver the URL in pieces when it spans reads.
-        if self.url:
-            url = self.url + url
-        self.url = url
-        if len(url) > self.limits.max_url_bytes:
-            self.reject = _URI_TOO_LONG
-            raise _Reject
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_count += 1
-        self.head_bytes += len(name) + len(value) + 4
-        if self.header_count > self.limits.max_header_count or self.head_bytes > self.limits.max_request_head_bytes:
-            self.reject = _HEAD_TOO_LARGE
-            raise _Reject
-        if len(name) not in _WATCHED_HEADER_SIZES:
-            return
-        name = name.lower()
-        if name == b"metadata":
-            self.metadata_ok = value.lower() == b"true"
-        elif name == b"x-forwarded-for":
-            self.forwarded = True
-        elif name == b"connection":
-            self.keep_alive_asked = b"keep-alive" in value.lower()
-        elif name == b"upgrade":
-            # We never switch protocols, and httptools stops parsing after an
-            # upgrade request, so its reply must announce the close (and
-            # linger: never remembered, since the memo closes at once).
-            self.upgrade_asked = True
-            self.rememberable = False
-        elif name == b"if-none-match":
-            self.if_none_match = value
-        elif name in _BODY_FRAMING_HEADERS:
-            self.rememberable = False
-            if name == b"expect" and value.lower() == b"100-continue" and self.phase not in ENDED:
-                # Let a client that waits for it send its body (the limit still applies).
-                self.out.append(CONTINUE)
-
-    def on_headers_complete(self) -> None:
-        phase = self.phase
-        if phase is _HEAD_BEGUN or phase is _IN_HEAD:
-            self.phase = _IN_BODY
-
-    def on_body(self, body: bytes) -> None:
-        if len(self.body) + len(body) > self.limits.max_body_bytes:
-            self.reject = _BODY_TOO_LARGE
-            raise _Reject
-        self.body += body
 
     # ---- deadlines and shutdown ----
 
