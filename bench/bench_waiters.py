@@ -47,7 +47,7 @@ def test_keep_alive_request_beside_parked_waiters(benchmark: Any, waiters: int) 
     protocol.data_received(LEAF)
     benchmark(protocol.data_received, LEAF)
     assert len(store.watchers) == waiters
-    assert all(p.waiting is not None for p in parked)
+    assert all(p.hold is not None for p in parked)
 
 
 def test_deadline_sweep_over_parked_waiters(benchmark: Any) -> None:

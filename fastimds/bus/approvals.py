@@ -29,7 +29,6 @@ import orjson
 
 from fastimds.bus.atomic import write_whole
 from fastimds.bus.layout import APPROVAL_SUFFIX, TEMP_PREFIX, approvals_directory
-from fastimds.imds.once import Once
 from fastimds.ops.event_log import EventLog
 
 
@@ -66,17 +65,3 @@ def take_approvals(directory: Path, log: EventLog) -> frozenset[str]:
             log.event("approval_unreadable", path=str(path), error=str(exc))
         path.unlink(missing_ok=True)
     return frozenset(approved)
-
-
-class _NotConnected:
-    """Unit tests of routing without a server: there is no control plane to tell."""
-
-    def approve(self, event_ids: frozenset[str]) -> None:
-        pass
-
-
-# Shim until the routing/http helper's branch is merged: fastimds/imds/routing.py
-# still reaches the sink through this name. The worker sets it to the one
-# BusApprovals it builds (fastimds.process.worker); delete it once resolve
-# returns the approval as an effect that the connection hands to that sink.
-APPROVALS: Once[ApprovalSink] = Once(_NotConnected)

@@ -91,8 +91,6 @@ class Follower:
             self.fault_table.load(records, time.time())
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.log.event("faults_file_invalid", error=repr(exc))
-            return
-        self.registry.forget_requests()
 
     def apply(self, vm_ids: set[str]) -> None:
         """Read and apply these VMs' files (a watch event, a rescan, or the in-process control's write)."""

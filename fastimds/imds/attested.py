@@ -39,7 +39,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from fastimds.imds.once import Once
 from fastimds.imds.render import Reply, json_body, make_reply
 
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
@@ -131,7 +130,3 @@ def signed_content(vm: Any, version: str, nonce: str | None, now: int) -> bytes:
         if version >= since and (field != "licenseType" or value):
             content[field] = str(value)
     return json_body(content)
-
-
-# The process's signer: loaded or made before fork with workers, else on first use.
-SIGNER: Once[Attestor] = Once(Attestor.self_signed)

@@ -13,8 +13,8 @@ Rules of this module:
   table, taken under a lock, so "fail the next 3 requests" means 3 however
   many workers. Nothing here is made at import.
 - Free when unused: the request memo answers known requests without the
-  parser, so faults are checked on the parser path only, and loading a fault
-  list empties every snapshot's request memo; a faulted reply is never
+  parser, so faults are checked on the parser path only, and a memo filled
+  before the table's last load is not used (`generation`); a faulted reply is never
   remembered, and a request a fault could match is never answered from the
   memo while that fault lives. With no live fault the check is one attribute
   test per parsed request.
@@ -284,21 +284,25 @@ class FaultTable:
     """A worker's faults; `active` is False whenever no fault can match.
 
     `budgets` holds the counts: the server's, shared by every process, or
-    without one (tests) private ones made here.
+    without one (tests) private ones made here. `generation` grows with every
+    load: a request memo filled under another generation is unusable
+    (fastimds.http.memo), so a fault change needs no one to clear memos.
     """
 
-    __slots__ = ("faults", "active", "budgets")
+    __slots__ = ("faults", "active", "budgets", "generation")
 
     def __init__(self, budgets: FaultBudgets | None = None) -> None:
         self.faults: list[Fault] = []
         self.active = False
         self.budgets = budgets if budgets is not None else FaultBudgets(MAX_FAULTS)
+        self.generation = 0  # bumped by every load: what was remembered under another is unusable
 
     def load(self, records: list[FaultRecord], now: float) -> None:
         """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
         faults = [Fault(record) for record in live(records, now, self.budgets)]
         self.faults = faults
         self.active = bool(faults)
+        self.generation += 1
 
     def match(self, vm_id: str, target: bytes, now: float) -> Fault | None:
         """The fault that takes this request (using one of its count), or None."""

@@ -29,7 +29,6 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fastimds.imds.once import Once
 from fastimds.imds.render import Reply, json_reply
 
 # Managed identity tokens live about a day (Azure's `expires_in` ≈ 86,300).
@@ -148,7 +147,3 @@ def info_reply(vm: Any) -> Reply:
     if "tenantId" not in section:
         return ERRORS["not_found"]
     return json_reply(200, {"tenantId": str(section["tenantId"])})
-
-
-# The process's token issuer: made before fork with workers, else on first use.
-ISSUER: Once[TokenIssuer] = Once(TokenIssuer)

@@ -133,12 +133,6 @@ class VmRegistry:
             del self.callers[address]
         return had_data
 
-    def forget_requests(self) -> None:
-        """Empty every snapshot's request memo (a fault list changed: fastimds.imds.faults)."""
-        for store in self.stores.values():
-            if store.current is not None:
-                store.current.request_replies.clear()
-
     def live(self) -> dict[str, SnapshotStore]:
         """Every VM that has data now."""
         return {vm_id: store for vm_id, store in self.stores.items() if store.current is not None}

@@ -1,11 +1,14 @@
 """resolve(): one request in, one finished reply out.
 
 Rules of this module:
-- Pure: no I/O, no asyncio, no clock, except the attested document, which is
-  signed with its time (a volatile Reply, never memoised), and a scheduled
-  event's approval, which is handed to fastimds.bus.approvals. The protocol hands
-  over the method, the raw request target, two header facts and the body (only
-  an approval has one); this returns a pre-rendered Reply.
+- Pure: no I/O, no asyncio, no globals, no clock except for the attested
+  document and tokens, which carry their time (volatile Replies, never
+  memoised). The connection hands over the method, the raw request target,
+  two header facts, the body (only an approval has one) and the `Keys` to
+  sign with; this returns a pre-rendered Reply. A request with an effect (a
+  scheduled event's approval) gets an `Approval` reply that carries it
+  (fastimds.imds.effects): recording it is the caller's job, never this
+  module's.
 - Failures are replies, not exceptions (house rule 10).
 - Checks run in a fixed order, because clients depend on it (spec §3.3): the
   Metadata header, X-Forwarded-For, query syntax (duplicates), the category,
@@ -22,9 +25,10 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qsl, unquote
 
-from fastimds.bus.approvals import APPROVALS
 from fastimds.imds import events, identity
-from fastimds.imds.attested import NONCE_PATTERN, SIGNER
+from fastimds.imds.attested import NONCE_PATTERN
+from fastimds.imds.effects import Approval
+from fastimds.imds.keys import Keys
 from fastimds.imds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
 from fastimds.imds.snapshot import Snapshot, newest_view
 from fastimds.imds.versions import (
@@ -52,20 +56,45 @@ _BAD_VERSION = ERRORS["bad_api_version"]
 
 
 def resolve(
-    snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool, *, body: bytes = b""
+    snapshot: Snapshot | None,
+    method: bytes,
+    target: bytes,
+    metadata_ok: bool,
+    forwarded: bool,
+    *,
+    body: bytes = b"",
+    keys: Keys | None = None,
 ) -> Reply:
-    """The reply to one request against one VM's snapshot (None: the caller has no VM)."""
+    """The reply to one request against one VM's snapshot (None: the caller has no VM).
+
+    An `Approval` (a Reply) when the request approves scheduled events.
+    `keys` signs tokens and attested documents; without it those endpoints
+    raise LookupError (a wiring mistake, not a request's fault).
+    """
     if snapshot is not None and metadata_ok and not forwarded and method in READ_METHODS:
         reply = snapshot.url_replies.get(target)
         if reply is None:
-            reply = _resolve(snapshot, method, target, metadata_ok, forwarded, body=body)
+            reply = _resolve(snapshot, method, target, metadata_ok, forwarded, body=body, keys=keys)
             snapshot.remember(target, reply)
         return reply
-    return _resolve(snapshot, method, target, metadata_ok, forwarded, body=body)
+    return _resolve(snapshot, method, target, metadata_ok, forwarded, body=body, keys=keys)
+
+
+def _signing(keys: Keys | None) -> Keys:
+    if keys is None:
+        raise LookupError("resolve() needs the server's Keys to sign tokens and attested documents")
+    return keys
 
 
 def _resolve(
-    snapshot: Snapshot | None, method: bytes, target: bytes, metadata_ok: bool, forwarded: bool, *, body: bytes
+    snapshot: Snapshot | None,
+    method: bytes,
+    target: bytes,
+    metadata_ok: bool,
+    forwarded: bool,
+    *,
+    body: bytes,
+    keys: Keys | None,
 ) -> Reply:
     if not metadata_ok:
         # The identity family answers in its own error shape (azure-identity reads it).
@@ -101,11 +130,11 @@ def _resolve(
         if route == ["info"]:
             return identity.info_reply(snapshot.vm)
         # Tokens count down (expires_in): rendered per request, volatile.
-        return identity.token_reply(identity.ISSUER.get(), snapshot.vm, query, time.time())
+        return identity.token_reply(_signing(keys).issuer, snapshot.vm, query, time.time())
     if category == "attested" and route == ["document"]:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
-        return _resolve_attested(snapshot, query)
+        return _resolve_attested(snapshot, query, keys)
     if category == "scheduledevents" and not route:
         if method not in READ_METHODS and method != b"POST":
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD_POST)
@@ -121,7 +150,7 @@ def _resolve(
     return _NOT_FOUND
 
 
-def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
+def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str], keys: Keys | None) -> Reply:
     version = query.get("api-version")
     refused = _refusal(snapshot, version, ATTESTED_VERSIONS)
     if refused is not None:
@@ -131,7 +160,7 @@ def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str]) -> Reply
     if nonce is not None and not NONCE_PATTERN.fullmatch(nonce):
         return ERRORS["bad_nonce"]
     # The one reply that reads the clock: the document is signed with its time.
-    return SIGNER.get().reply(snapshot.vm, version, nonce, time.time())
+    return _signing(keys).attestor.reply(snapshot.vm, version, nonce, time.time())
 
 
 def _refusal(snapshot: Snapshot | None, version: str | None, valid: frozenset[str]) -> Reply | None:
@@ -180,8 +209,7 @@ def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: d
         return ERRORS["bad_approval"]
     if not set(approved) <= events.event_ids(snapshot.vm.scheduled):
         return ERRORS["unknown_event"]
-    APPROVALS.get().approve(frozenset(approved))
-    return events.APPROVED
+    return Approval.of(events.APPROVED, frozenset(approved))  # recorded by the caller: this module writes nothing
 
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:

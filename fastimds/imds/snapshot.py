@@ -25,9 +25,9 @@ Rules of this module:
   bounded and dying with the snapshot on swap: the node tree (children are
   made on the first walk through a node), the views (at most one per node per
   change point; listings that do not change share one reply), `url_replies`
-  (request target -> Reply, filled by the router) and `request_replies` (a
-  whole request head's bytes -> the finished reply, filled by the protocol;
-  see `RequestReply`).
+  (request target -> Reply, filled by the router) and `http_cache`, a slot
+  the HTTP layer owns (its request memo, fastimds.http.memo): nothing here
+  reads or knows its contents.
 - Version gating: a node's change points are the api-versions at which
   something in its subtree appears (from versions.INSTANCE_FIELD_SINCE), so a
   request at any version is a walk plus a short scan to the newest change
@@ -61,17 +61,6 @@ from fastimds.imds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE,
 # paths; a client uses a handful of spellings (api-version, format) of a few
 # of them. 4096 entries of ~200 bytes is under 1 MiB per VM.
 MAX_MEMO_ENTRIES = 4096
-# Whole request heads remembered per snapshot, and the longest one kept: a
-# real client sends a handful of distinct heads of ~100-300 bytes.
-MAX_REQUEST_MEMO_ENTRIES = 1024
-MAX_REQUEST_MEMO_KEY_BYTES = 1024
-
-# What the request log needs of a reply: (method, target, status), decoded once.
-LogStub = tuple[str, str, int]
-# (head with its Connection header, body or b"" for HEAD, closes the connection,
-#  then its telemetry slots: requests by category and code, bytes, reject reason;
-#  then what the request log keeps of it: (its stub, its body size), made once)
-RequestReply = tuple[bytes, bytes, bool, int, int, int, tuple[LogStub, int]]
 
 _LEAF_NEEDS_TEXT = ERRORS["leaf_needs_text"]
 
@@ -373,7 +362,7 @@ class Snapshot:
         "_loadbalancer",
         "_scheduled_events",
         "url_replies",
-        "request_replies",
+        "http_cache",
     )
 
     def __init__(self, generation: int, vm: VmDescription, root: Node) -> None:
@@ -384,7 +373,8 @@ class Snapshot:
         self._loadbalancer: Reply | None = None
         self._scheduled_events: dict[str, Reply] = {}  # by api-version
         self.url_replies: dict[bytes, Reply] = {}
-        self.request_replies: dict[bytes, RequestReply] = {}
+        # Opaque here: the HTTP layer's per-snapshot cache (fastimds.http.memo), dying with the snapshot.
+        self.http_cache: Any = None
 
     @property
     def extended_views(self) -> tuple[View, ...]:
@@ -418,10 +408,6 @@ class Snapshot:
     def remember(self, url: bytes, reply: Reply) -> None:
         if len(self.url_replies) < MAX_MEMO_ENTRIES and not reply.volatile:
             self.url_replies[url] = reply
-
-    def remember_request(self, head: bytes, reply: RequestReply) -> None:
-        if len(self.request_replies) < MAX_REQUEST_MEMO_ENTRIES and len(head) <= MAX_REQUEST_MEMO_KEY_BYTES:
-            self.request_replies[head] = reply
 
 
 def build_snapshot(vm: VmDescription, generation: int) -> Snapshot:

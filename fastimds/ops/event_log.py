@@ -92,10 +92,3 @@ class EventLog:
         now = time.time()
         for event, count in sorted(suppressed.items()):
             self.write("log_suppressed", now, {"suppressed_event": event, "lines": count})
-
-
-# Shim until the http helper's branch is merged: fastimds/http/connection.py
-# still imports this name. The server hands this very object to everything it
-# builds (fastimds.process.serve), so there is one log per process either way.
-# Delete it once the connection reads `state.event_log`.
-EVENT_LOG = EventLog()

@@ -42,7 +42,7 @@ from fastimds.imds.faults import MAX_FAULTS, FaultBudgets
 from fastimds.imds.keys import Keys
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID
-from fastimds.ops.event_log import EVENT_LOG, EventLog
+from fastimds.ops.event_log import EventLog
 from fastimds.ops.scrape import Telemetry
 from fastimds.ops.telemetry import LAYOUT, TelemetryArea, VmState
 from fastimds.process.control_part import ControlPart
@@ -193,7 +193,7 @@ def serve(settings: Settings) -> int:
     0: stopped by a signal; 1: could not listen or workers failed; 2: bad data.
     """
     main_pid = os.getpid()
-    log = EVENT_LOG  # this process's one log (until merge the connection code reads it by this name)
+    log = EventLog()  # this process's one log; a forked child keeps it and names its own role
     log.configure(path=settings.log_file, role="server" if settings.workers == 1 else "supervisor")
     settings, fd_report = fit_fd_limit(settings)
     log.event("config", **settings.describe())

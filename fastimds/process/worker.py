@@ -20,12 +20,11 @@ import asyncio
 import socket
 import time
 
-from fastimds.bus.approvals import APPROVALS, BusApprovals
+from fastimds.bus.approvals import BusApprovals
 from fastimds.bus.follower import Follower
 from fastimds.config import Settings
 from fastimds.http.connection import HttpProtocol, ServerState
 from fastimds.http.throttle import Throttle, ThrottleLimits
-from fastimds.imds import attested, identity
 from fastimds.imds.keys import Keys
 from fastimds.ops.event_log import EventLog
 from fastimds.ops.request_log import RequestLog
@@ -77,11 +76,6 @@ class Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.tasks.append(await self.follower.start())
-        state = self.state = ServerState(self.registry, self.settings.limits, loop.time(), time.time(), telemetry=False)
-        state.counters = self.telemetry.counters
-        state.faults = self.follower.fault_table
-        if self.settings.throttle is not None:
-            state.throttle = Throttle(ThrottleLimits(*self.settings.throttle))
         if self.settings.request_log_dir is not None:
             retain_files, retain_age_s = self.settings.request_log_retain
             self.request_log = RequestLog(
@@ -90,9 +84,21 @@ class Worker:
                 retain_files=retain_files,
                 retain_age_s=retain_age_s,
             )
-            state.request_log = self.request_log
             loop.call_later(REQUEST_LOG_FLUSH_S, self._flush_request_log)
-        _bridge_until_merge(self.keys, self.approvals)
+        throttle = self.settings.throttle
+        state = self.state = ServerState(
+            self.registry,
+            self.settings.limits,
+            now=loop.time(),
+            unix_time=time.time(),
+            counters=self.telemetry.counters,
+            request_log=self.request_log,
+            throttle=Throttle(ThrottleLimits(*throttle)) if throttle is not None else None,
+            faults=self.follower.fault_table,
+            approvals=self.approvals,
+            keys=self.keys,
+            event_log=self.log,
+        )
         self.server = await loop.create_server(
             lambda: HttpProtocol(state), sock=self.sock, backlog=self.settings.backlog
         )
@@ -147,14 +153,3 @@ class Worker:
         if self.request_log is not None:
             self.request_log.close(time.time())
         self.log.event("worker_stopped", aborted=len(state.connections))
-
-
-def _bridge_until_merge(keys: Keys, approvals: BusApprovals) -> None:
-    """Shim until the http helper's branch is merged: routing still reads process globals.
-
-    Then ServerState takes `keys`, `event_log` and `approvals` and this goes.
-    The keys stay lazy: a single process makes each on first use, as before.
-    """
-    attested.SIGNER._make = lambda: keys.attestor
-    identity.ISSUER._make = lambda: keys.issuer
-    APPROVALS.set(approvals)

@@ -64,14 +64,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastimds.config import Limits
-from fastimds.http.connection import FEED_SLICE_BYTES, HttpProtocol, ServerState
+from fastimds.http.connection import FEED_SLICE_BYTES, HttpProtocol
 from fastimds.http.throttle import Throttle, ThrottleLimits
+from fastimds.http.worker_state import ServerState
 from fastimds.imds import routing
 from fastimds.imds.datafile import VmDescription, parse_vm
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import CONTINUE, ERRORS, SERVER_HEADER
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
-from tests.support.fakes import PINNED_DATE, PINNED_UNIX_TIME, FakeTransport, request, sample_vm
+from fastimds.ops.telemetry import new_counters
+from tests.support.fakes import KEYS, PINNED_DATE, PINNED_UNIX_TIME, FakeTransport, request, sample_vm
+from tests.support.fakes import remembered as memo_of
 
 # ---- the budget ----
 
@@ -457,9 +460,10 @@ def connect(store: SnapshotStore, limits: Limits = LIMITS["default"], mode: str 
     """A connection from PEER to `store`'s VM, set up as `mode` says (see MODES)."""
     registry = VmRegistry(default_vm_id=None if mode == "nobody" else DEFAULT_VM_ID)
     registry.stores[DEFAULT_VM_ID] = store
-    state = ServerState(registry, limits, now=0.0, unix_time=PINNED_UNIX_TIME)
-    if mode == "throttled":
-        state.throttle = Throttle(ThrottleLimits(instance_rps=3, identity_rps=2))
+    throttle = Throttle(ThrottleLimits(instance_rps=3, identity_rps=2)) if mode == "throttled" else None
+    state = ServerState(
+        registry, limits, now=0.0, unix_time=PINNED_UNIX_TIME, counters=new_counters(), throttle=throttle, keys=KEYS
+    )
     state.draining = mode == "draining"
     protocol = HttpProtocol(state)
     transport = FakeTransport(PEER)
@@ -494,8 +498,8 @@ class Connection:
     def settle(self) -> None:
         """Until reading may go on: drain the socket buffer, and let a held long-poll's
         deadline pass (the loop clock moves; the Date stays pinned)."""
-        while not self.transport.ended and (self.protocol.waiting is not None or self.protocol.write_paused):
-            if self.protocol.waiting is not None:
+        while not self.transport.ended and (self.protocol.hold is not None or self.protocol.write_paused):
+            if self.protocol.hold is not None:
                 self.state.tick(self.protocol.deadline + 1.0, PINNED_UNIX_TIME)
             else:
                 self.protocol.resume_writing()
@@ -671,7 +675,7 @@ def check_memo_matches_parser(store: SnapshotStore, limits: str = "default") -> 
     """Every remembered head gets, from the memo, exactly what the parser gives it on a cold snapshot."""
     snapshot = store.current
     assert snapshot is not None
-    for head in list(snapshot.request_replies):
+    for head in list(memo_of(snapshot)):
         data = head + b"\r\n\r\n"
         remembered = connect(store, LIMITS[limits])
         remembered.protocol.parser = ExplodingParser()

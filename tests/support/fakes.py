@@ -17,17 +17,26 @@ from fastimds.config import Limits
 from fastimds.control.admin_api import AdminApi
 from fastimds.control.plane import ControlPlane
 from fastimds.control.writer import Control
-from fastimds.http.connection import HttpProtocol, ServerState
+from fastimds.http.connection import HttpProtocol
+from fastimds.http.memo import MemoEntry, known_requests
+from fastimds.http.throttle import Throttle
+from fastimds.http.worker_state import ApprovalSink, ServerState
 from fastimds.imds.datafile import VmDescription, load_vm
+from fastimds.imds.faults import FaultTable
 from fastimds.imds.keys import Keys
 from fastimds.imds.registry import VmRegistry
+from fastimds.imds.snapshot import Snapshot
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from fastimds.ops.event_log import EventLog
+from fastimds.ops.telemetry import new_counters
 
 PINNED_UNIX_TIME = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
 PINNED_DATE = b"Tue, 14 Nov 2023 22:13:20 GMT"
 
 _SAMPLE: VmDescription | None = None
+
+# The keys unit tests sign with (made on first use, once per test session; a server makes its own).
+KEYS = Keys()
 
 
 def sample_vm() -> VmDescription:
@@ -96,16 +105,35 @@ def make_connection(
     store: SnapshotStore | None = None,
     registry: VmRegistry | None = None,
     peer: str = "127.0.0.1",
+    *,
+    faults: FaultTable | None = None,
+    throttle: Throttle | None = None,
+    approvals: ApprovalSink | None = None,
 ) -> tuple[HttpProtocol, FakeTransport, ServerState]:
     """A connection from `peer`; by default to a single-VM registry of the sample (or of `store`)."""
     if registry is None:
         registry = VmRegistry(default_vm_id=DEFAULT_VM_ID)
         registry.stores[DEFAULT_VM_ID] = store or SnapshotStore(sample_vm())
-    state = ServerState(registry, limits or Limits(), now=0.0, unix_time=PINNED_UNIX_TIME)
+    state = ServerState(
+        registry,
+        limits or Limits(),
+        now=0.0,
+        unix_time=PINNED_UNIX_TIME,
+        counters=new_counters(),
+        faults=faults,
+        throttle=throttle,
+        approvals=approvals,
+        keys=KEYS,
+    )
     protocol = HttpProtocol(state)
     transport = FakeTransport(peer)
     protocol.connection_made(transport)
     return protocol, transport, state
+
+
+def remembered(snapshot: Snapshot | None, faults: FaultTable | None = None) -> dict[bytes, MemoEntry]:
+    """What `snapshot`'s request memo answers under `faults` (default: a table that never loaded)."""
+    return known_requests(snapshot, faults if faults is not None else FaultTable())
 
 
 @dataclass

@@ -14,7 +14,15 @@ from fastimds.http.connection import HttpProtocol
 from fastimds.imds.datafile import VmDescription, parse_vm
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
-from tests.support.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, sample_vm, split_responses
+from tests.support.fakes import (
+    PINNED_UNIX_TIME,
+    FakeTransport,
+    make_connection,
+    remembered,
+    request,
+    sample_vm,
+    split_responses,
+)
 
 LOCATION = "/metadata/instance/compute/location?api-version=2021-02-01&format=text"
 DOCUMENT = "/metadata/instance?api-version=2021-02-01"
@@ -81,7 +89,7 @@ def test_304_is_answered_from_the_request_memo_too() -> None:
     etag = get(protocol, transport, DOCUMENT).headers["etag"]
     conditional = ("If-None-Match", etag)
     assert get(protocol, transport, DOCUMENT, conditional).status == 304
-    assert store.current is not None and len(store.current.request_replies) == 2
+    assert store.current is not None and len(remembered(store.current)) == 2
     assert get(protocol, transport, DOCUMENT, conditional).status == 304  # from the memo
     store.publish(vm_with(location="eastus"))
     assert get(protocol, transport, DOCUMENT, conditional).status == 200  # a new snapshot, a new ETag
@@ -241,7 +249,7 @@ def test_long_polls_are_never_remembered() -> None:
     store = SnapshotStore(sample_vm())
     protocol, _, _ = make_connection(store=store)
     protocol.data_received(request(LOCATION + "&wait_for_change=true&timeout_sec=1"))
-    assert store.current is not None and store.current.request_replies == {}
+    assert store.current is not None and remembered(store.current) == {}
 
 
 def test_a_waiter_costs_a_few_hundred_bytes() -> None:

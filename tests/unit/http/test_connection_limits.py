@@ -7,9 +7,8 @@ import json
 import pytest
 
 from fastimds.config import ConfigError, Limits
-from fastimds.http import connection as protocol_module
 from fastimds.http.connection import MAX_LINGERING_REFUSALS, REFUSED_LINGER_S, HttpProtocol, ServerState
-from fastimds.ops.event_log import LOG_BURST, EventLog
+from fastimds.ops.event_log import LOG_BURST
 from fastimds.ops.telemetry import LAYOUT
 from tests.support.fakes import PINNED_UNIX_TIME, FakeTransport, make_connection, request, split_responses
 
@@ -95,9 +94,9 @@ def test_a_refusal_lingers_until_the_sweep_then_is_aborted() -> None:
 
 
 def test_refusals_past_the_lingering_cap_close_at_once(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(protocol_module, "EVENT_LOG", EventLog())  # a full bucket, whatever ran before
+    # Each state has its own event log (state.event_log): a full bucket, whatever ran before.
     _protocol, _, state = make_connection(Limits(max_connections_per_caller=1))
     lingering = [open_from(state, "127.0.0.1")[1] for _ in range(MAX_LINGERING_REFUSALS)]
     assert not any(transport.closed for transport in lingering)

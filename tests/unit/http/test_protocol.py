@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import pytest
 
 from fastimds.config import Limits
 from fastimds.http.connection import CLOSE_LINGER_S, FEED_SLICE_BYTES, HttpProtocol
+from fastimds.http.phases import Hold, Phase
+from fastimds.imds import events
 from fastimds.imds.datafile import parse_vm
 from fastimds.imds.render import ERRORS
 from fastimds.imds.store import SnapshotStore
@@ -519,3 +524,76 @@ def test_an_upgrade_answered_twice_lingers_both_times() -> None:
         protocol.data_received(upgrade)
         results.append((transport.eof_written, transport.closed))
     assert results == [(True, False), (True, False)]
+
+
+# ---- the connection's state (fastimds.http.phases) ----
+
+
+def test_the_phase_follows_a_request_through_its_reads() -> None:
+    protocol, transport, _ = make_connection()
+    assert (protocol.phase, protocol.hold) == (Phase.IDLE, None)
+    post = request("/metadata/versions", method="POST", body=b"12345")
+    head, body = post[: post.index(b"\r\n\r\n") + 4], post[post.index(b"\r\n\r\n") + 4 :]
+    protocol.data_received(head[:20])  # began in this read: charged from the next one on
+    assert protocol.phase is Phase.IN_HEAD and protocol.head_pending == 0
+    protocol.data_received(head[20:] + body[:2])  # the head is complete, the body is not
+    assert protocol.phase is Phase.IN_BODY
+    protocol.data_received(body[2:])
+    assert protocol.phase is Phase.IDLE
+    assert [r.status for r in split_responses(transport.output)] == [405]
+    protocol.data_received(GET_VERSIONS)
+    assert protocol.phase is Phase.IDLE and not transport.ended
+
+
+def test_a_close_the_client_asks_for_is_closing_and_one_the_server_decides_lingers() -> None:
+    asked, asked_transport, _ = make_connection()
+    asked.data_received(GET_CLOSE)
+    assert asked.phase is Phase.CLOSING and asked_transport.closed and not asked_transport.eof_written
+    asked.data_received(GET_VERSIONS)  # read and dropped
+    assert len(split_responses(asked_transport.output)) == 1
+
+    decided, decided_transport, _ = make_connection()
+    decided.data_received(GARBAGE)
+    assert decided.phase is Phase.LINGERING and decided_transport.eof_written and not decided_transport.closed
+    decided.connection_lost(None)
+    assert decided.phase is Phase.CLOSED
+
+
+def test_a_long_poll_holds_and_its_release_lets_go() -> None:
+    store = SnapshotStore(sample_vm())
+    protocol, transport, _ = make_connection(store=store)
+    protocol.data_received(request("/metadata/instance?api-version=2021-02-01&wait_for_change=true"))
+    assert (protocol.phase, protocol.hold) == (Phase.IDLE, Hold.LONG_POLL) and protocol in store.watchers
+    store.publish(dataclasses.replace(sample_vm(), instance={**sample_vm().instance, "compute": {"name": "other"}}))
+    assert (protocol.phase, protocol.hold, protocol.wait) == (Phase.IDLE, None, None)
+    assert protocol not in store.watchers and [r.status for r in split_responses(transport.output)] == [200]
+
+
+# ---- effects leave the parser callback ----
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.approved: list[frozenset[str]] = []
+
+    def approve(self, event_ids: frozenset[str]) -> None:
+        self.approved.append(event_ids)
+
+
+def test_an_approval_reaches_the_sink_on_the_next_loop_turn_not_inside_data_received() -> None:
+    event = events.make_event({"EventType": "Reboot", "EventId": "E1"}, PINNED_UNIX_TIME, ["vm-name"])
+    store = SnapshotStore(dataclasses.replace(sample_vm(), scheduled=events.add(None, event)))
+    sink = RecordingSink()
+    approve = request(
+        "/metadata/scheduledevents?api-version=2020-07-01", method="POST", body=b'{"StartRequests":[{"EventId":"E1"}]}'
+    )
+
+    async def scenario() -> None:
+        protocol, transport, _ = make_connection(store=store, approvals=sink)
+        protocol.data_received(approve)
+        assert [r.status for r in split_responses(transport.output)] == [200]  # answered at once...
+        assert sink.approved == []  # ...but recorded only after the parser callback returned
+        await asyncio.sleep(0)
+        assert sink.approved == [frozenset({"E1"})]
+
+    asyncio.run(scenario())

@@ -6,14 +6,16 @@ against the parser's own answer, or proves what must never be remembered.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from fastimds.http.connection import HttpProtocol
-from fastimds.imds.snapshot import MAX_REQUEST_MEMO_ENTRIES, MAX_REQUEST_MEMO_KEY_BYTES
+from fastimds.http.memo import MAX_REQUEST_MEMO_ENTRIES, MAX_REQUEST_MEMO_KEY_BYTES
+from fastimds.imds.faults import make_fault
 from fastimds.imds.store import SnapshotStore
-from tests.support.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
+from tests.support.fakes import FakeTransport, make_connection, remembered, request, sample_vm, split_responses
 
 LEAF = request("/metadata/instance/compute/vmId?api-version=2021-02-01&format=text")
 DOCUMENT = request("/metadata/instance?api-version=2021-02-01")
@@ -56,7 +58,7 @@ def test_remembered_answers_are_byte_identical_and_skip_the_parser(name: str) ->
     store = SnapshotStore(sample_vm())
     first, first_transport, _ = make_connection(store=store)
     parsed = answers(first, first_transport, data)
-    assert store.current.request_replies, "nothing was remembered"
+    assert remembered(store.current), "nothing was remembered"
 
     second, second_transport, _ = make_connection(store=store)
     second.parser = ExplodingParser()
@@ -68,7 +70,7 @@ def test_keep_alive_connection_reuses_the_memo_across_reads() -> None:
     protocol, transport, state = make_connection()
     for _ in range(3):
         protocol.data_received(LEAF)
-    assert len(state.registry.default.current.request_replies) == 1
+    assert len(remembered(state.registry.default.current)) == 1
     bodies = [r.body for r in split_responses(transport.output)]
     assert bodies == [sample_vm().instance["compute"]["vmId"].encode()] * 3
 
@@ -80,7 +82,7 @@ def test_pipelined_read_with_an_unknown_head_is_parsed_whole() -> None:
     protocol, transport, _ = make_connection(store=store)
     protocol.data_received(LEAF + DOCUMENT)  # DOCUMENT is new: the whole read is parsed
     assert [r.status for r in split_responses(transport.output)] == [200, 200]
-    assert len(store.current.request_replies) == 2  # and now both are known
+    assert len(remembered(store.current)) == 2  # and now both are known
 
 
 @pytest.mark.parametrize(
@@ -100,7 +102,7 @@ def test_pipelined_read_with_an_unknown_head_is_parsed_whole() -> None:
 def test_what_is_never_remembered(data: bytes) -> None:
     protocol, _, state = make_connection()
     protocol.data_received(data)
-    assert state.registry.default.current.request_replies == {}
+    assert remembered(state.registry.default.current) == {}
 
 
 def test_a_request_split_across_reads_is_not_remembered_or_mistaken() -> None:
@@ -130,12 +132,12 @@ def test_memo_is_bounded_in_entries_and_key_size() -> None:
     protocol, _, state = make_connection()
     for i in range(MAX_REQUEST_MEMO_ENTRIES + 100):
         protocol.data_received(request(f"/metadata/instance?api-version=2021-02-01&n={i}"))
-    assert len(state.registry.default.current.request_replies) == MAX_REQUEST_MEMO_ENTRIES
+    assert len(remembered(state.registry.default.current)) == MAX_REQUEST_MEMO_ENTRIES
 
     protocol, transport, state = make_connection()
     long_head = request(headers=(("Metadata", "true"), ("X-Pad", "p" * MAX_REQUEST_MEMO_KEY_BYTES)))
     protocol.data_received(long_head)
-    assert state.registry.default.current.request_replies == {}
+    assert remembered(state.registry.default.current) == {}
     assert split_responses(transport.output)[0].status == 200
 
 
@@ -145,4 +147,17 @@ def test_a_published_snapshot_starts_with_an_empty_memo() -> None:
     protocol.data_received(LEAF)
     old = store.current
     store.publish(sample_vm())
-    assert old.request_replies and not store.current.request_replies
+    assert remembered(old) and not remembered(store.current)
+
+
+def test_a_fault_load_alone_makes_remembered_replies_unusable() -> None:
+    protocol, transport, state = make_connection()
+    protocol.data_received(LEAF)
+    protocol.data_received(LEAF)  # from the memo
+    assert remembered(state.registry.default.current, state.faults)
+    now = time.time()
+    # What Control and Follower do, and nothing more: no one is told to forget.
+    state.faults.load([make_fault({"status": 503}, None, now, 0, state.faults.budgets)], now)
+    protocol.data_received(LEAF)
+    assert [r.status for r in split_responses(transport.output)] == [200, 200, 503]
+    assert remembered(state.registry.default.current, state.faults) == {}  # the faulted reply is not remembered

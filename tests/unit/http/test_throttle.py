@@ -21,9 +21,9 @@ def throttled_connection(
 ) -> tuple[HttpProtocol, FakeTransport, ServerState]:
     registry = VmRegistry(default_vm_id=DEFAULT_VM_ID)
     registry.stores[DEFAULT_VM_ID] = SnapshotStore(sample_vm())
-    protocol, transport, state = make_connection(registry=registry, peer=peer)
-    state.throttle = Throttle(limits or ThrottleLimits())
-    protocol.window = state.throttle.for_caller(peer)
+    protocol, transport, state = make_connection(
+        registry=registry, peer=peer, throttle=Throttle(limits or ThrottleLimits())
+    )
     return protocol, transport, state
 
 

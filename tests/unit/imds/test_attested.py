@@ -19,7 +19,7 @@ from fastimds.imds.datafile import parse_vm
 from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
-from tests.support.fakes import sample_vm
+from tests.support.fakes import KEYS, sample_vm
 from tests.support.openssl import verified_content
 from tests.support.server_process import vm_document, vm_uuid
 
@@ -29,7 +29,7 @@ VM_ID = sample_vm().instance["compute"]["vmId"]
 
 def get(target: str) -> tuple[int, Any]:
     snapshot = build_snapshot(sample_vm(), 1)
-    reply = resolve(snapshot, b"GET", target.encode(), True, False)
+    reply = resolve(snapshot, b"GET", target.encode(), True, False, keys=KEYS)
     return reply.status, orjson.loads(reply.body)
 
 
@@ -83,7 +83,7 @@ def test_api_version_starts_at_2018_10_01() -> None:
 
 def test_it_is_never_memoised() -> None:
     snapshot = build_snapshot(sample_vm(), 1)
-    resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False)
+    resolve(snapshot, b"GET", (DOCUMENT + "&nonce=abc").encode(), True, False, keys=KEYS)
     assert snapshot.url_replies == {}
 
 

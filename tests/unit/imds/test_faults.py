@@ -40,6 +40,7 @@ from tests.support.fakes import (
     admin_api,
     make_connection,
     new_plane,
+    remembered,
     request,
     sample_vm,
     serving,
@@ -59,12 +60,14 @@ VM_ID_TEXT = sample_vm().instance["compute"]["vmId"].encode()
 BUDGETS = FaultBudgets(MAX_FAULTS)
 
 
-def records(*specs: dict[str, Any], vms: list[str] | None = None, now: float = NOW) -> list[dict[str, Any]]:
-    """Validated records of `specs`, in slots 0, 1, ... (counts set in BUDGETS)."""
+def records(
+    *specs: dict[str, Any], vms: list[str] | None = None, now: float = NOW, budgets: FaultBudgets = BUDGETS
+) -> list[dict[str, Any]]:
+    """Validated records of `specs`, in slots 0, 1, ... (counts set in `budgets`)."""
     made = []
     for slot, spec in enumerate(specs):
         assert fault_problems(spec) == [], spec
-        made.append(make_fault(spec, vms, now, slot, BUDGETS))
+        made.append(make_fault(spec, vms, now, slot, budgets))
     return made
 
 
@@ -77,6 +80,12 @@ def table(*specs: dict[str, Any], vms: list[str] | None = None, now: float = NOW
 def real_table(*specs: dict[str, Any], vms: list[str] | None = None) -> FaultTable:
     """A table as of the real clock: the protocol matches with time.time()."""
     return table(*specs, vms=vms, now=time.time())
+
+
+def load_real(state: Any, *specs: dict[str, Any], vms: list[str] | None = None) -> None:
+    """Load `specs` into the worker's own table, as the real clock has them (as Control and Follower do)."""
+    now = time.time()
+    state.faults.load(records(*specs, vms=vms, now=now, budgets=state.faults.budgets), now)
 
 
 # ---- validation ----
@@ -454,39 +463,37 @@ def fault_count(state: Any, kind: str) -> int:
 
 def test_a_remembered_request_is_faulted_once_a_fault_loads_and_served_again_after() -> None:
     protocol, transport, state = make_connection()
-    memo = state.registry.default.current.request_replies
+    snapshot = state.registry.default.current
     protocol.data_received(LEAF)
-    assert len(memo) == 1  # remembered: the next one skips the parser
+    assert len(remembered(snapshot, state.faults)) == 1  # remembered: the next one skips the parser
 
-    state.faults = real_table({"status": 503, "path": "/metadata/INSTANCE"})
-    state.registry.forget_requests()  # what loading a fault list does (Control, Follower)
-    assert memo == {}
+    load_real(state, {"status": 503, "path": "/metadata/INSTANCE"})  # the load alone: nobody forgets anything
+    assert remembered(snapshot, state.faults) == {}
     for _ in range(2):
         protocol.data_received(LEAF)
     protocol.data_received(VERSIONS)  # not under the fault's path: served, and remembered
-    assert list(memo) == [VERSIONS[:-4]]  # the faulted reply never is
+    assert list(remembered(snapshot, state.faults)) == [VERSIONS[:-4]]  # the faulted reply never is
 
-    state.faults = FaultTable()
-    state.registry.forget_requests()
+    load_real(state)  # no faults
     protocol.data_received(LEAF)
     protocol.data_received(LEAF)  # from the memo again
     statuses = [(response.status, response.body) for response in split_responses(transport.output)]
     assert [status for status, _ in statuses] == [200, 503, 503, 200, 200, 200]
     assert statuses[1][1] == b'{"error":"Internal service unavailable. Retry later"}'
     assert statuses[-1][1] == VM_ID_TEXT
-    assert LEAF[:-4] in memo
+    assert LEAF[:-4] in remembered(snapshot, state.faults)
     assert fault_count(state, "503") == 2
 
 
 def test_a_counted_fault_is_never_remembered_and_its_end_is() -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"status": 500, "count": 2})
+    load_real(state, {"status": 500, "count": 2})
     for _ in range(4):
         protocol.data_received(LEAF)
     assert [response.status for response in split_responses(transport.output)] == [500, 500, 200, 200]
     assert not state.faults.active
-    [(head, _body, *_)] = state.registry.default.current.request_replies.values()
-    assert head.startswith(b"HTTP/1.1 200")
+    [entry] = remembered(state.registry.default.current, state.faults).values()
+    assert entry.head.startswith(b"HTTP/1.1 200")
     assert fault_count(state, "500") == 2
 
 
@@ -495,18 +502,17 @@ def test_a_fault_for_another_vm_leaves_this_one_alone() -> None:
     registry.stores["a"] = SnapshotStore(sample_vm(), vm_id="a")
     registry.stores["b"] = SnapshotStore(sample_vm(), vm_id="b")
     protocol, transport, state = make_connection(registry=registry)
-    state.faults = real_table({"status": 410}, vms=["b"])
+    load_real(state, {"status": 410}, vms=["b"])
     protocol.data_received(LEAF)
     assert [response.status for response in split_responses(transport.output)] == [200]
-    state.faults = real_table({"status": 410}, vms=["a"])
-    state.registry.forget_requests()
+    load_real(state, {"status": 410}, vms=["a"])
     protocol.data_received(LEAF)
     assert [response.status for response in split_responses(transport.output)] == [200, 410]
 
 
 def test_identity_requests_get_the_identity_error_shape() -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"status": 429})
+    load_real(state, {"status": 429})
     protocol.data_received(TOKEN + LEAF)
     token, instance = split_responses(transport.output)
     assert (token.status, token.headers["retry-after"]) == (429, "1")
@@ -532,7 +538,7 @@ def test_a_reset_aborts_with_linger_zero_after_what_came_before() -> None:
     protocol = HttpProtocol(state)
     transport = SocketTransport()
     protocol.connection_made(transport)
-    state.faults = real_table({"reset": True, "path": "/metadata/instance"})
+    load_real(state, {"reset": True, "path": "/metadata/instance"})
     try:
         protocol.data_received(VERSIONS + LEAF + VERSIONS)
         assert transport.aborted
@@ -543,13 +549,13 @@ def test_a_reset_aborts_with_linger_zero_after_what_came_before() -> None:
     [versions] = split_responses(transport.output)
     assert versions.status == 200 and b"apiVersions" in versions.body
     assert fault_count(state, "reset") == 1
-    assert state.registry.default.current.request_replies == {}
+    assert remembered(state.registry.default.current, state.faults) == {}
 
 
 def test_every_kind_is_counted_in_its_own_slot() -> None:
     protocol, _, state = make_connection()
     for kind_spec in ({"status": 410}, {"status": 429}, {"status": 500}, {"status": 503}):
-        state.faults = real_table({**kind_spec, "count": 1})
+        load_real(state, {**kind_spec, "count": 1})
         protocol.data_received(LEAF)
     assert {kind: fault_count(state, kind) for kind in FAULT_KINDS} == {
         "410": 1,
@@ -593,7 +599,7 @@ def statuses(transport: FakeTransport) -> list[tuple[int, bool]]:
 
 def test_latency_holds_the_reply_and_those_behind_it_in_order(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 250, "path": "/metadata/instance"})
+    load_real(state, {"latencyMs": 250, "path": "/metadata/instance"})
     protocol.data_received(LEAF + VERSIONS)
     assert transport.output == b"" and not transport.reading
     assert [delay for delay, _ in loop.timers] == [0.25]
@@ -602,12 +608,12 @@ def test_latency_holds_the_reply_and_those_behind_it_in_order(loop: FakeLoop) ->
     assert split_responses(transport.output)[0].body == VM_ID_TEXT
     assert transport.reading and not transport.ended
     assert fault_count(state, "latency") == 1
-    assert state.registry.default.current.request_replies == {}  # a delayed read is never remembered
+    assert remembered(state.registry.default.current, state.faults) == {}  # a delayed read is never remembered
 
 
 def test_each_delayed_read_waits_its_own_latency(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100})
+    load_real(state, {"latencyMs": 100})
     protocol.data_received(VERSIONS + VERSIONS)  # both faulted: they wait together, once
     assert len(loop.timers) == 1
     loop.fire_next()
@@ -622,7 +628,7 @@ def test_each_delayed_read_waits_its_own_latency(loop: FakeLoop) -> None:
 
 def test_latency_behind_a_held_long_poll_keeps_the_long_poll_first(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100, "path": "/metadata/versions"})
+    load_real(state, {"latencyMs": 100, "path": "/metadata/versions"})
     protocol.data_received(LONG_POLL + VERSIONS)
     while loop.timers:
         loop.fire_next()
@@ -636,7 +642,7 @@ def test_latency_behind_a_held_long_poll_keeps_the_long_poll_first(loop: FakeLoo
 def test_a_delayed_reply_outlives_the_shutdown_linger(loop: FakeLoop) -> None:
     """SIGTERM: the linger's end closes idle half-closed connections, never one whose reply latency holds."""
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 2000})
+    load_real(state, {"latencyMs": 2000})
     state.draining = True
     protocol.data_received(VERSIONS)  # answered while draining: Connection: close, held by the latency
     protocol.shutdown()
@@ -651,8 +657,8 @@ def test_a_delayed_reply_outlives_the_shutdown_linger(loop: FakeLoop) -> None:
 @pytest.mark.parametrize("held", [LONG_POLL, VERSIONS], ids=["long-poll", "delayed"])
 def test_a_reset_behind_a_held_reply_lets_nothing_overtake_it(loop: FakeLoop, held: bytes) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table(
-        {"latencyMs": 5000, "path": "/metadata/versions"}, {"reset": True, "path": "/metadata/instance/compute"}
+    load_real(
+        state, {"latencyMs": 5000, "path": "/metadata/versions"}, {"reset": True, "path": "/metadata/instance/compute"}
     )
     protocol.data_received(held + VERSIONS + LEAF)  # held (long-poll or delayed), answered, reset
     assert transport.aborted
@@ -661,7 +667,7 @@ def test_a_reset_behind_a_held_reply_lets_nothing_overtake_it(loop: FakeLoop, he
 
 def test_a_connection_lost_during_a_delay_writes_nothing(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100})
+    load_real(state, {"latencyMs": 100})
     protocol.data_received(VERSIONS)
     protocol.connection_lost(None)
     transport.closed = True
@@ -671,7 +677,7 @@ def test_a_connection_lost_during_a_delay_writes_nothing(loop: FakeLoop) -> None
 
 def test_a_delayed_connection_close_closes_after_its_reply(loop: FakeLoop) -> None:
     protocol, transport, state = make_connection()
-    state.faults = real_table({"latencyMs": 100})
+    load_real(state, {"latencyMs": 100})
     protocol.data_received(request("/metadata/versions", headers=(("Metadata", "true"), ("Connection", "close"))))
     assert not transport.ended
     state.tick(500.0, 1_700_000_500.0)  # deadlines do not cut a delay short
@@ -701,24 +707,26 @@ def fault_list(plane: ControlPlane) -> FaultList:
     return plane.faults
 
 
-def remembered(registry: VmRegistry, vm_id: str) -> dict[bytes, Any]:
+def remembered_by(registry: VmRegistry, vm_id: str, faults: FaultTable) -> dict[bytes, Any]:
     snapshot = registry.stores[vm_id].current
     assert snapshot is not None
-    return snapshot.request_replies
+    return remembered(snapshot, faults)
 
 
-def warm(registry: VmRegistry, caller: str) -> None:
-    protocol, _, _ = make_connection(registry=registry, peer=caller)
+def warm(registry: VmRegistry, caller: str, faults: FaultTable) -> None:
+    protocol, _, _ = make_connection(registry=registry, peer=caller, faults=faults)
     protocol.data_received(LEAF)
 
 
 def test_control_writes_loads_and_forgets(fault_list: FaultList, control: Control) -> None:
-    warm(serving(control), "10.1.0.4")
-    assert remembered(serving(control), "a")
+    served = control.in_process
+    assert served is not None
+    warm(serving(control), "10.1.0.4", served.fault_table)
+    assert remembered_by(serving(control), "a", served.fault_table)
     record = fault_list.add({"status": 503, "count": 3}, ["a"])
-    assert remembered(serving(control), "a") == {}
+    assert remembered_by(serving(control), "a", served.fault_table) == {}
     assert control.bus.read_faults() == [record] == fault_list.live()
-    assert control.in_process.fault_table.active and fault_list.budgets.left(record["slot"]) == 3
+    assert served.fault_table.active and fault_list.budgets.left(record["slot"]) == 3
     other = fault_list.add({"reset": True, "path": "/metadata/identity"}, None)
     assert other["slot"] != record["slot"]
     assert fault_list.live() == [record, other]
@@ -767,10 +775,11 @@ def test_a_follower_loads_the_list_and_forgets_its_memo(fault_list: FaultList, c
     follower = Follower(control.bus, registry, control.log, fault_list.budgets)
     follower.rescan()
     assert set(registry.live()) == {"a", "b"} and not follower.fault_table.active
-    warm(registry, "10.1.0.4")
+    warm(registry, "10.1.0.4", follower.fault_table)
+    assert remembered_by(registry, "a", follower.fault_table)
     record = fault_list.add({"status": 429}, ["a"])
     follower.on_change({FAULTS_FILE})
-    assert remembered(registry, "a") == {}
+    assert remembered_by(registry, "a", follower.fault_table) == {}
     assert [fault.id for fault in follower.fault_table.faults] == [record["id"]]
     fault_list.remove()
     follower.rescan()  # the idle rescan sees the file changed too

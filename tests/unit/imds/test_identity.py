@@ -14,6 +14,7 @@ import pytest
 from fastimds.imds.datafile import DataError, parse_vm
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
+from tests.support.fakes import KEYS
 from tests.support.identities import IDENTITIES, SYSTEM, TENANT, UAMI, claims, document_with
 
 TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net"
@@ -22,7 +23,7 @@ NOT_FOUND = {"error": "invalid_request", "error_description": "Identity not foun
 
 def get(target: str, metadata_ok: bool = True, identities: Any = IDENTITIES) -> tuple[int, Any]:
     snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(identities)), "t"), 1)
-    reply = resolve(snapshot, b"GET", target.encode(), metadata_ok, False)
+    reply = resolve(snapshot, b"GET", target.encode(), metadata_ok, False, keys=KEYS)
     return reply.status, orjson.loads(reply.body)
 
 
@@ -85,8 +86,8 @@ def test_info_gives_the_tenant() -> None:
 
 def test_tokens_are_reused_until_near_expiry_and_never_memoised() -> None:
     snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(IDENTITIES)), "t"), 1)
-    first = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
-    second = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+    first = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
+    second = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
     assert orjson.loads(first.body)["access_token"] == orjson.loads(second.body)["access_token"]
     assert first is not second and snapshot.url_replies == {}
 
@@ -101,7 +102,7 @@ def test_vms_at_the_same_generation_never_share_a_token() -> None:
     tokens = []
     for document in (document_with(IDENTITIES), other, document_with(IDENTITIES)):
         snapshot = build_snapshot(parse_vm(orjson.dumps(document), "t"), 1)
-        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False)
+        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
         tokens.append(claims(orjson.loads(reply.body)["access_token"]))
     assert [token["tid"] for token in tokens] == [TENANT, other["identities"]["tenantId"], TENANT]
     assert tokens[1]["xms_mirid"] == other["instance"]["compute"]["resourceId"] != tokens[0]["xms_mirid"]

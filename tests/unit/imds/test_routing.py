@@ -218,3 +218,38 @@ def test_memo_never_serves_a_reply_decided_by_headers() -> None:
     assert get(snapshot, target, metadata_ok=False)[0] == 400
     assert get(snapshot, target, forwarded=True)[0] == 400
     assert get(snapshot, target, method="POST")[0] == 405
+
+
+# ---- purity: an approval is returned as an effect, never recorded here ----
+
+
+def test_an_approval_is_returned_as_an_effect_and_nothing_is_called_or_written(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    from fastimds.imds import events, routing
+    from fastimds.imds.effects import Approval
+
+    monkeypatch.chdir(tmp_path)  # anything written to a relative path would land here
+    event = events.make_event({"EventType": "Reboot", "EventId": "E1"}, 2_000_000_000.0, ["vm-name"])
+    snapshot = build_snapshot(dataclasses.replace(sample_vm(), scheduled=events.add(None, event)), 1)
+    target = b"/metadata/scheduledevents?api-version=2020-07-01"
+    body = b'{"StartRequests":[{"EventId":"E1"}]}'
+
+    replies = [resolve(snapshot, b"POST", target, True, False, body=body) for _ in range(2)]
+
+    for reply in replies:
+        assert isinstance(reply, Approval) and reply.event_ids == frozenset({"E1"})
+        assert (reply.status, reply.body, reply.volatile) == (200, b"", True)  # answered, never remembered
+    assert list(tmp_path.iterdir()) == []
+    assert target not in snapshot.url_replies
+    # The decision layer has no sink to reach: it imports nothing from the bus (or above imds).
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(Path(routing.__file__).read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert all(name.partition(".")[0] != "fastimds" or name.split(".")[1] in ("imds", "config") for name in imported)

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastimds.bus.approvals import APPROVALS, BusApprovals, take_approvals
+from fastimds.bus.approvals import BusApprovals, take_approvals
 from fastimds.bus.files import Bus, BusEntry
 from fastimds.bus.follower import apply_entries, apply_entry
 from fastimds.control import event_clock as event_clock_module
@@ -31,6 +31,7 @@ from fastimds.control.plane import ControlPlane
 from fastimds.control.writer import Control, UpdateError
 from fastimds.imds import events
 from fastimds.imds.datafile import DataError, describe_vm
+from fastimds.imds.effects import Approval
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
@@ -603,15 +604,18 @@ class RecordingSink:
         self.approved.append(event_ids)
 
 
+# resolve() only returns an approval (fastimds.imds.effects); `call` hands it to these, as a connection would.
+_SINKS: list[RecordingSink] = []
+
+
 @pytest.fixture
 def sink() -> Any:
-    previous = APPROVALS.get()
     recording = RecordingSink()
-    APPROVALS.set(recording)
+    _SINKS.append(recording)
     try:
         yield recording
     finally:
-        APPROVALS.set(previous)
+        _SINKS.remove(recording)
 
 
 SCHEDULED_STATE = events.add(events.add(None, reboot()), reboot(EventId="E2", EventType="Terminate"))
@@ -635,6 +639,9 @@ def call(
     if snapshot is None:
         snapshot = snapshot_with(state)
     reply = resolve(snapshot, method.encode(), target.encode(), metadata_ok, forwarded, body=body)
+    if isinstance(reply, Approval):
+        for recording in _SINKS:
+            recording.approve(reply.event_ids)
     return reply.status, orjson.loads(reply.body) if reply.body else None, reply.head
 
 

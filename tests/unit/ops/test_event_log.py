@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from fastimds.http import connection as protocol_module
 from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S, EventLog
 from fastimds.ops.telemetry import LAYOUT, new_counters
 from tests.support.fakes import make_connection, request
@@ -59,12 +58,8 @@ def test_every_line_has_time_event_pid_and_role() -> None:
     assert {"ts", "event", "pid", "vm", "generation"} <= set(record)
 
 
-def test_refused_requests_are_logged_with_caller_vm_and_target(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A full bucket, whatever ran before: the connection's clock is pinned, so the
-    # process-wide log's buckets never refill, and tests/unit/http runs first.
-    monkeypatch.setattr(protocol_module, "EVENT_LOG", EventLog())
+def test_refused_requests_are_logged_with_caller_vm_and_target(capsys: pytest.CaptureFixture[str]) -> None:
+    # The connection logs to its worker's own EventLog (a fresh one here), whose buckets are full.
     protocol, _, _ = make_connection(peer="10.0.0.4")
     protocol.data_received(request("/metadata/instance?api-version=1999-01-01"))
     protocol.data_received(b"GET /metadata/versions HTTP/1.1\r\n" + b"X: " + b"v" * 9000 + b"\r\n\r\n")

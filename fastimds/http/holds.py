@@ -1,0 +1,121 @@
+"""Held replies: long-polls (`wait_for_change`) and injected latency.
+
+Rules of this module:
+- A long-poll parks its connection in its VM store's watchers (`Hold.LONG_POLL`):
+  reading pauses, the replies to requests behind it wait, and the store's
+  next publish (or the deadline sweep, or draining) answers it. It costs no
+  CPU while parked. One is held per connection: a long-poll pipelined behind
+  a held one is answered with the current value, in its place after it.
+- Injected latency (fastimds.imds.faults) holds the connection the same way
+  (`Hold.DELAYED`), with a timer: its reply and those behind it wait, in order.
+- A released reply is counted and logged without a latency (its wait is the
+  client's choice or the fault's, not ours), then reading resumes and any
+  input kept meanwhile is fed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from time import perf_counter_ns
+
+from fastimds.http.fields import ConnectionFields
+from fastimds.http.memo import reply_slots
+from fastimds.http.phases import ENDED, Hold, Phase
+from fastimds.imds.render import CONNECTION_CLOSE, Reply
+from fastimds.imds.routing import category_of, resolve
+
+_LONG_POLL = Hold.LONG_POLL
+_DELAYED = Hold.DELAYED
+
+
+@dataclass(slots=True, frozen=True)
+class Wait:
+    """A held long-poll: the request to re-resolve and the ETag it waits to change from."""
+
+    method: bytes
+    url: bytes
+    metadata_ok: bool
+    forwarded: bool
+    awaited: bytes | None
+    connection: bytes
+    closes: bool
+
+
+class Holds(ConnectionFields):
+    """HttpProtocol's held-reply methods (a mixin: one object, one __slots__ layout)."""
+
+    __slots__ = ()
+
+    # ---- long-polling ----
+
+    def _hold(self, wait: Wait) -> None:
+        """Park a long-poll: costs no CPU until the VM publishes or the deadline passes."""
+        if self.out:  # replies to the requests before it go now; not _flush: if it closes, its reply must go first
+            self.write(b"".join(self.out))
+            self.out.clear()
+        self.hold = _LONG_POLL
+        self.wait = wait
+        self.vm.watchers.add(self)
+        self.transport.pause_reading()  # nothing after it is answered before it
+
+    def on_publish(self) -> None:
+        """The VM changed: answer the held long-poll if its view did."""
+        wait = self.wait
+        if self.hold is not _LONG_POLL or wait is None:
+            return
+        reply = resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded, keys=self.state.keys)
+        if reply.etag != wait.awaited:
+            self._release(reply)
+
+    def _release(self, reply: Reply) -> None:
+        wait = self.wait
+        assert wait is not None
+        self.hold = self.wait = None
+        self.vm.watchers.discard(self)
+        later = self.out[:]  # replies to pipelined requests that came after the long-poll
+        self.out.clear()
+        connection = wait.connection
+        if self.state.draining and not wait.closes:
+            connection, self.phase = CONNECTION_CLOSE, Phase.LINGERING
+        _head, body = self._append_reply(reply, wait.method, connection, None)
+        # Counted and logged by _resume_after_hold, without a latency: its wait is the client's choice.
+        stub = (wait.method.decode("latin-1"), wait.url.decode("utf-8", "backslashreplace"), reply.status)
+        self._note(reply_slots(category_of(wait.url), reply.status, reply.reject), len(body), stub)
+        self.out.extend(later)
+        self._resume_after_hold()
+
+    def _release_with_current(self) -> None:
+        wait = self.wait
+        assert wait is not None
+        self._release(
+            resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded, keys=self.state.keys)
+        )
+
+    # ---- injected latency ----
+
+    def _delay(self, seconds: float) -> None:
+        """Hold this reply, and any behind it, for `seconds` (injected latency)."""
+        if self.hold is not None:
+            return  # already held (a long-poll or an earlier delay): this reply waits behind it, in order
+        self.hold = _DELAYED
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(seconds, self._end_delay)
+
+    def _end_delay(self) -> None:
+        if self.hold is not _DELAYED:
+            return  # the connection was lost meanwhile
+        self.hold = None
+        self._resume_after_hold()
+
+    def _resume_after_hold(self) -> None:
+        """A held reply (long-poll or injected latency) is answered: send it and those behind it, read on."""
+        if self.phase not in ENDED:
+            self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+            self.transport.resume_reading()
+        self._flush()
+        self._account(None)  # what the hold kept back: its latency is the wait, not ours
+        if self.backlog:
+            started = perf_counter_ns()
+            self._feed_backlog()
+            self._account(started)

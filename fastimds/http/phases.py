@@ -1,0 +1,51 @@
+"""A connection's state, as two small enums instead of flags and sentinels.
+
+Rules of this module:
+- `Phase` is where a connection is in its life: between requests, inside
+  one (three steps, for the head limits), or ending (three ways). `Hold` is
+  whether its replies are held back, and by what. They are two enums, not
+  one, because they overlap for real: a long-poll held on a connection that
+  will close after it (`Connection: close`), and a request half-parsed
+  behind a held long-poll (pipelined in the same read), are both normal.
+- Transitions (fastimds.http.connection and its parts):
+
+      IDLE ──on_message_begin──▶ HEAD_BEGUN ──end of that read──▶ IN_HEAD
+        ▲                             │                              │
+        │                      on_headers_complete ◀─────────────────┘
+        │                             ▼
+        └──on_message_complete─── IN_BODY
+
+      any live phase ──reply closes, client asked (or reset, upgrade, refused)──▶ CLOSING
+      any live phase ──the server decides to close (error, deadline, draining)──▶ LINGERING
+      anything ──connection_lost──▶ CLOSED
+
+  A request that begins after a close in the same read leaves the ending
+  phase alone (it is not answered). Hold: None ──a long-poll──▶ LONG_POLL,
+  None ──injected latency──▶ DELAYED, and back to None when the held reply
+  is sent (or the connection is lost).
+- Hot paths compare members with `is` against module-level names bound
+  once (`_IDLE = Phase.IDLE`): as cheap as the boolean tests they replace.
+  `ENDED` (a frozenset: hashing a member is a Python call) is for cold paths.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Phase(Enum):
+    IDLE = "idle"  # between requests: the keep-alive deadline runs; the request memo may answer
+    HEAD_BEGUN = "head begun"  # a request began during this read: its bytes are charged from the next read
+    IN_HEAD = "in head"  # a head spans reads: each read is charged against the head limits
+    IN_BODY = "in body"  # the head is complete; the body (or the message's end) is due
+    CLOSING = "closing"  # the client asked to close (or a reset, an upgrade, a refusal): close once written
+    LINGERING = "lingering"  # the server decided to close: a FIN, then input is read and dropped for a while
+    CLOSED = "closed"  # the transport is gone
+
+
+class Hold(Enum):
+    LONG_POLL = "long-poll"  # wait_for_change: parked in its VM store's watchers
+    DELAYED = "delayed"  # injected latency: a timer sends the held reply
+
+
+ENDED = frozenset({Phase.CLOSING, Phase.LINGERING, Phase.CLOSED})
