@@ -54,7 +54,6 @@ from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
 from fastimds.http.request_head import RequestHead
 from fastimds.http.worker_state import EXPIRE_SLICE, ServerState
-from fastimds.imds.registry import NOBODY
 from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply
 from fastimds.imds.routing import category_of
 from fastimds.ops.telemetry import LAYOUT
@@ -103,7 +102,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.vm = NOBODY
+        self.vm = state.registry.nobody
         self.peer = ""
         self.limits = state.limits
         self.parser = httptools.HttpRequestParser(self)

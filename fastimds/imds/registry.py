@@ -10,7 +10,7 @@ Rules of this module:
   returns is the VM's stable SnapshotStore, so the connection sees every
   later publish of that VM without looking the mapping up again.
 - A caller no VM claims gets the default VM's store when one is configured
-  (single-VM mode serves every caller), else `NOBODY`, whose snapshot is
+  (single-VM mode serves every caller), else the registry's `nobody`, whose snapshot is
   always None and whose requests get 404.
 - Everything runs on one event loop thread: an update runs to completion
   between two requests, so in-place changes to the maps are atomic for
@@ -60,15 +60,14 @@ def caller_addresses(vm: VmDescription) -> frozenset[str]:
     return frozenset(found)
 
 
-NOBODY = SnapshotStore(vm_id="<no VM>")
-
-
 class VmRegistry:
     def __init__(self, default_vm_id: str | None = None) -> None:
         self.stores: dict[str, SnapshotStore] = {}
         self.callers: dict[str, SnapshotStore] = {}
         self.addresses: dict[str, frozenset[str]] = {}
         self.default_vm_id = default_vm_id
+        # The store of callers no VM claims: never published, so its snapshot is always None (404s).
+        self.nobody = SnapshotStore(vm_id="<no VM>")
 
     @classmethod
     def single(cls, vm: VmDescription) -> VmRegistry:
@@ -80,7 +79,7 @@ class VmRegistry:
     @property
     def default(self) -> SnapshotStore:
         if self.default_vm_id is None:
-            return NOBODY
+            return self.nobody
         return self._store(self.default_vm_id)
 
     def _store(self, vm_id: str) -> SnapshotStore:

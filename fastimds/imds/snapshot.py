@@ -42,6 +42,8 @@ Rules of this module:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from fastimds.imds import events
@@ -109,7 +111,7 @@ def _table_fields() -> _Field:
 
 
 _ROOT_FIELD = _table_fields()
-_NO_FIELDS: dict[str, _Field] = {}
+_NO_FIELDS: Mapping[str, _Field] = MappingProxyType({})
 
 
 def _since(field: _Field | None, parent_since: str) -> str:

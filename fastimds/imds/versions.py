@@ -9,7 +9,7 @@ Rules of this module:
   Fields the table does not know at all (a user's own additions) are therefore
   served at every version, like their parent.
 
-Source for every entry: ../shared/azure-imds/spec.md §4 and §5 (tag [D]).
+Source for every entry: docs/azure-imds.md, spec §4 and §5 (tag [D]).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from fastimds.bus.follower import Follower, apply_entry
 from fastimds.bus.watch import start_watch
 from fastimds.control.writer import DATA_DIR_SOURCE_PREFIX, Control, UpdateError, merge_patch
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
-from fastimds.imds.registry import NOBODY, VmRegistry
+from fastimds.imds.registry import VmRegistry
 from fastimds.ops.event_log import EventLog
 from fastimds.sources.data_dir import DataDirSource
 from fastimds.sources.data_file import DataFileSource
@@ -440,7 +440,7 @@ def test_follower_removes_deleted_files(control: Control, worker: Follower) -> N
     control.delete("a")
     worker.apply({"a"})
     assert worker.registry.live() == {}
-    assert worker.registry.store_for("10.1.0.4") is NOBODY
+    assert worker.registry.store_for("10.1.0.4") is worker.registry.nobody
 
 
 def test_follower_keeps_serving_when_a_file_is_corrupt(

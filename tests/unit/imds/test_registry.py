@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastimds.imds.datafile import VmDescription, describe_vm
-from fastimds.imds.registry import NOBODY, ConflictError, VmRegistry, caller_addresses, canonical_address
+from fastimds.imds.registry import ConflictError, VmRegistry, caller_addresses, canonical_address
 from fastimds.imds.store import DEFAULT_VM_ID
 from tests.support.fakes import make_connection, request, sample_vm, split_responses
 from tests.support.server_process import vm_document, vm_uuid
@@ -150,7 +150,7 @@ def test_moving_an_address_between_vms() -> None:
         registry.publish("b", vm("b", private_ips=("10.2.0.4", "10.1.0.4")))
     # ...but can once A lets it go.
     registry.publish("a", vm("a", callers=("10.1.9.9",), private_ips=("fd00:1::4",)))
-    assert registry.store_for("10.1.0.4") is NOBODY
+    assert registry.store_for("10.1.0.4") is registry.nobody
     registry.publish("b", vm("b", private_ips=("10.2.0.4", "10.1.0.4")))
     assert registry.store_for("10.1.0.4") is registry.stores["b"]
     assert vm_id_seen(registry, "10.1.0.4") == vm_uuid("b")
@@ -166,7 +166,7 @@ def test_republishing_drops_addresses_no_longer_claimed() -> None:
     registry.publish("a", vm("a", callers=("10.1.9.8",)))
     assert set(registry.callers) == {"10.1.9.8", "10.2.0.4"}
     for gone in ("10.1.0.4", "10.1.9.9", "fd00:1::4"):
-        assert registry.store_for(gone) is NOBODY
+        assert registry.store_for(gone) is registry.nobody
         assert vm_id_seen(registry, gone) is None
 
 
@@ -181,7 +181,7 @@ def test_remove() -> None:
     assert set(registry.live()) == {"b"}
     assert set(registry.callers) == {"10.2.0.4"}
     for address in ("10.1.0.4", "10.1.9.9", "fd00:1::4"):
-        assert registry.store_for(address) is NOBODY
+        assert registry.store_for(address) is registry.nobody
         assert vm_id_seen(registry, address) is None
     assert registry.remove("a") is False
     assert registry.remove("never-there") is False
@@ -213,9 +213,9 @@ def test_a_connection_of_a_removed_vm_gets_404_then_sees_it_again() -> None:
 def test_unknown_caller_gets_nobody_without_a_default() -> None:
     registry = two_vms()
     for address in ("10.3.0.1", "127.0.0.1", "::1", "", "garbage", None):
-        assert registry.store_for(address) is NOBODY
-    assert NOBODY.current is None
-    assert registry.default is NOBODY
+        assert registry.store_for(address) is registry.nobody
+    assert registry.nobody.current is None
+    assert registry.default is registry.nobody
 
 
 def test_unknown_caller_gets_the_default_vm() -> None:
