@@ -69,7 +69,7 @@ import httptools
 from fastimds.config import Limits
 from fastimds.http.throttle import CallerWindow, Throttle
 from fastimds.imds.faults import Fault, FaultTable
-from fastimds.imds.registry import NOBODY, VmRegistry
+from fastimds.imds.registry import NOBODY, VmRegistry, caller_key
 from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, ERRORS, Reply, date_block
 from fastimds.imds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
 from fastimds.imds.snapshot import LogStub, RequestReply
@@ -304,8 +304,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.write = self.transport.write
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.peer = caller_key(transport.get_extra_info("peername"))  # address, and zone when link-local
         state = self.state
         # The caller's VM is decided once per connection (house rule: not per request).
         self.vm = state.registry.store_for(self.peer or None)

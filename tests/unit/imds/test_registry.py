@@ -24,7 +24,7 @@ from fastimds.imds.registry import (
     canonical_address,
 )
 from fastimds.imds.store import DEFAULT_VM_ID
-from tests.support.fakes import make_connection, request, sample_vm, split_responses
+from tests.support.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
 from tests.support.server_process import vm_document, vm_uuid
 
 NO_VM_BODY = {"error": "Not found. No VM is registered for this caller's address"}
@@ -139,6 +139,22 @@ def test_link_local_callers_on_different_links_are_different_vms() -> None:
     assert registry.store_for(caller_key(("fe80::1", 40000, 0, 3))) is registry.stores["b"]
     assert registry.store_for(caller_key(("fe80::1", 40000, 0, 4))) is NOBODY
     assert registry.summary()[0]["callers"] == ["fe80::1%2"]
+
+
+def test_a_connection_is_keyed_by_its_peers_address_and_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real connection: asyncio's IPv6 peername is (host, port, flowinfo, scope_id)."""
+
+    def ipv6_peername(transport: FakeTransport, name: str, default: Any = None) -> Any:
+        host, _, zone = transport.peer.partition("%")
+        return (host, 40000, 0, int(zone or 0)) if name == "peername" else default
+
+    monkeypatch.setattr(FakeTransport, "get_extra_info", ipv6_peername)
+    registry = VmRegistry()
+    registry.publish("a", vm("a", callers=("fe80::1%2",)))
+    registry.publish("b", vm("b", callers=("fe80::1%3",)))
+    assert vm_id_seen(registry, "fe80::1%2") == vm_uuid("a")
+    assert vm_id_seen(registry, "fe80::1%3") == vm_uuid("b")
+    assert vm_id_seen(registry, "fe80::1%4") is None
 
 
 def test_store_for_canonicalises_the_peer_address() -> None:
