@@ -58,6 +58,7 @@ from fastimds.imds.datafile import (
 from fastimds.imds.registry import ConflictError, VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID
 from fastimds.ops.event_log import log_event
+from fastimds.sources.files import read_description
 
 ADMIN_SOURCE = "admin"
 DATA_DIR_SOURCE_PREFIX = "data-dir:"
@@ -476,7 +477,7 @@ class Control:
                 self.delete(vm_id, source)
             return "ok"
         try:
-            vm = parse_vm(path.read_bytes(), str(path))
+            vm = parse_vm(read_description(path, MAX_VM_FILE_BYTES), str(path))  # regular files only, bounded
         except (OSError, DataError) as exc:
             # Also what a half-written file looks like: it never replaces (or removes) good data.
             problems = exc.problems if isinstance(exc, DataError) else [str(exc)]
