@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from fastimds.cli.admin_token import read_client_token
+
 DEFAULT_SOCKET = Path("/run/fastimds/admin.sock")
 
 
@@ -70,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
                 parts.hostname or "127.0.0.1", parts.port or 80, timeout=args.timeout
             )
             if args.token_file is not None:
-                headers["Authorization"] = "Bearer " + args.token_file.read_text().strip()
+                token, warning = read_client_token(args.token_file)
+                if warning:
+                    print(f"fastimds admin: {warning}", file=sys.stderr)
+                headers["Authorization"] = "Bearer " + token
         else:
             connection = UnixHTTPConnection(str(args.socket or DEFAULT_SOCKET), args.timeout)
         connection.request(method, path, body=body, headers=headers)

@@ -15,6 +15,7 @@ from fastimds import __version__
 from fastimds.cli import admin as admin_client
 from fastimds.cli import logs as logs_cli
 from fastimds.cli import probe
+from fastimds.cli.admin_token import read_admin_token
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.http.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
 from fastimds.imds.datafile import DataError, load_vm
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path, help="keep every accepted VM description here, durably")
     serve.add_argument("--admin-socket", type=Path, help="serve the admin API on this Unix socket (mode 0600)")
     serve.add_argument("--admin-port", type=int, help="serve the admin API on this loopback TCP port")
-    serve.add_argument("--admin-token-file", type=Path, help="the bearer token the TCP admin API requires")
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="the bearer token the TCP admin API requires (mode 0600, at least 32 characters: openssl rand -hex 16)",
+    )
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     serve.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port to bind, 0 for any (default {DEFAULT_PORT})"
@@ -117,14 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ConfigError(str(exc)) from None
     overrides = {name: getattr(args, name) for _, name, _, _ in LIMIT_FLAGS if getattr(args, name) is not None}
     extra = {"backlog": args.backlog} if args.backlog is not None else {}
-    token = None
-    if args.admin_token_file is not None:
-        try:
-            token = args.admin_token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --admin-token-file {args.admin_token_file}: {exc.strerror}") from None
-        if not token:
-            raise ConfigError(f"--admin-token-file {args.admin_token_file} is empty")
+    token = read_admin_token(args.admin_token_file) if args.admin_token_file is not None else None
     return Settings(
         data_path=args.data,
         data_dir=args.data_dir,

@@ -54,6 +54,7 @@ from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
 from fastimds.http.request_head import RequestHead
 from fastimds.http.worker_state import EXPIRE_SLICE, ServerState
+from fastimds.imds.registry import caller_key
 from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply
 from fastimds.imds.routing import category_of
 from fastimds.ops.telemetry import LAYOUT
@@ -129,8 +130,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.write = self.transport.write
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.peer = caller_key(transport.get_extra_info("peername"))  # address, and zone when link-local
         state = self.state
         # The caller's VM is decided once per connection (house rule: not per request).
         self.vm = state.registry.store_for(self.peer or None)

@@ -202,8 +202,9 @@ def validate_document(doc: Any) -> list[str]:
         problems.append(f"$.id: {doc['id']!r} is not a VM id (letters, digits, '.', '_', '-'; at most 128)")
     if isinstance(doc.get("callers"), list):
         for index, address in enumerate(doc["callers"]):
-            if not _is_ip_address(address):
-                problems.append(f"$.callers[{index}]: {address!r} is not an IPv4 or IPv6 address")
+            problem = _caller_problem(address)
+            if problem:
+                problems.append(f"$.callers[{index}]: {address!r} {problem}")
 
     instance = doc.get("instance")
     if instance is None:
@@ -252,6 +253,18 @@ def _is_ip_address(value: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _caller_problem(value: Any) -> str | None:
+    """What is wrong with one "callers" entry, or None (fastimds.imds.registry keys callers)."""
+    if not _is_ip_address(value):
+        return "is not an IPv4 or IPv6 address"
+    address = ipaddress.ip_address(value.partition("%")[0])
+    zone = value.partition("%")[2]
+    if isinstance(address, ipaddress.IPv6Address) and address.is_link_local and not (zone.isdigit() and zone.isascii()):
+        # Link-local addresses repeat on every link: the zone says which link, as the socket reports it.
+        return "is link-local: give its zone as the interface index, e.g. fe80::1%2 (`ip link` shows the index)"
+    return None
 
 
 def normalise(value: Any) -> Any:

@@ -5,7 +5,8 @@ Rules of this module:
   section: {"tenantId", "systemAssigned": {"clientId", "objectId"},
   "userAssigned": [{"clientId", "objectId", "resourceId"}]}.
 - A token request names its identity by at most one of client_id, object_id
-  or msi_res_id; none means the system-assigned identity. `resource` is
+  or msi_res_id; none means the system-assigned identity, and an empty one
+  (`msi_res_id=`) names no identity: "Identity not found". `resource` is
   required. Errors use the identity family's shape, {"error",
   "error_description"}: "Identity not found" for an identity the VM does
   not have, as Azure answers and as azure-identity and MSAL recognise.
@@ -96,6 +97,8 @@ def find_identity(section: dict[str, Any], query: dict[str, str]) -> dict[str, A
     for selector, field in (("client_id", "clientId"), ("object_id", "objectId"), ("msi_res_id", "resourceId")):
         if selector in query:
             wanted = query[selector].lower()  # GUIDs and ARM ids compare without case
+            if not wanted:  # `msi_res_id=` names no identity (it once matched one without a resourceId)
+                return None
             return next((i for i in candidates if str(i.get(field, "")).lower() == wanted), None)
     return system if isinstance(system, dict) else None
 

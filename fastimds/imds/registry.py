@@ -1,7 +1,12 @@
 """VmRegistry: many VMs on one host, and which one a caller is.
 
 Rules of this module:
-- A caller is identified by its source address alone. A VM claims every
+- A caller is identified by its source address alone, and a link-local
+  IPv6 address (fe80::/10) by its address and zone: fe80::1 on two links
+  is two callers. The zone is the interface index, as the socket gives it
+  (`caller_key`): a VM's "callers" list names such a caller "fe80::1%2".
+  Keying by index costs nothing per connection and needs no host lookup
+  here (an interface name would need if_nametoindex). A VM claims every
   private IP address of its network interfaces (IPv4 and IPv6) and the
   addresses in its optional "callers" list. No address belongs to two VMs:
   a publish that would make it so is refused with both VM ids named, and
@@ -32,14 +37,41 @@ class ConflictError(Exception):
 
 
 def canonical_address(address: str) -> str | None:
-    """One spelling per address ("::ffff:10.0.0.4" is 10.0.0.4); None if not an IP."""
+    """One spelling per address ("::ffff:10.0.0.4" is 10.0.0.4); None if not an IP.
+
+    A link-local IPv6 address keeps its zone, an interface index ("fe80::1%2"):
+    without it the address names no caller (None); a zone on any other
+    address is dropped (a global address is the same on every link).
+    """
+    host, _, zone = address.partition("%")
     try:
-        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+        parsed = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        parsed = parsed.ipv4_mapped
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return parsed.ipv4_mapped.compressed
+        if parsed.is_link_local:
+            return f"{parsed.compressed}%{int(zone)}" if zone.isdigit() and zone.isascii() else None
     return parsed.compressed
+
+
+def caller_key(peername: object) -> str:
+    """The key a connection's caller is known by, from asyncio's peername (once per connection).
+
+    IPv4 peers are (host, port); IPv6 ones (host, port, flowinfo, scope_id),
+    and a link-local host means nothing without its scope_id: fe80::1 on
+    interface 2 is "fe80::1%2", on interface 3 another caller. "" for a peer
+    that is not an IP socket.
+    """
+    if not isinstance(peername, tuple) or not peername or not isinstance(peername[0], str):
+        return ""
+    host = peername[0].partition("%")[0]  # some platforms spell the zone in the host as well
+    scope_id = peername[3] if len(peername) >= 4 and isinstance(peername[3], int) else 0
+    key = canonical_address(f"{host}%{scope_id}" if scope_id else host) or host
+    # The transport keeps its peername: reuse its string rather than hold an equal copy per connection
+    # (tests/unit/http/test_change_notification.py counts a held connection's bytes).
+    return host if key == host else key
 
 
 def caller_addresses(vm: VmDescription) -> frozenset[str]:
@@ -89,8 +121,12 @@ class VmRegistry:
         return store
 
     def store_for(self, address: str | None) -> SnapshotStore:
-        """The store of the VM that `address` belongs to (once per connection)."""
-        store = self.callers.get(canonical_address(address) or "") if address else None
+        """The store of the VM that `address` belongs to (once per connection; a `caller_key` is canonical)."""
+        if not address:
+            return self.default
+        store = self.callers.get(address)
+        if store is None:
+            store = self.callers.get(canonical_address(address) or "")
         return store if store is not None else self.default
 
     def owner_of(self, address: str) -> str | None:

@@ -12,7 +12,8 @@ Rules of this module:
   (telemetry's log_suppressed counter) and summed up once a second in one
   `log_suppressed` line per event name.
 - Lines go to stderr by default (stdout carries only the ready line), to a
-  file with `--log-file PATH`, or to stdout with `--log-file -`.
+  file with `--log-file PATH` (created 0640, LOG_FILE_MODE), or to stdout
+  with `--log-file -`.
 - No module-level log: each process has one EventLog, built at start (a
   forked child keeps its parent's and names its own role) and passed to
   everything that logs.
@@ -30,6 +31,10 @@ import orjson
 # Per event name: at most LOG_BURST lines at once, LOG_LINES_PER_S sustained.
 LOG_BURST = 100
 LOG_LINES_PER_S = 20.0
+# A log file this creates: lines name caller addresses and VM ids, which other
+# local users (tenants' neighbours) have no business reading. An existing file
+# keeps the mode its owner gave it.
+LOG_FILE_MODE = 0o640
 
 
 class EventLog:
@@ -45,7 +50,8 @@ class EventLog:
         if path == "-":
             self.stream = sys.stdout.buffer
         elif path is not None:
-            self.stream = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+            self.stream = os.fdopen(fd, "ab", buffering=0)  # lives as long as the process
         if role is not None:
             self.role = role
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from fastimds.bus.atomic import file_stamps
 from fastimds.bus.watch import start_watch
 from fastimds.control.writer import DATA_DIR_SOURCE_PREFIX, Control, UpdateError
-from fastimds.imds.datafile import DataError, parse_vm
+from fastimds.imds.datafile import MAX_VM_FILE_BYTES, DataError, parse_vm
 from fastimds.ops.event_log import EventLog
 from fastimds.sources.base import SourceStatus
+from fastimds.sources.files import read_description
 
 
 class DataDirSource:
@@ -96,7 +97,7 @@ class DataDirSource:
                 control.delete(vm_id, source)
             return "ok"
         try:
-            vm = parse_vm(path.read_bytes(), str(path))
+            vm = parse_vm(read_description(path, MAX_VM_FILE_BYTES), str(path))  # regular files only, bounded
         except (OSError, DataError) as exc:
             # Also what a half-written file looks like: it never replaces (or removes) good data.
             problems = exc.problems if isinstance(exc, DataError) else [str(exc)]

@@ -22,6 +22,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.admin_token import write_token_file
 from tests.support.identities import IDENTITIES, SYSTEM
 from tests.support.server_process import (
     RawReader,
@@ -37,7 +38,7 @@ from tests.support.server_process import (
 INSTANCE = "/metadata/instance?api-version=2021-02-01"
 LEAF = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
 TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net"
-ADMIN_TOKEN = "f4ults-t0ken"
+ADMIN_TOKEN = "f4ults-t0ken-00112233445566778899"  # at least 32 characters, as the server requires
 MESSAGES = {
     410: "Retry after some time for a max of 70 seconds",
     429: "Too many requests",
@@ -91,7 +92,7 @@ def data_dir(root: Path) -> Path:
 
 def serve(root: Path, workers: int) -> Any:
     token = root / "token"
-    token.write_text(ADMIN_TOKEN + "\n")
+    write_token_file(token, ADMIN_TOKEN)
     return running_server(
         "--workers",
         str(workers),

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.support.admin_token import write_token_file
 from tests.support.server_process import (
     SAMPLE_VM_PATH,
     ServerProcess,
@@ -324,11 +325,10 @@ def test_admin_cli_put_of_a_missing_file_is_a_usage_error(data_dir: Path, admin_
 def test_admin_over_tcp_needs_the_token(
     data_dir: Path, tmp_path: Path, session: requests.Session, admin_socket: Path
 ) -> None:
-    token = "e2e-token-5b1f"
     token_file = tmp_path / "token"
-    token_file.write_text(token + "\n")
+    token = write_token_file(token_file)
     wrong_file = tmp_path / "wrong"
-    wrong_file.write_text("nope\n")
+    write_token_file(wrong_file, "nope")
     args = ("--data-dir", str(data_dir), "--admin-port", "0", "--admin-token-file", str(token_file))
     with running_server(*args) as server:
         [url] = server.admin

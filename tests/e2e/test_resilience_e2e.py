@@ -56,6 +56,7 @@ import pytest
 
 from fastimds.process.supervisor import CRASH_LOOP_WINDOW_S
 from fastimds.process.worker import DRAIN_ANSWER_S
+from tests.support.admin_token import write_token_file
 from tests.support.server_process import (
     RawReader,
     ServerProcess,
@@ -718,7 +719,7 @@ ADMIN_MARKERS = (b'"vms"', b'"generation"', b"fastimds_", b'"status"', b'"keys"'
 def test_the_admin_api_is_never_reachable_on_the_vm_listener(tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     token_file = tmp_path / "token"
-    token_file.write_text(token)
+    write_token_file(token_file, token)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     callers = {"vm1": "127.0.2.2", "vm2": "127.0.2.3"}
@@ -857,7 +858,7 @@ def wrong_authorizations(token: str) -> dict[str, dict[str, str]]:
 def test_the_tcp_admin_listener_refuses_every_wrong_token(tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     token_file = tmp_path / "token"
-    token_file.write_text(token + "\n")
+    write_token_file(token_file, token)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "vm1.json").write_text(json.dumps(vm_document("vm1", private_ips=["127.0.3.2"])))
@@ -931,7 +932,7 @@ def test_the_running_server_guards_the_token_with_compare_digest_alone(tmp_path:
     mode.write_text("spy")
     token = secrets.token_hex(16)
     token_file = tmp_path / "token"
-    token_file.write_text(token)
+    write_token_file(token_file, token)
     environment = [
         "env",
         f"PYTHONPATH={os.pathsep.join(filter(None, [str(hooks), os.environ.get('PYTHONPATH')]))}",

@@ -9,6 +9,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.admin_token import write_token_file
 from tests.support.server_process import admin_unix, fresh_get, log_events, poll_until, running_server, worker_pids
 
 LEAF = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
@@ -29,7 +30,7 @@ def served_ok(url: str) -> float:
 
 def test_one_scrape_sums_every_worker_and_survives_a_restart(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("t0ken\n")
+    write_token_file(token)
     args = ("--workers", "2", "--admin-port", "0", "--admin-token-file", str(token))
     with running_server(*args) as server:
         [admin_url] = [name for name in server.admin if name.startswith("http")]

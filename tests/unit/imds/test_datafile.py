@@ -68,6 +68,25 @@ def test_shape_problems(doc: Any, expected: str) -> None:
     assert any(p.startswith(expected) for p in problems_of(doc))
 
 
+@pytest.mark.parametrize(
+    ("caller", "problem"),
+    [
+        ("10.0.0.4", None),
+        ("fd00::4", None),
+        ("fe80::1%2", None),
+        ("not-an-ip", "is not an IPv4 or IPv6 address"),
+        ("fe80::1", "is link-local: give its zone as the interface index"),
+        ("fe80::1%eth0", "is link-local: give its zone as the interface index"),
+    ],
+)
+def test_callers_are_addresses_and_link_local_ones_carry_their_link(caller: str, problem: str | None) -> None:
+    document = {"instance": INSTANCE, "callers": [caller]}
+    if problem is None:
+        assert parse_vm(orjson.dumps(document), "test.json").reserved["callers"] == [caller]
+    else:
+        assert any(p.startswith(f"$.callers[0]: {caller!r} {problem}") for p in problems_of(document))
+
+
 @pytest.mark.parametrize("key", ["", "a/b", "line\nbreak", "tab\there"])
 def test_keys_no_path_or_listing_can_carry_are_refused(key: str) -> None:
     compute = INSTANCE["compute"] | {key: "v"}

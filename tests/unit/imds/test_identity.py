@@ -73,6 +73,13 @@ def test_refusals(target: str, metadata_ok: bool, identities: Any, expected: tup
         assert expected[1] in str(body)
 
 
+@pytest.mark.parametrize("selector", ["msi_res_id=", "client_id=", "object_id=", "msi_res_id=%20"])
+def test_an_empty_selector_is_identity_not_found(selector: str) -> None:
+    # Regression (issue 16, item 10): `msi_res_id=` compared "" with the system identity's missing
+    # resourceId and returned the system-assigned token. An empty selector names no identity.
+    assert get(f"{TOKEN}&{selector}") == (400, NOT_FOUND)
+
+
 def test_the_identity_family_missing_header_body() -> None:
     assert get(TOKEN, metadata_ok=False) == (
         400,

@@ -1,7 +1,7 @@
 """VmRegistry without sockets: which VM a caller is, conflicts, and isolation at the protocol level.
 
-A caller is its source address alone: every private IP of a VM's NICs (IPv4
-and IPv6) plus its "callers" list. No address belongs to two VMs, and no
+A caller is its source address alone (with its zone, for a link-local IPv6
+address): every private IP of a VM's NICs (IPv4 and IPv6) plus its "callers" list. No address belongs to two VMs, and no
 connection from one VM's address can ever read another VM's data.
 """
 
@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastimds.imds.datafile import VmDescription, describe_vm
-from fastimds.imds.registry import ConflictError, VmRegistry, caller_addresses, canonical_address
+from fastimds.imds.registry import ConflictError, VmRegistry, caller_addresses, caller_key, canonical_address
 from fastimds.imds.store import DEFAULT_VM_ID
-from tests.support.fakes import make_connection, request, sample_vm, split_responses
+from tests.support.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
 from tests.support.server_process import vm_document, vm_uuid
 
 NO_VM_BODY = {"error": "Not found. No VM is registered for this caller's address"}
@@ -89,7 +89,11 @@ def test_caller_addresses_of_the_sample_vm() -> None:
         ("::ffff:10.0.0.4", "10.0.0.4"),
         ("::FFFF:10.0.0.4", "10.0.0.4"),
         ("FD00:0010:0000::0004", "fd00:10::4"),
-        ("fe80::1%eth0", "fe80::1"),
+        ("fe80::1%2", "fe80::1%2"),
+        ("FE80:0::1%02", "fe80::1%2"),
+        ("fe80::1", None),  # a link-local address names no caller without its link
+        ("fe80::1%eth0", None),  # zones are interface indexes (fastimds.imds.registry)
+        ("fd00::1%2", "fd00::1"),  # a global address is the same on every link
         ("", None),
         ("not-an-address", None),
         ("10.0.0.256", None),
@@ -97,6 +101,53 @@ def test_caller_addresses_of_the_sample_vm() -> None:
 )
 def test_canonical_address(spelling: str, canonical: str | None) -> None:
     assert canonical_address(spelling) == canonical
+
+
+@pytest.mark.parametrize(
+    ("peername", "key"),
+    [
+        (("10.0.0.4", 40000), "10.0.0.4"),
+        (("::ffff:10.0.0.4", 40000, 0, 0), "10.0.0.4"),
+        (("fd00:1::4", 40000, 0, 0), "fd00:1::4"),
+        (("fd00:1::4", 40000, 0, 4), "fd00:1::4"),
+        (("fe80::1", 40000, 0, 2), "fe80::1%2"),
+        (("fe80::1", 40000, 0, 3), "fe80::1%3"),
+        (("fe80::1%eth0", 40000, 0, 4), "fe80::1%4"),  # a platform that also spells the zone in the host
+        (("::1", 40000, 0, 0), "::1"),
+        ("/run/fastimds.sock", ""),
+        (None, ""),
+    ],
+)
+def test_caller_key_of_a_peername(peername: object, key: str) -> None:
+    assert caller_key(peername) == key
+
+
+def test_link_local_callers_on_different_links_are_different_vms() -> None:
+    # Regression (issue 16, item 10): callers were keyed without their zone, so fe80::1 on
+    # eth0 and fe80::1 on eth1 (two tenants' links) were one caller, and one VM's.
+    registry = VmRegistry()
+    registry.publish("a", vm("a", callers=("fe80::1%2",)))
+    registry.publish("b", vm("b", callers=("fe80::1%3",)))
+    assert registry.store_for(caller_key(("fe80::1", 40000, 0, 2))) is registry.stores["a"]
+    assert registry.store_for(caller_key(("fe80::1", 40000, 0, 3))) is registry.stores["b"]
+    assert registry.store_for(caller_key(("fe80::1", 40000, 0, 4))) is registry.nobody
+    assert registry.summary()[0]["callers"] == ["fe80::1%2"]
+
+
+def test_a_connection_is_keyed_by_its_peers_address_and_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real connection: asyncio's IPv6 peername is (host, port, flowinfo, scope_id)."""
+
+    def ipv6_peername(transport: FakeTransport, name: str, default: Any = None) -> Any:
+        host, _, zone = transport.peer.partition("%")
+        return (host, 40000, 0, int(zone or 0)) if name == "peername" else default
+
+    monkeypatch.setattr(FakeTransport, "get_extra_info", ipv6_peername)
+    registry = VmRegistry()
+    registry.publish("a", vm("a", callers=("fe80::1%2",)))
+    registry.publish("b", vm("b", callers=("fe80::1%3",)))
+    assert vm_id_seen(registry, "fe80::1%2") == vm_uuid("a")
+    assert vm_id_seen(registry, "fe80::1%3") == vm_uuid("b")
+    assert vm_id_seen(registry, "fe80::1%4") is None
 
 
 def test_store_for_canonicalises_the_peer_address() -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastimds.ops.event_log import LOG_BURST, LOG_LINES_PER_S, EventLog
+from fastimds.ops.event_log import LOG_BURST, LOG_FILE_MODE, LOG_LINES_PER_S, EventLog
 from fastimds.ops.telemetry import LAYOUT, new_counters
 from tests.support.fakes import make_connection, request
 
@@ -70,3 +73,24 @@ def test_refused_requests_are_logged_with_caller_vm_and_target(capsys: pytest.Ca
     assert error["generation"] == 1
     limit = next(r for r in records if r["event"] == "limit_hit")
     assert limit["status"] == 431
+
+
+def test_a_log_file_is_created_0640_and_an_existing_one_keeps_its_mode(tmp_path: Path) -> None:
+    # Regression (issue 16, item 9): --log-file was created 0644, and its lines name caller
+    # addresses and VM ids.
+    old_umask = os.umask(0o022)  # the usual umask, under which a file made 0644 stays 0644
+    try:
+        created, existing = tmp_path / "new.log", tmp_path / "existing.log"
+        existing.write_bytes(b"")
+        existing.chmod(0o600)
+        for path in (created, existing):
+            log = EventLog()
+            log.configure(path=str(path))
+            log.event("hello")
+            assert log.stream is not None
+            log.stream.close()
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(created.stat().st_mode) == LOG_FILE_MODE == 0o640
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600
+    assert json.loads(created.read_bytes())["event"] == "hello"
