@@ -35,7 +35,7 @@ SEND_STALL_TIMEOUT_S = 30.0
 # allowance: ~170 MiB of worker memory at the ~2.6 KiB an open connection
 # costs it (measured over 5,000 connections; the kernel's socket memory aside).
 # At start the server raises its open-files limit to the hard limit and
-# lowers this to fit under it (fastimds.process.serve.fit_fd_limit): a refusal needs
+# lowers this to fit under it (fastimds.process.sockets.fit_fd_limit): a refusal needs
 # a free descriptor to accept and answer, and accept() past EMFILE cannot.
 MAX_CONNECTIONS_PER_WORKER = 64 * 1024
 # Open connections one caller address holds per worker. A busy VM (a

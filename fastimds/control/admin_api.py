@@ -10,7 +10,7 @@ Rules of this module:
 - Writes go through the control plane (fastimds.control.plane), which
   validates, numbers, persists and only then answers; every error is JSON
   naming the problem, and a refused write changes nothing.
-- Routing is one table (ROUTES: a path pattern and its methods). A path no
+- Routing is one table (`AdminApi.routes`: a path pattern and its methods). A path no
   route matches is 404; a method its route lacks is 405 with Allow listing
   the route's methods. Replies are built by the shared response builder
   (fastimds.imds.render.make_reply), so a reply's status is a field, never

@@ -39,7 +39,7 @@ EXPIRE_SLICE = 100
 
 
 class ApprovalSink(Protocol):
-    """Where a worker's scheduled-event approvals go (the control plane, or a file on the bus)."""
+    """Where a worker's scheduled-event approvals go: in a server, a file on the bus (fastimds.bus.approvals)."""
 
     def approve(self, event_ids: frozenset[str]) -> None: ...
 

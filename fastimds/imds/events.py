@@ -2,8 +2,9 @@
 
 Rules of this module:
 - Pure: every function takes the time as an argument; nothing here reads the
-  clock or does I/O. The control process owns the lifecycle (fastimds.control.writer)
-  and publishes each change as a new generation of the VM.
+  clock or does I/O. The control plane runs the lifecycle
+  (fastimds.control.event_clock) and writes each change as a new generation
+  of the VM (fastimds.control.writer).
 - A VM's events state is plain JSON, so it travels through the bus beside
   the VM description: {"DocumentIncarnation": N, "Events": [event, ...]},
   typed as `EventsState` and `ScheduledEvent` (TypedDicts: the JSON the bus

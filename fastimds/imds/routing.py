@@ -15,7 +15,8 @@ Rules of this module:
   the method, api-version, then format/extended, then the path walk, and
   only last the leaf-needs-text rule. MSAL's region discovery calls a leaf
   without api-version and expects the api-version 400, not the leaf 400.
-- The fast path is one dict lookup of the raw target in the snapshot's memo;
+- The fast path is one dict lookup of the raw target in the snapshot's
+  `url_replies` (not the HTTP layer's request memo, fastimds.http.memo);
   only GET/HEAD with a good Metadata header and no X-Forwarded-For use it,
   because only then does the target alone decide the reply.
 """

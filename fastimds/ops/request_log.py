@@ -7,7 +7,8 @@ Rules of this module:
   `record()` takes one request's fields (tools and tests). Past
   `MAX_BUFFERED_RECORDS` records are dropped and counted in `dropped`, so a
   stuck disk can never grow a worker's memory without bound.
-- `flush(now)` runs from the worker's once-a-second tick and at shutdown. It
+- `flush(now)` runs from the worker's flush timer (every REQUEST_LOG_FLUSH_S,
+  fastimds.process.worker) and at shutdown. It
   encodes the buffer with orjson (one call per batch) and appends it to the
   worker's current file with one write(2), then rotates and enforces
   retention; `max_records` slices a large buffer so that no one flush stalls
@@ -205,7 +206,7 @@ class RequestLog:
         self._close_fd()
 
     def take_events(self) -> list[Event]:
-        """Events to log since the last call, as (event, fields) for `log_event`; usually none."""
+        """Events to log since the last call, as (event, fields) for `EventLog.event`; usually none."""
         events, self._events = self._events, []
         return events
 

@@ -73,7 +73,7 @@ Stub = tuple[str | bytes, str | bytes, int]
 Sent = tuple[Stub, int]
 # (head, ts, sent, latency_us): FIELDS' shape
 Record = tuple[Head, float, Sent, int]
-# (event name, fields) for fastimds.ops.event_log.log_event.
+# (event name, fields) for fastimds.ops.event_log.EventLog.event.
 Event = tuple[str, dict[str, Any]]
 
 _DURATION_UNITS_S: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -12,12 +12,21 @@ Rules of this module:
 - Every fastimds/... path named in README.md or docs/ exists, and every
   relative link in them, tuning.md, reliability.md and contrib/README.md
   lands on a file and, with a #fragment, on an anchor.
+- Every dotted reference `fastimds.x.y` in the package's comments and
+  docstrings, in docs/*.md and in README.md names an existing module, or a
+  top-level def, class or assignment of one (`fastimds.imds.render.Reply`;
+  not a name it merely imports; what follows that name, `.method`, is not
+  checked): a module that moves or a name that goes cannot leave its old
+  name behind in the prose.
 - No sockets, no server: a fast test, read-only.
 """
 
 from __future__ import annotations
 
+import ast
+import io
 import re
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +63,10 @@ _REPO_PATH = re.compile(r"(?<![\w./-])fastimds/[\w./-]*")
 _LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 _ANCHOR_ID = re.compile(r"<a id=\"([^\"]+)\"></a>")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.MULTILINE)
+# "fastimds.http.memo", "fastimds.imds.render.make_reply"; not "python -m fastimds" nor "fastimds/http".
+_DOTTED_REFERENCE = re.compile(r"(?<![\w./-])fastimds(?:\.[A-Za-z_]\w*)+")
+# Prose whose dotted references must resolve (the package's comments and docstrings too: see dotted_references).
+DOTTED_CHECKED_DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 
 
 def house_rules_cited(text: str) -> list[int]:
@@ -127,6 +140,62 @@ def anchors(path: Path) -> set[str]:
     return set(_ANCHOR_ID.findall(text)) | {slug(heading) for heading in _HEADING.findall(text)}
 
 
+def dotted_references() -> list[tuple[str, str]]:
+    """("file:line", reference) for every fastimds.x.y in the package's comments and docstrings and the docs."""
+    found = []
+    for path in sorted((REPO / "fastimds").rglob("*.py")):
+        name = str(path.relative_to(REPO))
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
+            if token.type in (tokenize.COMMENT, tokenize.STRING):
+                for offset, line in enumerate(token.string.splitlines()):
+                    found += [(f"{name}:{token.start[0] + offset}", ref) for ref in _DOTTED_REFERENCE.findall(line)]
+    for doc in DOTTED_CHECKED_DOCS:
+        name = str(doc.relative_to(REPO))
+        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            found += [(f"{name}:{number}", ref) for ref in _DOTTED_REFERENCE.findall(line)]
+    return found
+
+
+def module_source(module: str, root: Path = REPO) -> Path | None:
+    """The file of a dotted module name (a package's __init__.py), or None when there is none."""
+    path = root.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def top_level_names(source: Path) -> set[str]:
+    """What a module defines at its top level: defs, classes, assignments (read, never imported).
+
+    Not what it imports: `fastimds.control.writer.Follower` would pass while the
+    Follower lives in fastimds.bus.follower, the stale name this check is for.
+    """
+    names: set[str] = set()
+    for node in ast.parse(source.read_text(encoding="utf-8"), str(source)).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(leaf.id for target in targets for leaf in ast.walk(target) if isinstance(leaf, ast.Name))
+    return names
+
+
+def dangling(references: list[tuple[str, str]], root: Path = REPO) -> list[str]:
+    """The references that name no module nor a top-level name of one, as "where: reference"."""
+    broken = []
+    for where, reference in references:
+        parts = reference.split(".")
+        # The longest prefix that is a module; the part after it, if any, must be defined in it.
+        for length in range(len(parts), 0, -1):
+            source = module_source(".".join(parts[:length]), root)
+            if source is not None:
+                break
+        if source is None or (length < len(parts) and parts[length] not in top_level_names(source)):
+            broken.append(f"{where}: {reference}")
+    return broken
+
+
 # ---- the citation parser ----
 
 
@@ -167,6 +236,39 @@ def test_a_citation_with_no_heading_is_reported() -> None:
     assert unresolved(cited, rules={"1", "16"}, sections={"3.4"}) == ["a.py: spec 3"]
 
 
+@pytest.mark.parametrize(
+    ("text", "references"),
+    [
+        ("(fastimds.http.memo)", ["fastimds.http.memo"]),
+        ("see fastimds.imds.render.make_reply.", ["fastimds.imds.render.make_reply"]),
+        ("fastimds.bus.layout and fastimds.imds", ["fastimds.bus.layout", "fastimds.imds"]),
+        ("python -m fastimds serve; fastimds/http/memo.py; fastimds logs", []),
+    ],
+)
+def test_dotted_references_are_found_in_prose(text: str, references: list[str]) -> None:
+    assert _DOTTED_REFERENCE.findall(text) == references
+
+
+def test_a_dotted_reference_to_nothing_is_reported() -> None:
+    references = [
+        ("a.py:1", "fastimds.http.memo"),  # a module
+        ("a.py:2", "fastimds.imds"),  # a package
+        ("a.py:3", "fastimds.imds.render.make_reply"),  # a def
+        ("a.py:4", "fastimds.imds.render.ERRORS"),  # an assignment
+        ("a.py:5", "fastimds.imds.render.Reply.head"),  # a class; its attribute is not checked
+        ("a.py:6", "fastimds.control.protocol"),  # a module that moved away
+        ("a.py:7", "fastimds.ops.event_log.log_event"),  # a name that went
+        ("a.py:8", "fastimds.control.writer.Follower"),  # imported there, defined in fastimds.bus.follower
+        ("a.py:9", "fastimds.nowhere.at_all"),  # no module at all
+    ]
+    assert dangling(references) == [
+        "a.py:6: fastimds.control.protocol",
+        "a.py:7: fastimds.ops.event_log.log_event",
+        "a.py:8: fastimds.control.writer.Follower",
+        "a.py:9: fastimds.nowhere.at_all",
+    ]
+
+
 # ---- the repository ----
 
 
@@ -190,6 +292,13 @@ def test_the_code_cites_something() -> None:
 def test_every_citation_resolves_into_docs() -> None:
     rules = {str(number) for number in house_rule_headings()}
     assert unresolved(citations(), rules, set(spec_headings())) == []
+
+
+def test_every_dotted_reference_names_a_module_or_its_name() -> None:
+    references = dotted_references()
+    where = {reference.split(":")[0] for reference, _name in references}
+    assert "fastimds/http/connection.py" in where  # the scan reads the code: an empty scan would pass vacuously
+    assert dangling(references) == []
 
 
 @pytest.mark.parametrize("doc", PATH_CHECKED_DOCS, ids=lambda path: path.name)
