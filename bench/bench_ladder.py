@@ -94,7 +94,7 @@ def test_rung5_request_memo_text_leaf(benchmark: Any) -> None:
     data = request(TEXT_LEAF)
     protocol.data_received(data)
     benchmark(protocol.data_received, data)
-    assert known_requests(protocol.vm.current, protocol.state.faults)
+    assert known_requests(protocol.vm.current)
 
 
 def test_rung6_pipelined_16_parsed(benchmark: Any) -> None:

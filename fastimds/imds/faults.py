@@ -13,8 +13,8 @@ Rules of this module:
   table, taken under a lock, so "fail the next 3 requests" means 3 however
   many workers. Nothing here is made at import.
 - Free when unused: the request memo answers known requests without the
-  parser, so faults are checked on the parser path only, and a memo filled
-  before the table's last load is not used (`generation`); a faulted reply is never
+  parser, so faults are checked on the parser path only, and every load
+  empties the memos filled before it (`depend`); a faulted reply is never
   remembered, and a request a fault could match is never answered from the
   memo while that fault lives. With no live fault the check is one attribute
   test per parsed request.
@@ -33,7 +33,8 @@ import multiprocessing
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TypedDict
 
 from fastimds.imds.render import Reply, json_reply
@@ -284,25 +285,35 @@ class FaultTable:
     """A worker's faults; `active` is False whenever no fault can match.
 
     `budgets` holds the counts: the server's, shared by every process, or
-    without one (tests) private ones made here. `generation` grows with every
-    load: a request memo filled under another generation is unusable
-    (fastimds.http.memo), so a fault change needs no one to clear memos.
+    without one (tests) private ones made here.
+
+    A cache of replies decided while these faults held (the http layer's
+    request memo) registers with `depend`, and every `load` empties every
+    registered cache: a fault change clears memos here, in one place, and
+    no request pays a check for it. A cache is held weakly: one that dies
+    with its snapshot drops out by itself.
     """
 
-    __slots__ = ("faults", "active", "budgets", "generation")
+    __slots__ = ("faults", "active", "budgets", "dependents")
 
     def __init__(self, budgets: FaultBudgets | None = None) -> None:
         self.faults: list[Fault] = []
         self.active = False
         self.budgets = budgets if budgets is not None else FaultBudgets(MAX_FAULTS)
-        self.generation = 0  # bumped by every load: what was remembered under another is unusable
+        # By id: a cache may be an unhashable dict. An entry leaves when its cache dies.
+        self.dependents: weakref.WeakValueDictionary[int, MutableMapping[Any, Any]] = weakref.WeakValueDictionary()
+
+    def depend(self, cache: MutableMapping[Any, Any]) -> None:
+        """`cache` holds what was decided under these faults: every later `load` empties it."""
+        self.dependents[id(cache)] = cache
 
     def load(self, records: list[FaultRecord], now: float) -> None:
-        """Replace the faults (all or nothing: a bad record raises and changes nothing)."""
+        """Replace the faults (all or nothing: a bad record raises and changes nothing), and empty the caches."""
         faults = [Fault(record) for record in live(records, now, self.budgets)]
         self.faults = faults
         self.active = bool(faults)
-        self.generation += 1
+        for cache in list(self.dependents.values()):
+            cache.clear()
 
     def match(self, vm_id: str, target: bytes, now: float) -> Fault | None:
         """The fault that takes this request (using one of its count), or None."""

@@ -132,8 +132,8 @@ def make_connection(
 
 
 def remembered(snapshot: Snapshot | None, faults: FaultTable | None = None) -> dict[bytes, MemoEntry]:
-    """What `snapshot`'s request memo answers under `faults` (default: a table that never loaded)."""
-    return known_requests(snapshot, faults if faults is not None else FaultTable())
+    """What `snapshot`'s request memo answers now (`faults`: the table it answers under; a load empties it)."""
+    return known_requests(snapshot)
 
 
 @dataclass
