@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=ARGS",
         help="also run fastimds with these serve arguments (space-separated; {workdir} is a temp dir)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run another checkout's fastimds (telemetry off and counters, as baseline-off and "
+        "baseline-counters) at the same moments: this tree's CPU per request against it",
+    )
     args = parser.parse_args(argv)
     scenario = next(s for s in SCENARIOS if s.name == args.scenario)
     with tempfile.TemporaryDirectory(prefix="fastimds-telemetry-cost-") as tmp:
@@ -63,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             command = [*pin("0"), sys.executable, "-m", "fastimds", "serve", "--port", str(port)]
             command += [part.format(workdir=workdir) for part in extra]
             servers[name] = Server(name, command, port=port)
+        if args.baseline is not None:
+            for name in ("off", "counters"):
+                port = free_port()
+                command = [*pin("0"), sys.executable, "-m", "fastimds", "serve", "--port", str(port), *VARIANTS[name]]
+                servers[f"baseline-{name}"] = Server(
+                    f"baseline-{name}", command, port=port, cwd=args.baseline.resolve()
+                )
         script = wrk_script(workdir, scenario)
         rounds: list[dict[str, Any]] = []
         try:
@@ -80,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 server.stop()
     report = summarise(rounds, [name for name, _, _ in (v.partition("=") for v in args.variant)])
+    if args.baseline is not None:
+        report += against_baseline(rounds)
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rounds": rounds}, indent=2))
+        args.out.write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=2, default=str))
     return 0
 
 
@@ -125,6 +140,25 @@ def summarise(rounds: list[dict[str, Any]], extra: list[str]) -> str:
             f"| {name} | {median:.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | {cpu:.2f}, {off_cpu:.2f} "
             + (f"| ≥ {target} | {'yes' if median >= target else '**no**'} |" if target is not None else "| | |")
         )
+    return "\n".join(lines)
+
+
+def against_baseline(rounds: list[dict[str, Any]]) -> str:
+    """This tree against --baseline, each pair measured at the same moments on the same core."""
+    lines = [
+        "",
+        "",
+        "This tree against --baseline; capacity = baseline's CPU/request ÷ this tree's (per round; medians, spread):",
+        "",
+        "| variant | capacity | CPU µs/request this, baseline |",
+        "| --- | --- | --- |",
+    ]
+    for name in ("off", "counters"):
+        ratios = [row[f"baseline-{name}"]["cpu_us"] / row[name]["cpu_us"] for row in rounds]
+        ours = statistics.median(row[name]["cpu_us"] for row in rounds)
+        theirs = statistics.median(row[f"baseline-{name}"]["cpu_us"] for row in rounds)
+        spread = f"({min(ratios):.3f}–{max(ratios):.3f})"
+        lines.append(f"| {name} | {statistics.median(ratios):.3f} {spread} | {ours:.2f}, {theirs:.2f} |")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -39,14 +40,18 @@ class ApprovalSink(Protocol):
 class BusApprovals:
     """The serving side's sink: one file per approval in the bus's approvals folder."""
 
-    def __init__(self, bus_directory: Path, durable: bool) -> None:
+    def __init__(self, bus_directory: Path, durable: bool, written: Callable[[], None] | None = None) -> None:
         self.directory = approvals_directory(bus_directory)
         self.durable = durable
         self.sequence = itertools.count()
+        # In a single process, the control plane beside us: told at once, instead of by a watch.
+        self.written = written
 
     def approve(self, event_ids: frozenset[str]) -> None:
         name = f"{os.getpid()}-{next(self.sequence)}{APPROVAL_SUFFIX}"
         write_whole(self.directory / name, orjson.dumps({"EventIds": sorted(event_ids)}), self.durable)
+        if self.written is not None:
+            self.written()
 
 
 def take_approvals(directory: Path, log: EventLog) -> frozenset[str]:

@@ -130,17 +130,19 @@ class EventClock:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(max(sleep_s, 0.001), EVENT_CLOCK_MAX_SLEEP_S))
 
+    def apply_approvals(self) -> None:
+        """Apply (and delete) the approvals in the bus's approvals folder (fastimds.bus.approvals)."""
+        approved = take_approvals(approvals_directory(self.control.bus.directory), self.log)
+        if approved:
+            self.approve(approved)
+
     async def start_approvals_watch(self) -> asyncio.Task[None]:
-        """Apply the approvals dropped in the bus's approvals folder (fastimds.bus.approvals)."""
-        directory = approvals_directory(self.control.bus.directory)
-
-        def apply_approvals() -> None:
-            approved = take_approvals(directory, self.log)
-            if approved:
-                self.approve(approved)
-
+        """Apply approvals as workers in other processes drop them (a single process calls apply_approvals)."""
         return await start_watch(
-            directory, on_change=lambda _names: apply_approvals(), on_idle=apply_approvals, log=self.log
+            approvals_directory(self.control.bus.directory),
+            on_change=lambda _names: self.apply_approvals(),
+            on_idle=self.apply_approvals,
+            log=self.log,
         )
 
     def _holders(self, event_ids: frozenset[str]) -> list[str]:

@@ -56,6 +56,8 @@ class Worker:
         telemetry: Telemetry,
         keys: Keys,
         log: EventLog,
+        approvals: BusApprovals,
+        watch_bus: bool,
     ) -> None:
         self.settings = settings
         self.follower = follower
@@ -64,7 +66,9 @@ class Worker:
         self.telemetry = telemetry
         self.keys = keys
         self.log = log
-        self.approvals = BusApprovals(follower.bus.directory, follower.bus.durable)
+        self.approvals = approvals
+        # A worker of a group watches the bus; a single process is handed every write by its own control.
+        self.watch_bus = watch_bus
         self.request_log: RequestLog | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.state: ServerState | None = None
@@ -75,7 +79,10 @@ class Worker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.tasks.append(await self.follower.start())
+        if self.watch_bus:
+            self.tasks.append(await self.follower.start())
+        else:
+            self.follower.rescan()  # what the bus held before this process's control wrote anything
         if self.settings.request_log_dir is not None:
             retain_files, retain_age_s = self.settings.request_log_retain
             self.request_log = RequestLog(
