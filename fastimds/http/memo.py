@@ -29,6 +29,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 from fastimds.http.fields import ConnectionFields
@@ -124,22 +125,24 @@ class MemoPath(ConnectionFields):
             return False  # nothing remembered yet
         heads = data[:-4]
         entry = memo.get(heads)
-        entries: list[MemoEntry] | None = None  # one request per read, the common case: no list
+        entries: Sequence[MemoEntry] = ()  # one request per read, the common case: no list
+        count = 1
         if entry is None:
-            entries = []
+            pipelined: list[MemoEntry] = []
             for head in heads.split(END_OF_HEAD):
                 known = memo.get(head)
                 if known is None:
                     return False  # one unknown head: the whole read takes the parser
-                entries.append(known)
-            entry = entries[0]
+                pipelined.append(known)
+            entries, count = pipelined, len(pipelined)
+            entry = pipelined[0]
         state = self.state
         out = self.out
         date = state.date_block
         counters = self.counters
         request_log = self.request_log
         answered = 1
-        while True:
+        while True:  # once per request of the read, in order
             body = entry.body
             out.append(entry.head)
             out.append(date)
@@ -155,7 +158,7 @@ class MemoPath(ConnectionFields):
             if entry.closes:
                 self.phase = _CLOSING
                 break  # the parser would refuse what follows a close
-            if entries is None or answered == len(entries):
+            if answered == count:
                 break
             entry = entries[answered]
             answered += 1

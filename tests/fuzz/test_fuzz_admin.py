@@ -32,17 +32,16 @@ import contextlib
 import copy
 import ipaddress
 import json
-import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, AdminApi, AdminProtocol
@@ -59,24 +58,9 @@ from tests.support.fakes import (
     serving,
     split_responses,
 )
+from tests.support.fuzz import budget
 from tests.support.reference import rfc7396_merge_patch
 from tests.support.server_process import vm_document
-
-LONG_RUN_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-
-
-def budget(ci_examples: int, long_run_cap: int | None = None) -> Callable[[Any], Any]:
-    """CI: `ci_examples`, derandomised. FUZZ_EXAMPLES=N: N random examples (at most `long_run_cap`)."""
-    long_run = min(LONG_RUN_EXAMPLES, long_run_cap or LONG_RUN_EXAMPLES)
-    return settings(
-        max_examples=long_run or ci_examples,
-        derandomize=not LONG_RUN_EXAMPLES,
-        deadline=None,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-    )
-
 
 # ---- the world: two VMs on a real control plane ----
 

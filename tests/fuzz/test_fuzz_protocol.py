@@ -49,10 +49,9 @@ What must hold, for every input:
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -60,7 +59,7 @@ from unittest import mock
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fastimds.config import Limits
@@ -75,22 +74,9 @@ from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from fastimds.ops.telemetry import new_counters
 from tests.support.fakes import KEYS, PINNED_DATE, PINNED_UNIX_TIME, FakeTransport, request, sample_vm
 from tests.support.fakes import remembered as memo_of
+from tests.support.fuzz import budget
 
 # ---- the budget ----
-
-LONG_RUN_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-
-
-def budget(ci_examples: int) -> Callable[[Any], Any]:
-    """CI: `ci_examples`, derandomised. FUZZ_EXAMPLES=N: N random examples (the long run)."""
-    return settings(
-        max_examples=LONG_RUN_EXAMPLES or ci_examples,
-        derandomize=not LONG_RUN_EXAMPLES,
-        deadline=None,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-    )
 
 
 class PinnedTime:
