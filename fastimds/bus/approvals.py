@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -61,6 +61,12 @@ APPROVALS_PER_VM_PER_S = 5
 # VMs whose approval rate is tracked per worker before the table starts over
 # (only served VMs reach it, so the fleet's size bounds it anyway).
 MAX_APPROVING_VMS = 100_000
+
+
+class ApprovalSink(Protocol):
+    """What a worker's connections hand approvals to (declared again in fastimds.http.worker_state)."""
+
+    def approve(self, vm_id: str, event_ids: frozenset[str]) -> bool: ...
 
 
 class _Window:
