@@ -7,8 +7,8 @@ Rules of this module:
     tombstone (fastimds.bus.files).
   - FAULTS_FILE: the injected faults (fastimds.control.faults); its name is
     no VM id, so VM scans pass it by.
-  - APPROVALS_FOLDER/: scheduled-event approvals, one file each, written by
-    whoever served the approving request and taken by the control plane
+  - APPROVALS_FOLDER/: scheduled-event approvals, one file per batch (each
+    naming the approving VMs), written by whoever served the approving requests and taken by the control plane
     (fastimds.bus.approvals). The bus is watched without recursing, so these
     never wake a follower.
   - Names starting with TEMP_PREFIX are temp files being written (and probe

@@ -21,7 +21,8 @@ Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
 GET /metrics (Prometheus text), GET /jwks (the managed-identity token key).
 Scheduled events (fastimds.imds.events): GET|POST /vms/{id}/scheduledevents,
 DELETE /vms/{id}/scheduledevents/{EventId}, and for a group of VMs POST
-/scheduledevents ({"vms": [...]} or {"vmScaleSetName": ...} beside the event)
+/scheduledevents ({"vms": [...]} or {"vmScaleSetName": ...}, with
+"subscriptionId" and "resourceGroupName" when the name is not unique, beside the event)
 and DELETE /scheduledevents/{EventId}. Injected faults (fastimds.imds.faults):
 GET|POST|DELETE /faults (POST: every VM, or "vms": [...] beside the fault),
 DELETE /faults/{id}, POST|DELETE /vms/{id}/faults.
@@ -250,16 +251,28 @@ class AdminApi:
         return json_reply(200, {"EventId": event_id, "generations": self.plane.clock.cancel_event(event_id, vm_id)})
 
     def _add_group_event(self, request: AdminRequest) -> Reply:
-        """One event on a group of VMs: named in "vms", or every VM of "vmScaleSetName"."""
+        """One event on a group of VMs: named in "vms", or every VM of one scale set.
+
+        A scale set is "vmScaleSetName", with "subscriptionId" and
+        "resourceGroupName" when more than one scale set has that name
+        (EventClock.vms_in_scale_set).
+        """
         given = _json_body(request.body)
         if not isinstance(given, dict):
             raise UpdateError(400, "the body must be a JSON object: an event plus 'vms' or 'vmScaleSetName'")
         event = dict(given)
         vm_ids, scale_set = event.pop("vms", None), event.pop("vmScaleSetName", None)
+        scope = {key: event.pop(key) for key in ("subscriptionId", "resourceGroupName") if key in event}
+        if scope and scale_set is None:
+            raise UpdateError(400, "'subscriptionId' and 'resourceGroupName' go with 'vmScaleSetName'")
+        if not all(isinstance(value, str) for value in scope.values()):
+            raise UpdateError(400, "'subscriptionId' and 'resourceGroupName' are strings")
         if scale_set is not None and vm_ids is None and isinstance(scale_set, str):
-            vm_ids = self.plane.clock.vms_in_scale_set(scale_set)
+            vm_ids = self.plane.clock.vms_in_scale_set(
+                scale_set, scope.get("subscriptionId"), scope.get("resourceGroupName")
+            )
             if not vm_ids:
-                raise UpdateError(404, f"no VM has vmScaleSetName {scale_set!r}")
+                raise UpdateError(404, f"no VM has vmScaleSetName {scale_set!r}" + (f" in {scope}" if scope else ""))
         elif not (scale_set is None and isinstance(vm_ids, list) and vm_ids):
             raise UpdateError(400, "give either 'vms' (a non-empty array of VM ids) or 'vmScaleSetName'")
         if not all(isinstance(vm_id, str) for vm_id in vm_ids):

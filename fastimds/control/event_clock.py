@@ -7,6 +7,14 @@ Rules of this module:
   and every change is a new generation of the VM, written through `Control`
   like any update.
 - It reads VMs from the control's own model, never from what is served.
+- An event belongs to a group, the VMs it was added to, stored with it
+  (fastimds.imds.events). An approval names the VM that sent it, and starts
+  an event that VM holds on that event's group only: never on another VM
+  that happens to hold the same EventId. An EventId already held outside
+  the group it is being added to is refused (409), so one id never means
+  two unrelated events.
+- A scale set is its subscriptionId, resourceGroupName and vmScaleSetName
+  together: two tenants' "web" are two scale sets (`vms_in_scale_set`).
 - A failed transition (the bus write failed) is logged and tried again
   soon: the clock never stops.
 """
@@ -41,7 +49,8 @@ class EventClock:
         """Schedule one event on every VM in `vm_ids`; returns its EventId and each VM's new generation.
 
         Its Resources default to the names of all of them: one event, as Azure
-        sends it to every VM of an availability set or scale set.
+        sends it to every VM of an availability set or scale set. `vm_ids` is
+        its group, stored with it: approvals act within it.
         """
         problems = events.event_problems(request, "$")
         if problems:
@@ -55,7 +64,14 @@ class EventClock:
             raise UpdateError(
                 400, f"an event names at most {events.MAX_RESOURCES} VMs in Resources: give Resources, or fewer VMs"
             )
-        event = events.make_event(request, time.time(), names)
+        event = events.make_event(request, time.time(), names, list(served))
+        outside = [holder for holder in self._holders(frozenset({event["EventId"]})) if holder not in served]
+        if outside:
+            raise UpdateError(
+                409,
+                f"event {event['EventId']} already exists on VM {outside[0]!r}, outside this group:"
+                " an EventId names one event (give another, or none for a fresh one)",
+            )
         try:  # every VM's new state first, so a refusal changes nothing
             states = {vm_id: events.add(vm.scheduled, event) for vm_id, vm in served.items() if vm is not None}
         except events.EventError as exc:
@@ -64,13 +80,33 @@ class EventClock:
         self.log.event("event_scheduled", vms=sorted(vm_ids), event_id=event["EventId"], type=event["EventType"])
         return event["EventId"], generations
 
-    def vms_in_scale_set(self, name: str) -> list[str]:
-        """The VMs whose compute.vmScaleSetName is `name`."""
-        return sorted(
-            vm_id
-            for vm_id, vm in self.control.model.live().items()
-            if vm.instance.get("compute", {}).get("vmScaleSetName") == name
-        )
+    def vms_in_scale_set(
+        self, name: str, subscription_id: str | None = None, resource_group: str | None = None
+    ) -> list[str]:
+        """The VMs of one scale set: compute's subscriptionId, resourceGroupName and vmScaleSetName.
+
+        Those not given match anything, but the VMs found must then be of one
+        scale set: a bare "web" that two resource groups (two tenants) both
+        have is refused (409) rather than merged.
+        """
+        found: dict[tuple[str, str], list[str]] = {}
+        for vm_id, vm in self.control.model.live().items():
+            compute = vm.instance.get("compute", {})
+            if compute.get("vmScaleSetName") != name:
+                continue
+            key = (str(compute.get("subscriptionId", "")), str(compute.get("resourceGroupName", "")))
+            if subscription_id is not None and key[0] != subscription_id:
+                continue
+            if resource_group is not None and key[1] != resource_group:
+                continue
+            found.setdefault(key, []).append(vm_id)
+        if len(found) > 1:
+            raise UpdateError(
+                409,
+                f"{len(found)} scale sets are named {name!r}: give subscriptionId and resourceGroupName too",
+                [f"subscriptionId {sub!r}, resourceGroupName {group!r}" for sub, group in sorted(found)],
+            )
+        return sorted(vm_id for vm_ids in found.values() for vm_id in vm_ids)
 
     def cancel_event(self, event_id: str, vm_id: str | None = None) -> dict[str, int]:
         """Remove an event from one VM, or from every VM that has it; returns their new generations."""
@@ -86,16 +122,41 @@ class EventClock:
         self.log.event("event_cancelled", vms=sorted(states), event_id=event_id)
         return {holder: self.control.write_events(holder, state) for holder, state in states.items()}
 
-    def approve(self, event_ids: frozenset[str]) -> None:
-        """Start the approved events on every VM that has them (an approval covers all its Resources)."""
+    def approve(self, approvals: dict[str, frozenset[str]]) -> None:
+        """Start each approved event on its own group: approver VM id -> the EventIds it approved.
+
+        An id the approver does not hold is ignored (it was cancelled or has
+        finished since; the worker checked it against what it served). A
+        group member is started only if it holds the same event (same id,
+        same group): a VM that left the group, or never joined it, is not.
+        """
         now = time.time()
-        for vm_id in self._holders(event_ids):
+        starts: dict[str, set[str]] = {}
+        for approver, event_ids in sorted(approvals.items()):
+            approver_vm = self.control.vm(approver)
+            state = approver_vm.scheduled if approver_vm is not None else None
+            for event_id in sorted(event_ids):
+                event = events.find(state, event_id)
+                if event is None:
+                    self.log.event("approval_ignored", vm=approver, event_id=event_id)
+                    continue
+                group = events.group_of(event, approver)
+                for member in sorted(group):
+                    if self._holds(member, event_id, group):
+                        starts.setdefault(member, set()).add(event_id)
+        for vm_id, started in sorted(starts.items()):
             vm = self.control.vm(vm_id)
-            assert vm is not None  # _holders only names VMs with data
-            state = events.approve(vm.scheduled, event_ids, now)
+            assert vm is not None  # _holds only names VMs with data
+            state = events.approve(vm.scheduled, frozenset(started), now)
             if state is not vm.scheduled and state is not None:
                 self.control.write_events(vm_id, state)
-                self.log.event("event_approved", vm=vm_id, events=sorted(event_ids & events.event_ids(state)))
+                self.log.event("event_approved", vm=vm_id, events=sorted(started))
+
+    def _holds(self, vm_id: str, event_id: str, group: frozenset[str]) -> bool:
+        """Whether `vm_id` holds event `event_id` of `group` (the same event, not only the same id)."""
+        vm = self.control.vm(vm_id)
+        event = events.find(vm.scheduled if vm is not None else None, event_id)
+        return event is not None and events.group_of(event, vm_id) == group
 
     def advance_events(self, now: float) -> None:
         """Start the events whose time has come and remove the finished ones."""

@@ -180,7 +180,8 @@ class Control:
         if given is None and (previous is None or previous.scheduled is None):
             return None
         now = time.time()
-        made = [events.make_event(event, now, [vm_name(vm_id, vm)]) for event in given or []]
+        # A description's events are its own VM's: their group is that VM alone.
+        made = [events.make_event(event, now, [vm_name(vm_id, vm)], [vm_id]) for event in given or []]
         return events.with_events(previous.scheduled if previous is not None else None, made)
 
     def put_if_changed(

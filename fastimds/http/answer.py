@@ -6,12 +6,13 @@ Rules of this module:
   path only: the request memo never holds what a fault could match), then
   `routing.resolve`, which decides. Nothing is formatted or encoded here
   per request: replies are pre-rendered, and this queues their bytes.
-- Effects leave the parser callback: a reply that carries one (an
-  `Approval`, fastimds.imds.effects) is answered at once, and its effect
-  goes to the worker's approval sink (`state.approvals`) on the loop's next
-  turn (`loop.call_soon`). The sink may write a file or publish a snapshot,
-  and a publish inside a parser callback could re-enter this connection
-  (a long-poll on it). Finding effects costs one attribute test per parsed
+- Effects leave the request path: a reply that carries one (an
+  `Approval`, fastimds.imds.effects) goes with the approving VM's id to the
+  worker's approval sink (`state.approvals`), which only notes it and says
+  whether it was taken (the VM past its approval rate: Azure's 429 instead).
+  The sink writes files and the control publishes later, off the loop's
+  parser callbacks: a publish inside one could re-enter this connection (a
+  long-poll on it). Finding effects costs one attribute test per parsed
   request (`reply.volatile`, true for the few volatile replies).
 - Telemetry costs a few list increments per reply (fastimds.ops.telemetry);
   with --request-log, each read's replies go to the log in one call
@@ -23,7 +24,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import struct
@@ -85,7 +85,7 @@ class AnswerPath(ConnectionFields):
                 self.vm.current, method, url, self.metadata_ok, self.forwarded, body=self.body, keys=state.keys
             )
             if reply.volatile and type(reply) is Approval:
-                self._hand_off(reply)
+                reply = self._hand_off(reply)
         if (
             self.parser.should_keep_alive()
             and not reply.close
@@ -132,15 +132,11 @@ class AnswerPath(ConnectionFields):
                 self.remembering = None
         self._reset_request()
 
-    def _hand_off(self, approval: Approval) -> None:
-        """Record an approval on the loop's next turn, off this parser callback (see the module rules)."""
-        approve = self.state.approvals.approve
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a direct call, without a server): nothing to defer to
-            approve(approval.event_ids)
-            return
-        loop.call_soon(approve, approval.event_ids)
+    def _hand_off(self, approval: Approval) -> Reply:
+        """Give an approval, with the VM that sent it, to the sink; the reply to send (see the module rules)."""
+        if self.state.approvals.approve(self.vm.vm_id, approval.event_ids):
+            return approval
+        return _THROTTLED
 
     def _inject(self, fault: Fault, method: bytes, url: bytes) -> Reply | None:
         """A fault's reply to this request (for latency: the real one, delayed later); None after a reset."""
@@ -156,7 +152,7 @@ class AnswerPath(ConnectionFields):
                 self.vm.current, method, url, self.metadata_ok, self.forwarded, body=self.body, keys=state.keys
             )
             if type(reply) is Approval:
-                self._hand_off(reply)
+                return self._hand_off(reply)
             return reply
         # A reset: what was answered before it goes out first (and may be lost to the RST, as on a real network).
         self.phase = _CLOSING

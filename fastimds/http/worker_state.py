@@ -39,9 +39,14 @@ EXPIRE_SLICE = 100
 
 
 class ApprovalSink(Protocol):
-    """Where a worker's scheduled-event approvals go: in a server, a file on the bus (fastimds.bus.approvals)."""
+    """Where a worker's scheduled-event approvals go: in a server, the bus (fastimds.bus.approvals).
 
-    def approve(self, event_ids: frozenset[str]) -> None: ...
+    `approve` notes VM `vm_id`'s approval without I/O (it runs inside a
+    parser callback) and answers whether it was taken: False when the VM is
+    past its approval rate (the request gets a 429).
+    """
+
+    def approve(self, vm_id: str, event_ids: frozenset[str]) -> bool: ...
 
 
 class DroppedApprovals:
@@ -50,8 +55,9 @@ class DroppedApprovals:
     def __init__(self, event_log: EventLog) -> None:
         self.event_log = event_log
 
-    def approve(self, event_ids: frozenset[str]) -> None:
-        self.event_log.event("approval_dropped", events=sorted(event_ids))
+    def approve(self, vm_id: str, event_ids: frozenset[str]) -> bool:
+        self.event_log.event("approval_dropped", vm=vm_id, events=sorted(event_ids))
+        return True
 
 
 class ServerState:

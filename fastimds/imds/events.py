@@ -9,9 +9,15 @@ Rules of this module:
   the VM description: {"DocumentIncarnation": N, "Events": [event, ...]},
   typed as `EventsState` and `ScheduledEvent` (TypedDicts: the JSON the bus
   stores, key for key). Each event holds its wire fields at the newest
-  api-version, plus three private fields that are never served: "startsAt"
-  (NotBefore, unix seconds), "startedFor" (seconds from Started to removal)
-  and "endsAt" (when a Started event is removed; null while Scheduled).
+  api-version, plus private fields that are never served: "startsAt"
+  (NotBefore, unix seconds), "startedFor" (seconds from Started to removal),
+  "endsAt" (when a Started event is removed; null while Scheduled) and
+  "group" (the VM ids the event was scheduled on, fixed when it is added).
+- An approval acts only within the approved event's group (`group_of`): an
+  EventId alone never reaches another VM. An event stored before groups
+  existed (no "group") is its own VM's only, the safe reading: an old
+  scale-set event approved from one VM then starts on that VM, and the
+  others start at NotBefore.
 - `dict[str, Any]` only at the JSON boundary: what a user gives (checked by
   `event_problems`) and what the bus gives back (checked by `state_problems`,
   after which it is an `EventsState`).
@@ -31,7 +37,7 @@ from __future__ import annotations
 import math
 import uuid
 from email.utils import formatdate, parsedate_to_datetime
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
@@ -100,6 +106,12 @@ class ScheduledEvent(TypedDict):
     startsAt: float  # NotBefore as unix seconds
     startedFor: float  # seconds from Started to removal
     endsAt: float | None  # when a Started event is removed; None while Scheduled
+    group: NotRequired[list[str]]  # the VM ids it was scheduled on (sorted); absent before groups: its own VM
+
+
+# ScheduledEvent's NotRequired keys: under `from __future__ import annotations`, Python 3.11's
+# TypedDict counts them in __required_keys__ anyway.
+OPTIONAL_EVENT_KEYS = frozenset({"group"})
 
 
 class EventsState(TypedDict):
@@ -197,8 +209,14 @@ def event_problems(value: Any, path: str) -> list[str]:
     return problems
 
 
-def make_event(value: dict[str, Any], now: float, default_resources: list[str]) -> ScheduledEvent:
-    """A full event (wire fields and timing) from a validated user event, as of `now`."""
+def make_event(
+    value: dict[str, Any], now: float, default_resources: list[str], group: list[str] | None = None
+) -> ScheduledEvent:
+    """A full event (wire fields and timing) from a validated user event, as of `now`.
+
+    `group`: the VM ids it is scheduled on, stored with it (an approval acts
+    within them only); None stores none, which reads as its own VM only.
+    """
     event_type = value["EventType"]
     duration = value.get("DurationInSeconds", DEFAULT_DURATION_S[event_type])
     if "NotBefore" in value:
@@ -221,6 +239,8 @@ def make_event(value: dict[str, Any], now: float, default_resources: list[str]) 
         "startedFor": started_for,
         "endsAt": None,
     }
+    if group is not None:
+        event["group"] = sorted(set(group))
     if value.get("EventStatus") == "Started":
         event = _started(event, now)
     return event
@@ -239,7 +259,7 @@ def state_problems(state: Any) -> list[str]:
         if not isinstance(event, dict):
             problems.append(f"{path}: expected an object")
             continue
-        missing = sorted(ScheduledEvent.__required_keys__ - set(event))
+        missing = sorted(ScheduledEvent.__required_keys__ - OPTIONAL_EVENT_KEYS - set(event))
         if missing:
             problems.append(f"{path}: missing {', '.join(missing)}")
         # NotBefore is checked on its own: a Started event's is "".
@@ -253,6 +273,11 @@ def state_problems(state: Any) -> list[str]:
             problems.append(f"{path}.endsAt: a number or null")
         elif event.get("EventStatus") == "Started" and event.get("endsAt") is None:
             problems.append(f"{path}.endsAt: a Started event's is a number (when it is removed)")
+        group = event.get("group")
+        if "group" in event and not (
+            isinstance(group, list) and group and all(isinstance(vm_id, str) and vm_id for vm_id in group)
+        ):
+            problems.append(f"{path}.group: a non-empty array of VM ids (or absent: its own VM)")
     return problems
 
 
@@ -278,6 +303,21 @@ def _changes_at(event: ScheduledEvent) -> float:
 
 def event_ids(state: EventsState | None) -> frozenset[str]:
     return frozenset(event["EventId"] for event in state["Events"]) if state is not None else frozenset()
+
+
+def find(state: EventsState | None, event_id: str) -> ScheduledEvent | None:
+    """The event `event_id` of `state`; None if it has none."""
+    if state is not None:
+        for event in state["Events"]:
+            if event["EventId"] == event_id:
+                return event
+    return None
+
+
+def group_of(event: ScheduledEvent, holder: str) -> frozenset[str]:
+    """The VMs an approval of `event`, held by VM `holder`, may start it on (see the module rules)."""
+    group = event.get("group")
+    return frozenset(group) if group is not None else frozenset({holder})
 
 
 def add(state: EventsState | None, event: ScheduledEvent) -> EventsState:
@@ -309,8 +349,19 @@ def cancel(state: EventsState | None, event_id: str) -> EventsState:
     return _next(state, [event for event in state["Events"] if event["EventId"] != event_id])
 
 
+def scheduled_ids(state: EventsState | None) -> frozenset[str]:
+    """The EventIds of `state` still Scheduled: the only ones an approval can change."""
+    if state is None:
+        return frozenset()
+    return frozenset(event["EventId"] for event in state["Events"] if event["EventStatus"] == "Scheduled")
+
+
 def approve(state: EventsState | None, approved: frozenset[str], now: float) -> EventsState | None:
-    """Start the approved events that are still Scheduled (approving a Started one is a no-op)."""
+    """Start the approved events that are still Scheduled (approving a Started one is a no-op).
+
+    Which VMs an approval reaches is the caller's business (`group_of`): this
+    starts the ids on the one state it is given.
+    """
     if state is None or not any(
         event["EventId"] in approved and event["EventStatus"] == "Scheduled" for event in state["Events"]
     ):

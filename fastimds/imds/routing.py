@@ -208,9 +208,15 @@ def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: d
     approved = events.approval_ids(body)
     if approved is None:
         return ERRORS["bad_approval"]
-    if not set(approved) <= events.event_ids(snapshot.vm.scheduled):
+    state = snapshot.vm.scheduled
+    if not set(approved) <= events.event_ids(state):
         return ERRORS["unknown_event"]
-    return Approval.of(events.APPROVED, frozenset(approved))  # recorded by the caller: this module writes nothing
+    # Only events still Scheduled can change: approving a Started one is answered here, 200 as Azure
+    # does (spec §8), with no effect (a flood of them cost a file and an fsync each: reliability.md).
+    pending = frozenset(approved) & events.scheduled_ids(state)
+    if not pending:
+        return events.APPROVED
+    return Approval.of(events.APPROVED, pending)  # recorded by the caller: this module writes nothing
 
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:

@@ -166,7 +166,7 @@ def run_single(
     plane.control.attach(follower)
     # The same bus files as a group's, handed over in-process instead of through watches: a watch is a
     # thread that wakes every few ms, ~5% more CPU per request measured (tuning.md).
-    approvals = BusApprovals(shared.bus.directory, shared.bus.durable, written=plane.clock.apply_approvals)
+    approvals = BusApprovals(shared.bus.directory, shared.bus.durable, written=plane.clock.apply_approvals, log=log)
     worker = Worker(
         shared.settings,
         follower,
@@ -215,7 +215,7 @@ def run_worker_process(shared: Shared, region: int, listener: socket.socket, on_
         telemetry=telemetry,
         keys=shared.keys,
         log=log,
-        approvals=BusApprovals(shared.bus.directory, shared.bus.durable),
+        approvals=BusApprovals(shared.bus.directory, shared.bus.durable, log=log),
         watch_bus=True,
     )
     uvloop.run(run_process([worker], log, telemetry, worker.vms_served, on_ready))

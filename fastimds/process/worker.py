@@ -159,4 +159,5 @@ class Worker:
             connection.transport.abort()
         if self.request_log is not None:
             self.request_log.close(time.time())
+        self.approvals.flush()  # approvals noted since the last batch: written, not lost
         self.log.event("worker_stopped", aborted=len(state.connections))

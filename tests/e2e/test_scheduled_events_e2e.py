@@ -337,7 +337,8 @@ def test_a_restarted_single_process_takes_approvals_left_in_the_folder(tmp_path:
     event = {"EventId": "left-over", "EventType": "Reboot", "NotBeforeSeconds": 3600, "StartedForSeconds": 3600}
     with running_server("--state-dir", str(state_dir), "--admin-socket", str(admin_socket)):
         assert admin_unix(admin_socket, "POST", "/vms/default/scheduledevents", event)[0] == 201
-    (state_dir / "approvals" / "elsewhere-0.json").write_bytes(json.dumps({"EventIds": ["left-over"]}).encode())
+    left_over = {"Approvals": [{"VmId": "default", "EventIds": ["left-over"]}]}  # as BusApprovals writes it
+    (state_dir / "approvals" / "elsewhere-0.json").write_bytes(json.dumps(left_over).encode())
     with running_server("--state-dir", str(state_dir), "--admin-socket", str(admin_socket)) as server:
         assert poll_until(lambda: status_of("left-over")(events_of(server.port)) == "Started", timeout=3)
         assert not list((state_dir / "approvals").glob("*.json"))

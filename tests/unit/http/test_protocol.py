@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from fastimds.bus.approvals import APPROVAL_BATCH_S, BusApprovals, take_approvals
 from fastimds.config import Limits
 from fastimds.http.connection import CLOSE_LINGER_S, FEED_SLICE_BYTES, HttpProtocol
 from fastimds.http.phases import Hold, Phase
@@ -14,6 +16,7 @@ from fastimds.imds import events
 from fastimds.imds.datafile import parse_vm
 from fastimds.imds.render import ERRORS
 from fastimds.imds.store import SnapshotStore
+from fastimds.ops.event_log import EventLog
 from tests.support.fakes import PINNED_DATE, PINNED_UNIX_TIME, make_connection, request, sample_vm, split_responses
 
 GET_INSTANCE = request()
@@ -573,27 +576,51 @@ def test_a_long_poll_holds_and_its_release_lets_go() -> None:
 
 
 class RecordingSink:
-    def __init__(self) -> None:
-        self.approved: list[frozenset[str]] = []
+    def __init__(self, takes: bool = True) -> None:
+        self.approved: list[tuple[str, frozenset[str]]] = []
+        self.takes = takes
 
-    def approve(self, event_ids: frozenset[str]) -> None:
-        self.approved.append(event_ids)
+    def approve(self, vm_id: str, event_ids: frozenset[str]) -> bool:
+        self.approved.append((vm_id, event_ids))
+        return self.takes
 
 
-def test_an_approval_reaches_the_sink_on_the_next_loop_turn_not_inside_data_received() -> None:
+APPROVE_E1 = request(
+    "/metadata/scheduledevents?api-version=2020-07-01", method="POST", body=b'{"StartRequests":[{"EventId":"E1"}]}'
+)
+
+
+def _store_with_e1() -> SnapshotStore:
     event = events.make_event({"EventType": "Reboot", "EventId": "E1"}, PINNED_UNIX_TIME, ["vm-name"])
-    store = SnapshotStore(dataclasses.replace(sample_vm(), scheduled=events.add(None, event)))
-    sink = RecordingSink()
-    approve = request(
-        "/metadata/scheduledevents?api-version=2020-07-01", method="POST", body=b'{"StartRequests":[{"EventId":"E1"}]}'
-    )
+    return SnapshotStore(dataclasses.replace(sample_vm(), scheduled=events.add(None, event)))
+
+
+def test_an_approval_names_its_vm_and_its_file_and_publish_come_after_data_received(tmp_path: Path) -> None:
+    written: list[int] = []
+    sink = BusApprovals(tmp_path, durable=False, written=lambda: written.append(1))
+    folder = tmp_path / "approvals"
 
     async def scenario() -> None:
-        protocol, transport, _ = make_connection(store=store, approvals=sink)
-        protocol.data_received(approve)
+        protocol, transport, _ = make_connection(store=_store_with_e1(), approvals=sink)
+        protocol.data_received(APPROVE_E1)
         assert [r.status for r in split_responses(transport.output)] == [200]  # answered at once...
-        assert sink.approved == []  # ...but recorded only after the parser callback returned
-        await asyncio.sleep(0)
-        assert sink.approved == [frozenset({"E1"})]
+        assert sink.pending == {protocol.vm.vm_id: {"E1"}}  # ...noted with the approving VM...
+        assert (list(folder.iterdir()), written) == ([], [])  # ...written and applied only after the callback
+        await asyncio.sleep(APPROVAL_BATCH_S * 4)
+        for _ in range(100):
+            if written:
+                break
+            await asyncio.sleep(0.01)
+        assert written == [1]
 
     asyncio.run(scenario())
+    assert take_approvals(folder, EventLog()) == {"default": frozenset({"E1"})}
+
+
+def test_an_approval_the_sink_refuses_is_azures_429() -> None:
+    sink = RecordingSink(takes=False)
+    protocol, transport, _ = make_connection(store=_store_with_e1(), approvals=sink)
+    protocol.data_received(APPROVE_E1)
+    [reply] = split_responses(transport.output)
+    assert reply.status == 429 and reply.headers["retry-after"] == "1"
+    assert sink.approved == [(protocol.vm.vm_id, frozenset({"E1"}))]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 
+from fastimds.imds import events
+from fastimds.imds.effects import Approval
 from fastimds.imds.render import BAD_API_VERSION_MESSAGE
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import MAX_MEMO_ENTRIES, Snapshot, build_snapshot
@@ -253,3 +256,25 @@ def test_an_approval_is_returned_as_an_effect_and_nothing_is_called_or_written(
         if isinstance(node, ast.ImportFrom) and node.module is not None
     }
     assert all(name.partition(".")[0] != "fastimds" or name.split(".")[1] in ("imds", "config") for name in imported)
+
+
+# ---- approvals (issue 16, Medium 3) ----
+
+_EVENTS_NOW = 2_000_000_000.0
+_LATER_EVENT = {"EventType": "Reboot", "NotBeforeSeconds": 900}
+
+
+def test_routing_answers_an_approval_of_started_events_with_no_effect() -> None:
+    made = [events.make_event({**_LATER_EVENT, "EventId": i}, _EVENTS_NOW, ["n"], ["default"]) for i in ("E1", "E2")]
+    state = events.add(events.add(None, made[0]), made[1])
+    started = events.approve(state, frozenset({"E2"}), _EVENTS_NOW)
+    snapshot = build_snapshot(replace(sample_vm(), scheduled=started), 1)
+    target = b"/metadata/scheduledevents?api-version=2020-07-01"
+
+    def post(body: bytes) -> Any:
+        return resolve(snapshot, b"POST", target, True, False, body=body)
+
+    only_started = post(b'{"StartRequests":[{"EventId":"E2"}]}')
+    assert type(only_started) is not Approval and only_started is events.APPROVED  # 200, nothing to record
+    mixed = post(b'{"StartRequests":[{"EventId":"E1"},{"EventId":"E2"}]}')
+    assert type(mixed) is Approval and mixed.event_ids == frozenset({"E1"}) and mixed.status == 200

@@ -600,8 +600,9 @@ class RecordingSink:
     def __init__(self) -> None:
         self.approved: list[frozenset[str]] = []
 
-    def approve(self, event_ids: frozenset[str]) -> None:
+    def approve(self, event_ids: frozenset[str]) -> bool:
         self.approved.append(event_ids)
+        return True
 
 
 # resolve() only returns an approval (fastimds.imds.effects); `call` hands it to these, as a connection would.
@@ -730,7 +731,8 @@ def test_an_approval_is_200_with_no_body_and_reaches_the_sink(sink: RecordingSin
     assert (status, body) == (200, None)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"Content-Length: 0\r\n" in head
-    assert sink.approved == [frozenset({"E1", "E2"})]  # E2 is Started already: still 200 (spec §8)
+    # E2 is Started already: still 200 (spec §8), answered from the snapshot with no effect.
+    assert sink.approved == [frozenset({"E1"})]
     for version in SCHEDULED_EVENTS_VERSIONS:  # every version of the endpoint approves
         assert call(f"/metadata/scheduledevents?api-version={version}", "POST", APPROVE_E1)[0] == 200
     assert sink.approved[1:] == [frozenset({"E1"})] * len(SCHEDULED_EVENTS_VERSIONS)
@@ -760,17 +762,18 @@ def test_bus_approvals_are_taken_once_and_junk_is_dropped(tmp_path: Path) -> Non
     bus_directory = tmp_path / "bus"
     bus_directory.mkdir()
     worker = BusApprovals(bus_directory, durable=True)
-    worker.approve(frozenset({"b", "a"}))
-    worker.approve(frozenset({"c"}))
+    assert worker.approve("vm-1", frozenset({"b", "a"}))
+    assert worker.approve("vm-2", frozenset({"c"}))
     folder = bus_directory / "approvals"
-    assert len(list(folder.glob("*.json"))) == 2
+    assert len(list(folder.glob("*.json"))) == 2  # no loop to batch on: written at once
     assert not [path for path in folder.iterdir() if path.name.startswith(".")]  # no temp file left
     (folder / "junk.json").write_bytes(b"{not json")
     (folder / "wrong.json").write_bytes(b'{"EventIds": "a"}')
+    (folder / "old.json").write_bytes(b'{"EventIds": ["x"]}')  # before approvals named their VM: dropped
     (folder / ".partial.json").write_bytes(b'{"EventIds": ["hidden"]}')  # being written: not read
-    assert take_approvals(folder, EventLog()) == frozenset({"a", "b", "c"})
+    assert take_approvals(folder, EventLog()) == {"vm-1": frozenset({"a", "b"}), "vm-2": frozenset({"c"})}
     assert sorted(path.name for path in folder.iterdir()) == [".partial.json"]
-    assert take_approvals(folder, EventLog()) == frozenset()
+    assert take_approvals(folder, EventLog()) == {}
 
 
 # ---- Control: the lifecycle as the control plane runs it ----
@@ -843,7 +846,7 @@ def test_an_approval_starts_the_event_now(plane: ControlPlane, control: Control)
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     event_id, _ = plane.clock.add_event(["a"], {"EventType": "Redeploy", "StartedForSeconds": 60})
     before = time.time()
-    plane.clock.approve(frozenset({event_id}))
+    plane.clock.approve({"a": frozenset({event_id})})
     after = time.time()
     assert generation(control, "a") == 3
     [event] = control.events_of("a")["Events"]
@@ -851,8 +854,8 @@ def test_an_approval_starts_the_event_now(plane: ControlPlane, control: Control)
     assert before + 60 <= event["endsAt"] <= after + 60
     assert plane.clock.next_event_change() == event["endsAt"]
 
-    plane.clock.approve(frozenset({event_id}))  # already Started
-    plane.clock.approve(frozenset({"unknown"}))
+    plane.clock.approve({"a": frozenset({event_id})})  # already Started
+    plane.clock.approve({"a": frozenset({"unknown"})})
     assert generation(control, "a") == 3
     assert control.events_of("a")["DocumentIncarnation"] == 3
 
@@ -871,7 +874,7 @@ def test_a_group_event_is_one_event_on_every_vm(plane: ControlPlane, control: Co
         assert (event["EventId"], event["Resources"]) == (event_id, ["w1-name", "w2-name", "w3-name"])
     assert served(control, "other") == EMPTY_DOCUMENT
 
-    plane.clock.approve(frozenset({event_id}))  # approved from one VM, it starts on all
+    plane.clock.approve({"w2": frozenset({event_id})})  # approved from one VM, it starts on all
     for vm_id in ("w1", "w2", "w3"):
         assert generation(control, vm_id) == 3
         assert served(control, vm_id)["Events"][0]["EventStatus"] == "Started"
@@ -995,7 +998,7 @@ def test_events_travel_through_the_bus(plane: ControlPlane, control: Control, bu
     control.put("a", vm_document("a", callers=["10.1.0.4"]))
     plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R1"})
     plane.clock.add_event(["a"], {**AT_NOW_900, "EventId": "R2"})
-    plane.clock.approve(frozenset({"R2"}))
+    plane.clock.approve({"a": frozenset({"R2"})})
     state = control.events_of("a")
 
     worker = VmRegistry()
@@ -1231,7 +1234,7 @@ def test_approvals_go_through_the_folder_never_inside_the_parser(
         watch = await plane.clock.start_approvals_watch()
         try:
             before = control.generation("a")
-            BusApprovals(bus.directory, bus.durable).approve(frozenset({event_id}))
+            assert BusApprovals(bus.directory, bus.durable).approve("a", frozenset({event_id}))
             during = control.generation("a")  # nothing applied inside the call (the parser callback)
             loop = asyncio.get_running_loop()
             give_up_at = loop.time() + 5
