@@ -132,16 +132,20 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
         self.write = self.transport.write
         self.peer = caller_key(transport.get_extra_info("peername"))  # address, and zone when link-local
         state = self.state
-        # The caller's VM is decided once per connection (house rule: not per request).
+        # The caller's VM is decided once per connection (house rule: not per request), and
+        # again only when the caller's address changes owner (remap).
         self.vm = state.registry.store_for(self.peer or None)
-        open_by_caller = state.callers.get(self.peer, 0)
+        by_caller = state.callers.get(self.peer)
+        open_by_caller = len(by_caller) if by_caller is not None else 0
         if open_by_caller >= self.limits.max_connections_per_caller:
             self._refuse(_CALLER_CONNECTIONS_FULL, open_by_caller, self.limits.max_connections_per_caller)
             return
         if len(state.connections) >= self.limits.max_connections_per_worker:
             self._refuse(_WORKER_CONNECTIONS_FULL, len(state.connections), self.limits.max_connections_per_worker)
             return
-        state.callers[self.peer] = open_by_caller + 1
+        if by_caller is None:
+            by_caller = state.callers[self.peer] = set()
+        by_caller.add(self)  # by address: re-mapped when the address changes owner (ServerState.owners_changed)
         if state.throttle is not None:
             self.window = state.throttle.for_caller(self.peer)
         state.connections.add(self)
@@ -157,16 +161,36 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
             state.refused.discard(self)  # refused on accept: never admitted, never counted
             return
         state.connections.remove(self)
-        still_open = state.callers[self.peer] - 1
-        if still_open:
-            state.callers[self.peer] = still_open
-        else:
+        by_caller = state.callers[self.peer]
+        by_caller.discard(self)
+        if not by_caller:
             del state.callers[self.peer]  # the table holds only callers with connections open
         if self.counters is not None:
             self.counters[_CLOSED_SLOT] += 1
         if self.hold is not None:
             self.hold = self.wait = None
             self.vm.watchers.discard(self)
+
+    def remap(self) -> None:
+        """The caller's address changed owner (issue 16): answer as its new owner from the next request on.
+
+        Called by the registry's publish or remove, through
+        ServerState.owners_changed, between requests. Re-mapped rather than
+        closed: the connection holds nothing of its VM but `vm` and the
+        request log's head, so the client keeps its connection and never
+        races a close with a request it is sending. A held long-poll was
+        waiting on the old VM's view: it is answered now with its new
+        owner's current value (a new view, with that owner's ETag), as a
+        timeout would answer it, never left on the old VM.
+        """
+        store = self.state.registry.store_for(self.peer or None)
+        if store is self.vm or self.phase is _CLOSED:
+            return
+        self.vm.watchers.discard(self)
+        self.vm = store
+        self.log_head = ("", "", 0)  # generation 0 is never served: the next log record names the new VM
+        if self.hold is _LONG_POLL:
+            self._release_with_current()
 
     def _refuse(self, reply: Reply, open_now: int, limit: int) -> None:
         """Over a connection limit: a 503 before any request, then shut our side and linger."""

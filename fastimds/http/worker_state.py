@@ -14,12 +14,16 @@ Rules of this module:
 - Connection limits are counted here (`connections`, `callers`); refused
   connections linger in `refused` until the sweep aborts them
   (fastimds.http.connection).
+- `callers` holds each caller address's open connections, so when the
+  registry says an address changed owner (`owners_changed`, issue 16) just
+  those connections are re-mapped, before their next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Set
 from typing import TYPE_CHECKING, Protocol
 
 from fastimds.config import Limits
@@ -103,10 +107,18 @@ class ServerState:
         self.approvals: ApprovalSink = approvals if approvals is not None else DroppedApprovals(self.event_log)
         self.keys = keys if keys is not None else Keys()  # made on first use unless the server made them
         self.connections: set[HttpProtocol] = set()
-        self.callers: dict[str, int] = {}  # caller address -> its admitted connections open now
+        self.callers: dict[str, set[HttpProtocol]] = {}  # caller address -> its admitted connections open now
         self.refused: set[HttpProtocol] = set()  # refused connections lingering until their 503 is read
         self.draining = False  # set by shutdown: every reply closes its connection
         self._set_clocks(now, unix_time if unix_time is not None else time.time())
+        registry.owner_watchers.append(self)
+
+    def owners_changed(self, addresses: Set[str]) -> None:
+        """These caller addresses changed owner: their open connections answer as the new one from now on."""
+        callers = self.callers
+        for address in addresses:
+            for connection in list(callers.get(address, ())):
+                connection.remap()
 
     def _set_clocks(self, now: float, unix_time: float) -> None:
         self.now = now  # loop.time() as of the last tick
