@@ -1,7 +1,7 @@
 """The HTTP/1.1 connection: parse with httptools, check limits, write finished bytes.
 
 Rules of this module (its parts: fastimds.http.request_head, .memo, .answer,
-.holds, .fields, .phases, .worker_state):
+.holds, .caller_owner, .fields, .phases, .worker_state):
 - Dumb transport: this package parses and writes; what to answer is decided
   by `routing.resolve`, which returns a pre-rendered Reply. Nothing is
   formatted or encoded here per request.
@@ -49,6 +49,7 @@ from typing import cast
 import httptools
 
 from fastimds.http.answer import AnswerPath
+from fastimds.http.caller_owner import CallerOwner
 from fastimds.http.holds import Holds
 from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
@@ -88,6 +89,7 @@ _IDLE = Phase.IDLE
 _HEAD_BEGUN = Phase.HEAD_BEGUN
 _IN_HEAD = Phase.IN_HEAD
 _IN_BODY = Phase.IN_BODY
+_HELD = Phase.HELD
 _CLOSING = Phase.CLOSING
 _LINGERING = Phase.LINGERING
 _CLOSED = Phase.CLOSED
@@ -98,7 +100,7 @@ _OPENED_SLOT = LAYOUT.connections_opened
 _CLOSED_SLOT = LAYOUT.connections_closed
 
 
-class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
+class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asyncio.Protocol):
     __slots__ = ()  # the one layout is ConnectionFields'
 
     def __init__(self, state: ServerState) -> None:
@@ -171,27 +173,6 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
             self.hold = self.wait = None
             self.vm.watchers.discard(self)
 
-    def remap(self) -> None:
-        """The caller's address changed owner (issue 16): answer as its new owner from the next request on.
-
-        Called by the registry's publish or remove, through
-        ServerState.owners_changed, between requests. Re-mapped rather than
-        closed: the connection holds nothing of its VM but `vm` and the
-        request log's head, so the client keeps its connection and never
-        races a close with a request it is sending. A held long-poll was
-        waiting on the old VM's view: it is answered now with its new
-        owner's current value (a new view, with that owner's ETag), as a
-        timeout would answer it, never left on the old VM.
-        """
-        store = self.state.registry.store_for(self.peer or None)
-        if store is self.vm or self.phase is _CLOSED:
-            return
-        self.vm.watchers.discard(self)
-        self.vm = store
-        self.log_head = ("", "", 0)  # generation 0 is never served: the next log record names the new VM
-        if self.hold is _LONG_POLL:
-            self._release_with_current()
-
     def _refuse(self, reply: Reply, open_now: int, limit: int) -> None:
         """Over a connection limit: a 503 before any request, then shut our side and linger."""
         state = self.state
@@ -257,6 +238,9 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
     # ---- feeding the parser ----
 
     def _feed(self, data: bytes) -> None:
+        if self.hold is not None:
+            self._keep_while_held(data)  # behind a held long-poll: not parsed until it is answered
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -270,6 +254,8 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
                 self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
             return
         if self.hold is not None:
+            if self.hold is _LONG_POLL and self.phase is _IDLE:
+                self.phase = _HELD  # later reads are kept unparsed, never answered by the memo
             return  # a held reply keeps its own deadline (timeout_sec, or the delay)
         phase = self.phase
         if phase is _IDLE:
@@ -287,6 +273,9 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
                 self._respond(_HEAD_TOO_LARGE, head_only=False, keep_alive=False)
 
     def _feed_backlog(self) -> None:
+        if self.hold is not None:
+            self._keep_while_held(b"")  # input behind a held reply stays unparsed, within its bound
+            return
         while self.backlog and self.phase not in ENDED and not self.write_paused and self.hold is None:
             piece, self.backlog = self.backlog[:FEED_SLICE_BYTES], self.backlog[FEED_SLICE_BYTES:]
             self._feed(piece)

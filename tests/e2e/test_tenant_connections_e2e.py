@@ -1,4 +1,4 @@
-"""End-to-end: a tenant's open connections answer as its current VM, release when it leaves, and cost bounded memory (issue 16).
+"""End-to-end: a tenant's open connections follow its VM, let go when it leaves, and cost bounded memory (issue 16).
 
 Against the real `fastimds serve`, over loopback sockets from chosen source
 addresses (127.0.0.0/8):
