@@ -14,15 +14,22 @@ Every wait is bounded; latency bounds are generous (a loaded two-core machine).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 
 from tests.support.server_process import (
+    SOCKET_TIMEOUT_S,
+    get_request,
     http_from,
     poll_until,
     running_server,
@@ -128,3 +135,63 @@ def test_a_connection_served_by_the_default_vm_follows_the_vm_that_appears_for_i
             assert kept.sock is socket_before
         finally:
             kept.close()
+
+
+# ---- Medium 4: long-polls whose client has gone ----
+
+CALLER_LIMIT = 16
+LONG_POLL = (
+    "/metadata/instance/compute/location?api-version=2021-02-01&format=text&wait_for_change=true&timeout_sec=600"
+)
+# A slot freed by a client's close is usable this soon (at once, plus a loaded machine's scheduling).
+SLOT_FREED_WITHIN_S = 2.0
+
+
+def socket_fds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed while listing
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+def open_raw(source: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(SOCKET_TIMEOUT_S)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def status_of_new_connection(source: str, port: int) -> int:
+    conn = http_from(source, port)
+    try:
+        return ask(conn, VMID_TEXT)[0]
+    finally:
+        conn.close()
+
+
+def test_long_polls_closed_by_their_client_free_the_callers_slots_at_once(tmp_path: Path) -> None:
+    # Regression: reading paused while a long-poll was held, so the client's FIN went unseen: after
+    # closing its long-polls the caller got 503 "too many connections" until timeout_sec.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_vm(data_dir, "vm-24", CALLER)
+    with running_server("--data-dir", str(data_dir), "--max-connections-per-caller", str(CALLER_LIMIT)) as server:
+        base_sockets = socket_fds(server.pid)
+        held = [open_raw(CALLER, server.port) for _ in range(CALLER_LIMIT)]
+        for sock in held:
+            sock.sendall(get_request(LONG_POLL, "Metadata: true"))
+        # Every slot is taken by a held long-poll: one more connection is refused.
+        assert poll_until(lambda: socket_fds(server.pid) >= base_sockets + CALLER_LIMIT)
+        assert status_of_new_connection(CALLER, server.port) == 503
+        for sock in held:
+            sock.settimeout(0.05)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)  # held: nothing answered
+            sock.close()
+        started = time.monotonic()
+        assert poll_until(lambda: status_of_new_connection(CALLER, server.port) == 200, timeout=SLOT_FREED_WITHIN_S)
+        freed_after = time.monotonic() - started
+        assert poll_until(lambda: socket_fds(server.pid) == base_sockets, timeout=SLOT_FREED_WITHIN_S)
+        print(f"\n{CALLER_LIMIT} held long-polls closed by their client: served again after {freed_after:.3f} s")
