@@ -159,6 +159,8 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asynci
         self.phase = _CLOSED
         self.backlog = b""
         state = self.state
+        if self.write_paused:
+            state.note_resumed(self)
         if self not in state.connections:
             state.refused.discard(self)  # refused on accept: never admitted, never counted
             return
@@ -223,9 +225,12 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asynci
         self.write_paused = True
         self.deadline = self.state.now + self.limits.send_stall_timeout_s
         self.transport.pause_reading()
+        # What it keeps while its client does not read, against the worker's budget (may abort the oldest).
+        self.state.note_stalled(self, len(self.backlog) + self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.state.note_resumed(self)
         if self.phase in ENDED or self.hold is not None:
             return  # a held reply keeps reading paused and its own deadline until it is answered
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s

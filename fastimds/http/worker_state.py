@@ -14,6 +14,11 @@ Rules of this module:
 - Connection limits are counted here (`connections`, `callers`); refused
   connections linger in `refused` until the sweep aborts them
   (fastimds.http.connection).
+- Connections whose client stopped reading (writing paused) are kept in
+  `stalled`, oldest first, with the bytes they buffer (unsent replies and
+  unread input) counted when they pause. Past the worker's budget
+  (`max_stalled_buffer_bytes_per_worker`) the oldest are aborted (issue 16,
+  Low 7): they cost a dict update per pause and resume, nothing per request.
 - `callers` holds each caller address's open connections, so when the
   registry says an address changed owner (`owners_changed`, issue 16) just
   those connections are re-mapped, before their next request.
@@ -79,6 +84,8 @@ class ServerState:
         "approvals",
         "keys",
         "event_log",
+        "stalled",
+        "stalled_bytes",
     )
 
     def __init__(
@@ -110,6 +117,8 @@ class ServerState:
         self.callers: dict[str, set[HttpProtocol]] = {}  # caller address -> its admitted connections open now
         self.refused: set[HttpProtocol] = set()  # refused connections lingering until their 503 is read
         self.draining = False  # set by shutdown: every reply closes its connection
+        self.stalled: dict[HttpProtocol, int] = {}  # writing paused, oldest first -> the bytes counted for it
+        self.stalled_bytes = 0  # their sum
         self._set_clocks(now, unix_time if unix_time is not None else time.time())
         registry.owner_watchers.append(self)
 
@@ -126,6 +135,29 @@ class ServerState:
         self.date_block = date_block(unix_time)
         # now + keep-alive timeout, once per tick: the memo path stores it as is (no load of limits, no add).
         self.keep_alive_deadline = now + self.limits.keep_alive_timeout_s
+
+    def note_stalled(self, connection: HttpProtocol, buffered: int) -> None:
+        """`connection` paused writing with `buffered` bytes kept; over the budget, drop the longest stalled."""
+        self.note_resumed(connection)  # counted once, whatever the transport reports twice
+        self.stalled[connection] = buffered
+        self.stalled_bytes += buffered
+        budget = self.limits.max_stalled_buffer_bytes_per_worker
+        while self.stalled_bytes > budget and self.stalled:
+            oldest = next(iter(self.stalled))
+            self.note_resumed(oldest)
+            if self.event_log.allow("stalled_connection_aborted", self.now_unix):
+                self.event_log.write(
+                    "stalled_connection_aborted",
+                    self.now_unix,
+                    {"caller": oldest.peer, "stalled_bytes": self.stalled_bytes, "budget": budget},
+                )
+            oldest.transport.abort()  # its client is not reading: what it did not take is dropped
+
+    def note_resumed(self, connection: HttpProtocol) -> None:
+        """`connection` writes again (or is gone): its bytes leave the budget."""
+        buffered = self.stalled.pop(connection, None)
+        if buffered is not None:
+            self.stalled_bytes -= buffered
 
     def tick(self, now: float, unix_time: float) -> None:
         """Once a second: refresh the clocks and the Date block, enforce deadlines."""

@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import json
 import os
+import select
 import socket
 import time
 import uuid
@@ -195,3 +196,85 @@ def test_long_polls_closed_by_their_client_free_the_callers_slots_at_once(tmp_pa
         freed_after = time.monotonic() - started
         assert poll_until(lambda: socket_fds(server.pid) == base_sockets, timeout=SLOT_FREED_WITHIN_S)
         print(f"\n{CALLER_LIMIT} held long-polls closed by their client: served again after {freed_after:.3f} s")
+
+
+# ---- Low 7: memory per connection that pipelines and never reads ----
+
+NON_READERS = 500
+INSTANCE_REQUEST = get_request("/metadata/instance?api-version=2021-02-01", "Metadata: true")
+PUSH_CHUNK = INSTANCE_REQUEST * (64 * 1024 // len(INSTANCE_REQUEST))
+PUSH_PER_CONNECTION_BYTES = (
+    1024 * 1024
+)  # each stalls before this: the server stops reading (and the kernel's buffers fill)
+STALLED_AFTER_S = 0.3  # no send progress on any connection for this long: the server stopped reading
+IDLE_WITHIN_S = 60.0  # the worker works through what it read, then idles (all paused), within this
+# The worker's RSS may grow by less than this with 500 non-readers (main: 118-127 MiB here, 110-170 in
+# the issue; after: 41-46 MiB, the 16 MiB stalled budget plus the allocator's fragmentation).
+RSS_GROWTH_BOUND_KIB = 64 * 1024
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def cpu_idle(pid: int, over_s: float = 0.5) -> bool:
+    """True when the process used under 2% of a core over the next `over_s` seconds."""
+
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+    before = ticks()
+    time.sleep(over_s)
+    return (ticks() - before) / os.sysconf("SC_CLK_TCK") < 0.02 * over_s
+
+
+def push_until_stalled(socks: list[socket.socket]) -> int:
+    """Send pipelined requests on every socket (never reading) until the server stops taking them."""
+    pushed = dict.fromkeys(socks, 0)
+    for sock in socks:
+        sock.setblocking(False)
+    last_progress = time.monotonic()
+    while time.monotonic() - last_progress < STALLED_AFTER_S:
+        open_ = [s for s in socks if pushed[s] < PUSH_PER_CONNECTION_BYTES]
+        if not open_:
+            break
+        _, writable, _ = select.select([], open_, [], STALLED_AFTER_S)
+        for sock in writable:
+            with contextlib.suppress(BlockingIOError):
+                pushed[sock] += sock.send(PUSH_CHUNK)
+                last_progress = time.monotonic()
+    return sum(pushed.values())
+
+
+def test_many_connections_that_pipeline_and_never_read_cost_the_worker_bounded_memory(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_vm(data_dir, "vm-24", CALLER)
+    # A long send stall: the bound must hold while they are all open, not because they were dropped.
+    with running_server("--data-dir", str(data_dir), "--send-stall-timeout", "60") as server:
+        warm = http_from(CALLER, server.port)
+        for _ in range(50):
+            assert ask(warm, "/metadata/instance?api-version=2021-02-01")[0] == 200
+        warm.close()
+        baseline_kib = status_kib(server.pid, "VmRSS")
+        base_sockets = socket_fds(server.pid)
+        socks = [open_raw(CALLER, server.port) for _ in range(NON_READERS)]
+        try:
+            pushed = push_until_stalled(socks)
+            assert poll_until(lambda: cpu_idle(server.pid), timeout=IDLE_WITHIN_S, interval=0)
+            growth_kib = status_kib(server.pid, "VmRSS") - baseline_kib
+            still_open = socket_fds(server.pid) - base_sockets
+            print(
+                f"\n{NON_READERS} connections pipelining, never reading: pushed {pushed >> 20} MiB, "
+                f"worker RSS {baseline_kib >> 10} MiB + {growth_kib >> 10} MiB "
+                f"({growth_kib // NON_READERS} KiB each); {still_open} still open"
+            )
+            assert growth_kib < RSS_GROWTH_BOUND_KIB, f"RSS grew {growth_kib} KiB"
+            assert status_of_new_connection("127.0.0.30", server.port) == 404  # still serving (no VM there)
+        finally:
+            for sock in socks:
+                sock.close()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 from fastimds.config import Limits
+from fastimds.http.connection import HttpProtocol
 from fastimds.http.holds import MAX_HELD_INPUT_BYTES
 from fastimds.http.phases import Hold, Phase
 from fastimds.imds.store import SnapshotStore
-from tests.support.fakes import make_connection, request, sample_vm, split_responses
+from tests.support.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
 
 WAIT = request("/metadata/instance/compute/location?api-version=2021-02-01&format=text&wait_for_change=true")
 GET_LOCATION = request("/metadata/instance/compute/location?api-version=2021-02-01&format=text")
@@ -74,3 +75,37 @@ def test_input_behind_a_held_long_poll_is_bounded_then_reading_pauses() -> None:
     publish_location(store, "eastus")
     assert transport.reading
     assert len(split_responses(transport.output)) == 1 + sent
+
+
+# ---- Low 7: the worker's budget for connections whose client stopped reading ----
+
+
+def test_past_the_stalled_budget_the_longest_stalled_connections_are_aborted() -> None:
+    limits = Limits(max_stalled_buffer_bytes_per_worker=250_000)
+    first, first_transport, state = make_connection(limits, peer="10.0.0.4")
+    others = []
+    for n in range(3):
+        protocol = HttpProtocol(state)
+        transport = FakeTransport(f"10.0.0.{5 + n}")
+        protocol.connection_made(transport)
+        others.append((protocol, transport))
+    first_transport.buffered = 100_000
+    first.pause_writing()
+    second, second_transport = others[0]
+    second_transport.buffered = 100_000
+    second.pause_writing()
+    assert state.stalled_bytes == 200_000 and not first_transport.aborted
+    second.resume_writing()  # it read: out of the budget
+    assert state.stalled_bytes == 100_000
+    third, third_transport = others[1]
+    third_transport.buffered = 120_000
+    third.pause_writing()
+    fourth, fourth_transport = others[2]
+    fourth_transport.buffered = 90_000
+    fourth.pause_writing()  # 310,000 > 250,000: the one stalled longest goes
+    assert first_transport.aborted and not third_transport.aborted and not fourth_transport.aborted
+    assert state.stalled_bytes == 210_000
+    first.connection_lost(None)
+    assert list(state.stalled) == [third, fourth]
+    fourth.connection_lost(None)
+    assert state.stalled_bytes == 120_000
