@@ -209,7 +209,8 @@ PUSH_PER_CONNECTION_BYTES = (
 STALLED_AFTER_S = 0.3  # no send progress on any connection for this long: the server stopped reading
 IDLE_WITHIN_S = 60.0  # the worker works through what it read, then idles (all paused), within this
 # The worker's RSS may grow by less than this with 500 non-readers (main: 118-127 MiB here, 110-170 in
-# the issue; after: 41-46 MiB, the 16 MiB stalled budget plus the allocator's fragmentation).
+# the issue; after: 23-29 MiB, the 16 MiB stalled budget plus what the allocator keeps; before the
+# allocator fix, fastimds.process.allocator, the churn of aborted connections' buffers left 38-111 MiB).
 RSS_GROWTH_BOUND_KIB = 64 * 1024
 
 
