@@ -43,6 +43,15 @@ MAX_CONNECTIONS_PER_WORKER = 64 * 1024
 # connection or two alive) stays under 512; one hostile VM can hold under 1%
 # of a worker's default allowance.
 MAX_CONNECTIONS_PER_CALLER = 512
+# Bytes one worker keeps for connections whose client stopped reading (writing
+# paused): their unsent replies (the transport's buffer) and the input read
+# but not yet answered (the backlog). Each keeps up to ~0.4 MiB (one feed
+# slice's replies over the 64 KiB high-water mark, plus the rest of one read),
+# and 500 from one address took 110-170 MiB of RSS (issue 16). Past this
+# total, the connections paused longest are aborted: their clients are not
+# reading, while a client that reads is paused for milliseconds. 16 MiB holds
+# ~150 paused connections at the ~110 KiB measured (reliability.md).
+MAX_STALLED_BUFFER_BYTES_PER_WORKER = 16 * 1024 * 1024
 # SIGTERM waits this long for connections to finish before aborting them.
 SHUTDOWN_GRACE_S = 5.0
 # listen() backlog; the kernel caps it at net.core.somaxconn (tuning.md).
@@ -67,6 +76,7 @@ class Limits:
     send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
     max_connections_per_worker: int = MAX_CONNECTIONS_PER_WORKER
     max_connections_per_caller: int = MAX_CONNECTIONS_PER_CALLER
+    max_stalled_buffer_bytes_per_worker: int = MAX_STALLED_BUFFER_BYTES_PER_WORKER
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -38,6 +38,12 @@ LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
         "open connections per worker (503 over it; lowered to fit the open-files limit)",
     ),
     ("--max-connections-per-caller", "max_connections_per_caller", int, "open connections per caller address (503)"),
+    (
+        "--max-stalled-buffer-bytes",
+        "max_stalled_buffer_bytes_per_worker",
+        int,
+        "bytes a worker keeps for clients that stopped reading (past it the longest stalled are dropped)",
+    ),
 )
 
 

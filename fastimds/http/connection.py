@@ -1,7 +1,7 @@
 """The HTTP/1.1 connection: parse with httptools, check limits, write finished bytes.
 
 Rules of this module (its parts: fastimds.http.request_head, .memo, .answer,
-.holds, .fields, .phases, .worker_state):
+.holds, .caller_owner, .fields, .phases, .worker_state):
 - Dumb transport: this package parses and writes; what to answer is decided
   by `routing.resolve`, which returns a pre-rendered Reply. Nothing is
   formatted or encoded here per request.
@@ -49,6 +49,7 @@ from typing import cast
 import httptools
 
 from fastimds.http.answer import AnswerPath
+from fastimds.http.caller_owner import CallerOwner
 from fastimds.http.holds import Holds
 from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
@@ -88,6 +89,7 @@ _IDLE = Phase.IDLE
 _HEAD_BEGUN = Phase.HEAD_BEGUN
 _IN_HEAD = Phase.IN_HEAD
 _IN_BODY = Phase.IN_BODY
+_HELD = Phase.HELD
 _CLOSING = Phase.CLOSING
 _LINGERING = Phase.LINGERING
 _CLOSED = Phase.CLOSED
@@ -98,7 +100,7 @@ _OPENED_SLOT = LAYOUT.connections_opened
 _CLOSED_SLOT = LAYOUT.connections_closed
 
 
-class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
+class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asyncio.Protocol):
     __slots__ = ()  # the one layout is ConnectionFields'
 
     def __init__(self, state: ServerState) -> None:
@@ -132,16 +134,20 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
         self.write = self.transport.write
         self.peer = caller_key(transport.get_extra_info("peername"))  # address, and zone when link-local
         state = self.state
-        # The caller's VM is decided once per connection (house rule: not per request).
+        # The caller's VM is decided once per connection (house rule: not per request), and
+        # again only when the caller's address changes owner (remap).
         self.vm = state.registry.store_for(self.peer or None)
-        open_by_caller = state.callers.get(self.peer, 0)
+        by_caller = state.callers.get(self.peer)
+        open_by_caller = len(by_caller) if by_caller is not None else 0
         if open_by_caller >= self.limits.max_connections_per_caller:
             self._refuse(_CALLER_CONNECTIONS_FULL, open_by_caller, self.limits.max_connections_per_caller)
             return
         if len(state.connections) >= self.limits.max_connections_per_worker:
             self._refuse(_WORKER_CONNECTIONS_FULL, len(state.connections), self.limits.max_connections_per_worker)
             return
-        state.callers[self.peer] = open_by_caller + 1
+        if by_caller is None:
+            by_caller = state.callers[self.peer] = set()
+        by_caller.add(self)  # by address: re-mapped when the address changes owner (ServerState.owners_changed)
         if state.throttle is not None:
             self.window = state.throttle.for_caller(self.peer)
         state.connections.add(self)
@@ -153,14 +159,15 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
         self.phase = _CLOSED
         self.backlog = b""
         state = self.state
+        if self.write_paused:
+            state.note_resumed(self)
         if self not in state.connections:
             state.refused.discard(self)  # refused on accept: never admitted, never counted
             return
         state.connections.remove(self)
-        still_open = state.callers[self.peer] - 1
-        if still_open:
-            state.callers[self.peer] = still_open
-        else:
+        by_caller = state.callers[self.peer]
+        by_caller.discard(self)
+        if not by_caller:
             del state.callers[self.peer]  # the table holds only callers with connections open
         if self.counters is not None:
             self.counters[_CLOSED_SLOT] += 1
@@ -218,9 +225,12 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
         self.write_paused = True
         self.deadline = self.state.now + self.limits.send_stall_timeout_s
         self.transport.pause_reading()
+        # What it keeps while its client does not read, against the worker's budget (may abort the oldest).
+        self.state.note_stalled(self, len(self.backlog) + self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.state.note_resumed(self)
         if self.phase in ENDED or self.hold is not None:
             return  # a held reply keeps reading paused and its own deadline until it is answered
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
@@ -233,6 +243,9 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
     # ---- feeding the parser ----
 
     def _feed(self, data: bytes) -> None:
+        if self.hold is not None:
+            self._keep_while_held(data)  # behind a held long-poll: not parsed until it is answered
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -246,6 +259,8 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
                 self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
             return
         if self.hold is not None:
+            if self.hold is _LONG_POLL and self.phase is _IDLE:
+                self.phase = _HELD  # later reads are kept unparsed, never answered by the memo
             return  # a held reply keeps its own deadline (timeout_sec, or the delay)
         phase = self.phase
         if phase is _IDLE:
@@ -263,6 +278,9 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, asyncio.Protocol):
                 self._respond(_HEAD_TOO_LARGE, head_only=False, keep_alive=False)
 
     def _feed_backlog(self) -> None:
+        if self.hold is not None:
+            self._keep_while_held(b"")  # input behind a held reply stays unparsed, within its bound
+            return
         while self.backlog and self.phase not in ENDED and not self.write_paused and self.hold is None:
             piece, self.backlog = self.backlog[:FEED_SLICE_BYTES], self.backlog[FEED_SLICE_BYTES:]
             self._feed(piece)

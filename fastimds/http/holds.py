@@ -2,10 +2,18 @@
 
 Rules of this module:
 - A long-poll parks its connection in its VM store's watchers (`Hold.LONG_POLL`):
-  reading pauses, the replies to requests behind it wait, and the store's
-  next publish (or the deadline sweep, or draining) answers it. It costs no
-  CPU while parked. One is held per connection: a long-poll pipelined behind
-  a held one is answered with the current value, in its place after it.
+  the replies to requests behind it wait, and the store's next publish (or
+  the deadline sweep, or draining) answers it. It costs no CPU while parked.
+  One is held per connection: a long-poll pipelined behind a held one is
+  answered with the current value, in its place after it.
+- Reading goes on while a long-poll is held (issue 16), so a client that
+  gives up (closes) is seen at once: `eof_received` drops the hold and the
+  connection closes, freeing its caller's connection slot, instead of
+  holding it in CLOSE-WAIT until timeout_sec. Input that arrives meanwhile
+  is kept unparsed (`_keep_while_held`), up to MAX_HELD_INPUT_BYTES; past
+  that reading pauses until the hold ends (and a FIN is seen only then).
+  A client that half-closes after a long-poll is taken as gone: it is not
+  answered.
 - Injected latency (fastimds.imds.faults) holds the connection the same way
   (`Hold.DELAYED`), with a timer: its reply and those behind it wait, in order.
 - A released reply is counted and logged without a latency (its wait is the
@@ -27,6 +35,12 @@ from fastimds.imds.routing import category_of, resolve
 
 _LONG_POLL = Hold.LONG_POLL
 _DELAYED = Hold.DELAYED
+
+# Input kept unparsed behind a held long-poll while reading goes on. A client
+# waiting on a long-poll sends nothing more, or a few requests (~200 bytes
+# each) pipelined behind it: one feed slice (8 KiB) is ample. Past it reading
+# pauses until the hold ends, so a client cannot park unbounded input here.
+MAX_HELD_INPUT_BYTES = 8 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,7 +71,28 @@ class Holds(ConnectionFields):
         self.hold = _LONG_POLL
         self.wait = wait
         self.vm.watchers.add(self)
-        self.transport.pause_reading()  # nothing after it is answered before it
+        # Reading goes on (the client's FIN must be seen), but nothing after it is parsed
+        # (`_feed` keeps it, fastimds.http.connection): nothing after it is answered before it.
+
+    def _keep_while_held(self, data: bytes) -> None:
+        """Input behind a held long-poll: kept unparsed for after its reply; past the bound, stop reading."""
+        self.backlog += data
+        if len(self.backlog) > MAX_HELD_INPUT_BYTES:
+            self.transport.pause_reading()  # resumed when the held reply goes (_resume_after_hold)
+
+    def eof_received(self) -> bool | None:
+        """The client closed its side: a held long-poll is dropped now, not at its timeout_sec (issue 16).
+
+        Returning None lets the transport close; connection_lost then frees
+        the caller's connection slot. Without a hold this is asyncio's default.
+        """
+        if self.hold is _LONG_POLL:
+            self.hold = self.wait = None
+            self.vm.watchers.discard(self)
+            self.out.clear()  # replies to requests behind it: nobody will read them
+            self.backlog = b""
+            self.phase = Phase.CLOSING
+        return None
 
     def on_publish(self) -> None:
         """The VM changed: answer the held long-poll if its view did."""
@@ -110,6 +145,8 @@ class Holds(ConnectionFields):
 
     def _resume_after_hold(self) -> None:
         """A held reply (long-poll or injected latency) is answered: send it and those behind it, read on."""
+        if self.phase is Phase.HELD:
+            self.phase = Phase.IDLE
         if self.phase not in ENDED:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s
             self.transport.resume_reading()

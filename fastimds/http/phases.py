@@ -20,7 +20,9 @@ Rules of this module:
       anything ──connection_lost──▶ CLOSED
 
   A request that begins after a close in the same read leaves the ending
-  phase alone (it is not answered). Hold: None ──a long-poll──▶ LONG_POLL,
+  phase alone (it is not answered). IDLE ──a long-poll held by that read──▶
+  HELD ──its reply sent──▶ IDLE: a held connection's reads never take the
+  request memo (which answers only IDLE connections) and are kept unparsed. Hold: None ──a long-poll──▶ LONG_POLL,
   None ──injected latency──▶ DELAYED, and back to None when the held reply
   is sent (or the connection is lost).
 - Hot paths compare members with `is` against module-level names bound
@@ -38,6 +40,9 @@ class Phase(Enum):
     HEAD_BEGUN = "head begun"  # a request began during this read: its bytes are charged from the next read
     IN_HEAD = "in head"  # a head spans reads: each read is charged against the head limits
     IN_BODY = "in body"  # the head is complete; the body (or the message's end) is due
+    # A long-poll is held and nothing after it is parsed: input is kept unparsed (fastimds.http.holds)
+    # while reading goes on, so the client's FIN is seen; back to IDLE when the held reply goes.
+    HELD = "held"
     CLOSING = "closing"  # the client asked to close (or a reset, an upgrade, a refusal): close once written
     LINGERING = "lingering"  # the server decided to close: a FIN, then input is read and dropped for a while
     CLOSED = "closed"  # the transport is gone

@@ -14,12 +14,21 @@ Rules of this module:
 - Connection limits are counted here (`connections`, `callers`); refused
   connections linger in `refused` until the sweep aborts them
   (fastimds.http.connection).
+- Connections whose client stopped reading (writing paused) are kept in
+  `stalled`, oldest first, with the bytes they buffer (unsent replies and
+  unread input) counted when they pause. Past the worker's budget
+  (`max_stalled_buffer_bytes_per_worker`) the oldest are aborted (issue 16,
+  Low 7): they cost a dict update per pause and resume, nothing per request.
+- `callers` holds each caller address's open connections, so when the
+  registry says an address changed owner (`owners_changed`, issue 16) just
+  those connections are re-mapped, before their next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Set
 from typing import TYPE_CHECKING, Protocol
 
 from fastimds.config import Limits
@@ -81,6 +90,8 @@ class ServerState:
         "approvals",
         "keys",
         "event_log",
+        "stalled",
+        "stalled_bytes",
     )
 
     def __init__(
@@ -109,10 +120,20 @@ class ServerState:
         self.approvals: ApprovalSink = approvals if approvals is not None else DroppedApprovals(self.event_log)
         self.keys = keys if keys is not None else Keys()  # made on first use unless the server made them
         self.connections: set[HttpProtocol] = set()
-        self.callers: dict[str, int] = {}  # caller address -> its admitted connections open now
+        self.callers: dict[str, set[HttpProtocol]] = {}  # caller address -> its admitted connections open now
         self.refused: set[HttpProtocol] = set()  # refused connections lingering until their 503 is read
         self.draining = False  # set by shutdown: every reply closes its connection
+        self.stalled: dict[HttpProtocol, int] = {}  # writing paused, oldest first -> the bytes counted for it
+        self.stalled_bytes = 0  # their sum
         self._set_clocks(now, unix_time if unix_time is not None else time.time())
+        registry.owner_watchers.append(self)
+
+    def owners_changed(self, addresses: Set[str]) -> None:
+        """These caller addresses changed owner: their open connections answer as the new one from now on."""
+        callers = self.callers
+        for address in addresses:
+            for connection in list(callers.get(address, ())):
+                connection.remap()
 
     def _set_clocks(self, now: float, unix_time: float) -> None:
         self.now = now  # loop.time() as of the last tick
@@ -120,6 +141,29 @@ class ServerState:
         self.date_block = date_block(unix_time)
         # now + keep-alive timeout, once per tick: the memo path stores it as is (no load of limits, no add).
         self.keep_alive_deadline = now + self.limits.keep_alive_timeout_s
+
+    def note_stalled(self, connection: HttpProtocol, buffered: int) -> None:
+        """`connection` paused writing with `buffered` bytes kept; over the budget, drop the longest stalled."""
+        self.note_resumed(connection)  # counted once, whatever the transport reports twice
+        self.stalled[connection] = buffered
+        self.stalled_bytes += buffered
+        budget = self.limits.max_stalled_buffer_bytes_per_worker
+        while self.stalled_bytes > budget and self.stalled:
+            oldest = next(iter(self.stalled))
+            self.note_resumed(oldest)
+            if self.event_log.allow("stalled_connection_aborted", self.now_unix):
+                self.event_log.write(
+                    "stalled_connection_aborted",
+                    self.now_unix,
+                    {"caller": oldest.peer, "stalled_bytes": self.stalled_bytes, "budget": budget},
+                )
+            oldest.transport.abort()  # its client is not reading: what it did not take is dropped
+
+    def note_resumed(self, connection: HttpProtocol) -> None:
+        """`connection` writes again (or is gone): its bytes leave the budget."""
+        buffered = self.stalled.pop(connection, None)
+        if buffered is not None:
+            self.stalled_bytes -= buffered
 
     def tick(self, now: float, unix_time: float) -> None:
         """Once a second: refresh the clocks and the Date block, enforce deadlines."""

@@ -14,6 +14,11 @@ Rules of this module:
 - The mapping is looked up once per connection (`store_for`); the store it
   returns is the VM's stable SnapshotStore, so the connection sees every
   later publish of that VM without looking the mapping up again.
+- When an address changes owner (a VM claims it, drops it, or is removed),
+  `publish` and `remove` tell every `OwnerWatcher` (a worker's connections,
+  fastimds.http.worker_state) which addresses, after the maps are updated:
+  open connections from them are re-mapped before their next request
+  (issue 16). Nothing is checked per request for it.
 - A caller no VM claims gets the default VM's store when one is configured
   (single-VM mode serves every caller), else the registry's `nobody`, whose snapshot is
   always None and whose requests get 404.
@@ -25,7 +30,8 @@ Rules of this module:
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from collections.abc import Set
+from typing import Any, Protocol
 
 from fastimds.imds.datafile import VmDescription
 from fastimds.imds.snapshot import Snapshot
@@ -92,11 +98,19 @@ def caller_addresses(vm: VmDescription) -> frozenset[str]:
     return frozenset(found)
 
 
+class OwnerWatcher(Protocol):
+    """Told which caller addresses changed owner, once the registry's maps say so."""
+
+    def owners_changed(self, addresses: Set[str]) -> None: ...
+
+
 class VmRegistry:
     def __init__(self, default_vm_id: str | None = None) -> None:
         self.stores: dict[str, SnapshotStore] = {}
         self.callers: dict[str, SnapshotStore] = {}
         self.addresses: dict[str, frozenset[str]] = {}
+        # Who holds connections keyed by caller address (a worker's ServerState registers itself).
+        self.owner_watchers: list[OwnerWatcher] = []
         self.default_vm_id = default_vm_id
         # The store of callers no VM claims: never published, so its snapshot is always None (404s).
         self.nobody = SnapshotStore(vm_id="<no VM>")
@@ -150,11 +164,13 @@ class VmRegistry:
         addresses = self.check(vm_id, vm)
         store = self._store(vm_id)
         snapshot = store.publish(vm, generation)
-        for address in self.addresses.get(vm_id, frozenset()) - addresses:
+        before = self.addresses.get(vm_id, frozenset())
+        for address in before - addresses:
             del self.callers[address]
         for address in addresses:
             self.callers[address] = store
         self.addresses[vm_id] = addresses
+        self._owners_changed(before ^ addresses)  # dropped ones fall to the default; new ones had no owner
         return snapshot
 
     def remove(self, vm_id: str, generation: int | None = None) -> bool:
@@ -164,9 +180,16 @@ class VmRegistry:
             return False
         had_data = store.current is not None
         store.clear(generation)
-        for address in self.addresses.pop(vm_id, frozenset()):
+        dropped = self.addresses.pop(vm_id, frozenset())
+        for address in dropped:
             del self.callers[address]
+        self._owners_changed(dropped)
         return had_data
+
+    def _owners_changed(self, addresses: Set[str]) -> None:
+        if addresses:
+            for watcher in self.owner_watchers:
+                watcher.owners_changed(addresses)
 
     def live(self) -> dict[str, SnapshotStore]:
         """Every VM that has data now."""

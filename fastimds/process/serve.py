@@ -46,6 +46,7 @@ from fastimds.imds.store import DEFAULT_VM_ID
 from fastimds.ops.event_log import EventLog
 from fastimds.ops.scrape import Telemetry
 from fastimds.ops.telemetry import LAYOUT, TelemetryArea, VmState
+from fastimds.process.allocator import fix_mmap_threshold
 from fastimds.process.control_part import ControlPart
 from fastimds.process.loop import run_process
 from fastimds.process.sockets import AdminSockets, fit_fd_limit, make_listen_socket, url
@@ -230,6 +231,7 @@ def serve(settings: Settings) -> int:
     log = EventLog()  # this process's one log; a forked child keeps it and names its own role
     log.configure(path=settings.log_file, role="server" if settings.workers == 1 else "supervisor")
     settings, fd_report = fit_fd_limit(settings)
+    fix_mmap_threshold()  # before any fork: every process frees big buffers back to the system
     log.event("config", **settings.describe())
     log.event("fd_limit", **fd_report)
     bus = Bus(settings.state_dir, durable=True, log=log) if settings.state_dir is not None else Bus.private(log)

@@ -58,6 +58,7 @@ class FakeTransport(asyncio.Transport):
         self.eof_written = False  # half-closed: a FIN sent, reading goes on
         self.reading = True
         self.pause_count = 0
+        self.buffered = 0  # what get_write_buffer_size reports (tests set it)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "write after close"
@@ -91,6 +92,9 @@ class FakeTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         self.reading = True
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return (self.peer, 40000) if name == "peername" else default

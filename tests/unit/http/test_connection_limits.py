@@ -43,7 +43,7 @@ def test_a_caller_over_its_limit_is_refused_while_others_are_served() -> None:
     other, other_transport = open_from(state, "10.0.0.5")
     other.data_received(GET_VERSIONS)
     assert [r.status for r in split_responses(other_transport.output)] == [200]
-    assert state.callers == {"10.0.0.4": 2, "10.0.0.5": 1}
+    assert state.callers == {"10.0.0.4": {_first, second}, "10.0.0.5": {other}}
     assert state.counters is not None
     assert state.counters[LAYOUT.reject_slot("caller_connection_limit")] == 1
     assert state.counters[LAYOUT.connections_opened] == 3  # a refusal is a reject, not a connection
@@ -51,7 +51,7 @@ def test_a_caller_over_its_limit_is_refused_while_others_are_served() -> None:
     # Closing one admits the next; the refused one's close changes no count.
     refused.connection_lost(None)
     second.connection_lost(None)
-    assert state.callers == {"10.0.0.4": 1, "10.0.0.5": 1}
+    assert state.callers == {"10.0.0.4": {_first}, "10.0.0.5": {other}}
     assert state.counters[LAYOUT.connections_closed] == 1
     _again, again_transport = open_from(state, "10.0.0.4")
     assert again_transport.output == b""

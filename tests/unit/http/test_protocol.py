@@ -566,7 +566,7 @@ def test_a_long_poll_holds_and_its_release_lets_go() -> None:
     store = SnapshotStore(sample_vm())
     protocol, transport, _ = make_connection(store=store)
     protocol.data_received(request("/metadata/instance?api-version=2021-02-01&wait_for_change=true"))
-    assert (protocol.phase, protocol.hold) == (Phase.IDLE, Hold.LONG_POLL) and protocol in store.watchers
+    assert (protocol.phase, protocol.hold) == (Phase.HELD, Hold.LONG_POLL) and protocol in store.watchers
     store.publish(dataclasses.replace(sample_vm(), instance={**sample_vm().instance, "compute": {"name": "other"}}))
     assert (protocol.phase, protocol.hold, protocol.wait) == (Phase.IDLE, None, None)
     assert protocol not in store.watchers and [r.status for r in split_responses(transport.output)] == [200]
