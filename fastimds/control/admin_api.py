@@ -158,8 +158,18 @@ class AdminApi:
             Route(("faults", PARAM), {"DELETE": self._remove_fault}),
         ]
 
-    def handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
-        return self.counted(self.answer(method, path, authorization, body, over_tcp))
+    def handle(
+        self,
+        method: str,
+        path: str,
+        authorization: bytes | None,
+        body: bytes,
+        over_tcp: bool,
+        *,
+        token_checked: bool = False,
+    ) -> bytes:
+        """The counted reply's bytes; `token_checked` when the connection asked `refusal` at the head already."""
+        return self.counted(self.answer(method, path, authorization, body, over_tcp, token_checked=token_checked))
 
     def counted(self, reply: Reply) -> bytes:
         """The bytes of `reply`, counted in the admin telemetry (requests by status, bytes)."""
@@ -178,8 +188,17 @@ class AdminApi:
             )
         return None
 
-    def answer(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> Reply:
-        refused = self.refusal(path, authorization, over_tcp)
+    def answer(
+        self,
+        method: str,
+        path: str,
+        authorization: bytes | None,
+        body: bytes,
+        over_tcp: bool,
+        *,
+        token_checked: bool = False,
+    ) -> Reply:
+        refused = None if token_checked else self.refusal(path, authorization, over_tcp)
         if refused is not None:
             return refused
         path = _route_path(path)

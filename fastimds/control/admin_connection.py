@@ -279,9 +279,9 @@ class AdminProtocol(asyncio.Protocol):
         assert self.transport is not None
         method = self.parser.get_method().decode("latin-1")
         try:
-            reply = self.api.handle(
-                method, self.url.decode("latin-1"), self.authorization, b"".join(self.body), self.over_tcp
-            )
+            target, body = self.url.decode("latin-1"), b"".join(self.body)
+            # on_headers_complete asked `refusal` already: the token is compared once per request.
+            reply = self.api.handle(method, target, self.authorization, body, self.over_tcp, token_checked=True)
         except Exception as exc:  # an admin bug must not take the listener down
             reply = wire(json_reply(500, {"error": f"internal error: {exc!r}"}))
         self.transport.write(reply)
