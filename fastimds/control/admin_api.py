@@ -3,10 +3,14 @@
 Rules of this module:
 - Never served on the VM-facing listener: it has its own sockets, a Unix
   socket created with mode 0600 and an optional TCP port.
-- On TCP every /vms, /scheduledevents and /faults request (reads too: they
-  show every VM's data) needs `Authorization: Bearer <token>`, compared in
-  constant time. The Unix socket relies on its file mode instead. /healthz,
-  /readyz, /metrics and /jwks need nothing: they show no VM's data.
+- On TCP every /vms, /scheduledevents, /faults and /metrics request (reads
+  too: they show every VM's data, and /metrics names every VM id) needs
+  `Authorization: Bearer <token>`, compared in constant time. The Unix
+  socket relies on its file mode (0600: its owner only) instead. /healthz,
+  /readyz and /jwks need nothing: they show no VM's data (/jwks is the
+  public key). The connection (fastimds.control.admin_connection) asks
+  `refusal` as soon as a request's head is complete, so a request without
+  the token is refused before any of its body is read.
 - Writes go through the control plane (fastimds.control.plane), which
   validates, numbers, persists and only then answers; every error is JSON
   naming the problem, and a refused write changes nothing.
@@ -15,7 +19,9 @@ Rules of this module:
   the route's methods. Replies are built by the shared response builder
   (fastimds.imds.render.make_reply), so a reply's status is a field, never
   read back out of bytes.
-- Not a hot path: plain code, one request at a time per connection.
+- Not a hot path: plain code, one request at a time per connection. The
+  HTTP framing, the connection caps and the deadlines are in
+  fastimds.control.admin_connection.
 
 Routes: GET /vms, GET|PUT|PATCH|DELETE /vms/{id}, GET /healthz, GET /readyz,
 GET /metrics (Prometheus text), GET /jwks (the managed-identity token key).
@@ -30,14 +36,12 @@ DELETE /faults/{id}, POST|DELETE /vms/{id}/faults.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote
 
-import httptools
 import orjson
 
 from fastimds.control.plane import ControlPlane
@@ -50,8 +54,9 @@ from fastimds.ops.telemetry import LAYOUT
 MAX_ADMIN_BODY_BYTES = MAX_VM_FILE_BYTES + 64 * 1024  # a VM description plus JSON framing slack
 MAX_ADMIN_HEAD_BYTES = 16 * 1024
 CONTENT_TYPE_METRICS = b"text/plain; version=0.0.4; charset=utf-8"
-# The first path segments whose routes need the bearer token on TCP (they show VM data).
-PROTECTED = frozenset({"vms", "scheduledevents", "faults"})
+# The first path segments whose routes need the bearer token on TCP (they show VM data;
+# /metrics names every VM id in its per-VM series).
+PROTECTED = frozenset({"vms", "scheduledevents", "faults", "metrics"})
 # In a route's pattern: one path segment, as sent (a handler unquotes it if it means to).
 PARAM = "{}"
 # Last in a pattern: the rest of the path, one segment or more, "/" included (a VM id as sent).
@@ -154,22 +159,51 @@ class AdminApi:
             Route(("faults", PARAM), {"DELETE": self._remove_fault}),
         ]
 
-    def handle(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> bytes:
-        reply = self.answer(method, path, authorization, body, over_tcp)
+    def handle(
+        self,
+        method: str,
+        path: str,
+        authorization: bytes | None,
+        body: bytes,
+        over_tcp: bool,
+        *,
+        token_checked: bool = False,
+    ) -> bytes:
+        """The counted reply's bytes; `token_checked` when the connection asked `refusal` at the head already."""
+        return self.counted(self.answer(method, path, authorization, body, over_tcp, token_checked=token_checked))
+
+    def counted(self, reply: Reply) -> bytes:
+        """The bytes of `reply`, counted in the admin telemetry (requests by status, bytes)."""
         data = wire(reply)
         if self.counters is not None:
             self.counters[LAYOUT.request_slot("admin", reply.status)] += 1
             self.counters[LAYOUT.bytes_slot("admin")] += len(data)
         return data
 
-    def answer(self, method: str, path: str, authorization: bytes | None, body: bytes, over_tcp: bool) -> Reply:
-        path = path.split("?", 1)[0].rstrip("/") or "/"
-        # "*" and "http://..." are request targets too: no route has them.
-        segments = path[1:].split("/") if path.startswith("/") else []
+    def refusal(self, path: str, authorization: bytes | None, over_tcp: bool) -> Reply | None:
+        """The 401 for a request that needs the token and lacks it, else None: decided from the head alone."""
+        segments = _segments(_route_path(path))
         if segments and segments[0] in PROTECTED and over_tcp and not self._authorized(authorization):
             return json_reply(
                 401, {"error": "a bearer token is required"}, b'WWW-Authenticate: Bearer realm="fastimds"\r\n'
             )
+        return None
+
+    def answer(
+        self,
+        method: str,
+        path: str,
+        authorization: bytes | None,
+        body: bytes,
+        over_tcp: bool,
+        *,
+        token_checked: bool = False,
+    ) -> Reply:
+        refused = None if token_checked else self.refusal(path, authorization, over_tcp)
+        if refused is not None:
+            return refused
+        path = _route_path(path)
+        segments = _segments(path)
         found = route(self.routes, segments)
         if found is None:
             return json_reply(404, {"error": f"no admin route {path}"})
@@ -311,79 +345,18 @@ class AdminApi:
         return json_reply(200, {"removed": self.plane.faults.remove(vm_id=request.params[0])})
 
 
+def _route_path(target: str) -> str:
+    """The request target without its query and any trailing "/"."""
+    return target.split("?", 1)[0].rstrip("/") or "/"
+
+
+def _segments(path: str) -> list[str]:
+    # "*" and "http://..." are request targets too: no route has them.
+    return path[1:].split("/") if path.startswith("/") else []
+
+
 def _json_body(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise UpdateError(400, f"the body is not valid JSON: {exc}") from None
-
-
-class AdminProtocol(asyncio.Protocol):
-    def __init__(self, api: AdminApi, over_tcp: bool) -> None:
-        self.api = api
-        self.over_tcp = over_tcp
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.url = b""
-        self.authorization: bytes | None = None
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.head_size = 0
-        self.failure: bytes | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        assert self.transport is not None
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.transport.close()  # Upgrade or CONNECT: answered (on_message_complete); we speak nothing else
-        except httptools.HttpParserError:
-            reply = self.failure or wire(json_reply(400, {"error": "malformed HTTP request"}, close=True))
-            self.transport.write(reply)
-            self.transport.close()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self._count(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
-        if name.lower() == b"authorization":
-            self.authorization = value
-
-    def _count(self, size: int) -> None:
-        self.head_size += size
-        if self.head_size > MAX_ADMIN_HEAD_BYTES:
-            self.failure = wire(json_reply(431, {"error": "request head too large"}, close=True))
-            raise ValueError("head too large")
-
-    def on_body(self, body: bytes) -> None:
-        self.body_size += len(body)
-        if self.body_size > MAX_ADMIN_BODY_BYTES:
-            self.failure = wire(json_reply(413, {"error": f"body over {MAX_ADMIN_BODY_BYTES} bytes"}, close=True))
-            raise ValueError("body too large")
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        assert self.transport is not None
-        method = self.parser.get_method().decode("latin-1")
-        try:
-            reply = self.api.handle(
-                method, self.url.decode("latin-1"), self.authorization, b"".join(self.body), self.over_tcp
-            )
-        except Exception as exc:  # an admin bug must not take the listener down
-            reply = wire(json_reply(500, {"error": f"internal error: {exc!r}"}))
-        self.transport.write(reply)
-        if not self.parser.should_keep_alive():
-            self.transport.close()
-        self._reset()
-
-
-def admin_factory(api: AdminApi, over_tcp: bool) -> Callable[[], AdminProtocol]:
-    return lambda: AdminProtocol(api, over_tcp)

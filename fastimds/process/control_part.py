@@ -10,6 +10,9 @@ Rules of this module:
   (a watch is a thread that wakes every few ms: measured, ~5% more CPU
   per request, tuning.md).
 - SIGHUP reloads every source: --data is re-read, --data-dir rescanned.
+- Its tick sweeps the admin connections' deadlines (idle, half-sent
+  requests, lingering closes: fastimds.control.admin_connection), once a
+  second like the VM port's sweep; no timer per connection.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class ControlPart:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self.servers = await self.admin.serve(self.api, self.backlog) if self.admin is not None else []
+        self.servers = await self.admin.serve(self.api, self.backlog, self.log) if self.admin is not None else []
         self.tasks.append(asyncio.ensure_future(self.plane.clock.run()))
         for source in self.sources:
             await source.start()
@@ -56,7 +59,9 @@ class ControlPart:
             self.plane.clock.apply_approvals()  # any left from before a restart
 
     def tick(self, loop_time: float, unix_time: float) -> None:
-        pass  # the event clock keeps its own time
+        # The event clock keeps its own time; the admin connections' deadlines are swept here.
+        if self.admin is not None:
+            self.admin.sweep(loop_time)
 
     def reload(self) -> None:
         for source in self.sources:
@@ -72,3 +77,5 @@ class ControlPart:
             task.cancel()
         for server in self.servers:
             server.close()
+        if self.admin is not None:
+            self.admin.close_connections()

@@ -7,7 +7,8 @@ Rules of this module:
 - At start the open-files soft limit is raised to the hard limit and the
   per-worker connection limit is lowered, if need be, to fit under it with
   FD_RESERVE to spare (`fit_fd_limit`), so every refusal can still be
-  accepted and answered.
+  accepted and answered, and every descriptor the admin listeners may hold
+  (their caps, fastimds.control.admin_connection) is kept out of it.
 - The admin Unix socket is created 0600, and removed at stop only if the
   file is still the one bound here: never another server's.
 """
@@ -25,13 +26,23 @@ from pathlib import Path
 from typing import Any
 
 from fastimds.config import Settings
-from fastimds.control.admin_api import AdminApi, admin_factory
+from fastimds.control.admin_api import AdminApi
+from fastimds.control.admin_connection import (
+    MAX_ADMIN_DESCRIPTORS,
+    MAX_ADMIN_TCP_CONNECTIONS,
+    MAX_ADMIN_UNIX_CONNECTIONS,
+    AdminListener,
+)
 from fastimds.http.connection import MAX_LINGERING_REFUSALS
+from fastimds.ops.event_log import EventLog
 
 # Descriptors a worker keeps out of its connection limit: its own (listener,
-# bus and log files, inotify, pipes: well under 64) and the refused
-# connections that linger until their 503 is read.
-FD_RESERVE = 64 + MAX_LINGERING_REFUSALS
+# bus and log files, inotify, pipes: well under 64), the refused
+# connections that linger until their 503 is read, and every admin
+# connection the admin listeners' caps allow (in a single process they share
+# the worker's descriptors; counted for every process, which costs a worker
+# 112 connections of its tens of thousands).
+FD_RESERVE = 64 + MAX_LINGERING_REFUSALS + MAX_ADMIN_DESCRIPTORS
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -94,6 +105,7 @@ class AdminSockets:
         self.unix: socket.socket | None = None
         self.unix_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file bound here
         self.tcp: socket.socket | None = None
+        self.listeners: list[AdminListener] = []  # while serving: each listener's connections, for the sweep
         self.token = settings.admin_token
         if settings.admin_socket is not None:
             path = settings.admin_socket
@@ -132,11 +144,26 @@ class AdminSockets:
             names.append(url("127.0.0.1", self.tcp.getsockname()[1]))
         return ",".join(names)
 
-    async def serve(self, api: AdminApi, backlog: int) -> list[asyncio.Server]:
+    async def serve(self, api: AdminApi, backlog: int, log: EventLog | None = None) -> list[asyncio.Server]:
+        """Serve the admin API on each socket, each listener under its own connection cap."""
         loop = asyncio.get_running_loop()
         servers = []
         if self.unix is not None:
-            servers.append(await loop.create_unix_server(admin_factory(api, over_tcp=False), sock=self.unix))
+            unix = AdminListener(api, over_tcp=False, cap=MAX_ADMIN_UNIX_CONNECTIONS, clock=loop.time, log=log)
+            self.listeners.append(unix)
+            servers.append(await loop.create_unix_server(unix.factory(), sock=self.unix))
         if self.tcp is not None:
-            servers.append(await loop.create_server(admin_factory(api, over_tcp=True), sock=self.tcp, backlog=backlog))
+            tcp = AdminListener(api, over_tcp=True, cap=MAX_ADMIN_TCP_CONNECTIONS, clock=loop.time, log=log)
+            self.listeners.append(tcp)
+            servers.append(await loop.create_server(tcp.factory(), sock=self.tcp, backlog=backlog))
         return servers
+
+    def sweep(self, loop_time: float) -> None:
+        """Once a second (the control part's tick): end admin connections past their deadline."""
+        for listener in self.listeners:
+            listener.sweep(loop_time)
+
+    def close_connections(self) -> None:
+        for listener in self.listeners:
+            listener.close_all()
+        self.listeners = []

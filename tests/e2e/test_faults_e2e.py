@@ -71,13 +71,16 @@ class Served:
 
     def injected(self) -> dict[str, float]:
         """fastimds_faults_injected_total by kind, from /metrics."""
-        text = requests.get(f"{self.admin_url}/metrics", timeout=5).text
+        text = requests.get(f"{self.admin_url}/metrics", headers=BEARER, timeout=5).text
         return {
             sample.labels["kind"]: sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
             if sample.name == "fastimds_faults_injected_total"
         }
+
+
+BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # /metrics names VM ids: on TCP it needs the token
 
 
 def data_dir(root: Path) -> Path:

@@ -15,8 +15,11 @@ from tests.support.server_process import admin_unix, fresh_get, log_events, poll
 LEAF = "/metadata/instance/compute/vmId?api-version=2021-02-01&format=text"
 
 
-def metrics(url: str) -> dict[str, float]:
-    text = requests.get(f"{url}/metrics", timeout=5).text
+def metrics(url: str, token: str) -> dict[str, float]:
+    """/metrics over the TCP admin port: it names every VM id, so it needs the token there."""
+    response = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert response.status_code == 200, response.text
+    text = response.text
     return {
         sample.name + "".join(f"|{k}={v}" for k, v in sorted(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -24,21 +27,21 @@ def metrics(url: str) -> dict[str, float]:
     }
 
 
-def served_ok(url: str) -> float:
-    return metrics(url).get("fastimds_requests_total|category=instance|code=200", 0.0)
+def served_ok(url: str, token: str) -> float:
+    return metrics(url, token).get("fastimds_requests_total|category=instance|code=200", 0.0)
 
 
 def test_one_scrape_sums_every_worker_and_survives_a_restart(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    write_token_file(token)
-    args = ("--workers", "2", "--admin-port", "0", "--admin-token-file", str(token))
+    token_file = tmp_path / "token"
+    token = write_token_file(token_file)
+    args = ("--workers", "2", "--admin-port", "0", "--admin-token-file", str(token_file))
     with running_server(*args) as server:
         [admin_url] = [name for name in server.admin if name.startswith("http")]
         for _ in range(40):
             assert fresh_get(server.port, LEAF)[0] == 200
-        # Workers publish once a second; the scrape needs no token.
-        assert poll_until(lambda: served_ok(admin_url) == 40, timeout=5)
-        samples = metrics(admin_url)
+        # Workers publish once a second.
+        assert poll_until(lambda: served_ok(admin_url, token) == 40, timeout=5)
+        samples = metrics(admin_url, token)
         assert samples["fastimds_workers"] == 2
         assert samples["fastimds_connections_opened_total"] >= 40
         assert samples["fastimds_vms"] == 1
@@ -49,11 +52,11 @@ def test_one_scrape_sums_every_worker_and_survives_a_restart(tmp_path: Path) -> 
         victim = min(worker_pids(server))
         os.kill(victim, signal.SIGKILL)
         assert poll_until(lambda: len(worker_pids(server)) == 2 and victim not in worker_pids(server))
-        assert served_ok(admin_url) >= 40
+        assert served_ok(admin_url, token) >= 40
         for _ in range(10):
             assert fresh_get(server.port, LEAF)[0] == 200
-        assert poll_until(lambda: served_ok(admin_url) == 50, timeout=5)
-        counted = metrics(admin_url)
+        assert poll_until(lambda: served_ok(admin_url, token) == 50, timeout=5)
+        counted = metrics(admin_url, token)
         assert counted["fastimds_requests_total|category=admin|code=200"] >= 1  # the scrapes themselves
         assert log_events(server, "worker_exited")
 

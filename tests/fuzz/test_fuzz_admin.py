@@ -44,14 +44,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, AdminApi, AdminProtocol
+from fastimds.control.admin_api import MAX_ADMIN_BODY_BYTES, AdminApi
 from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_NESTING_DEPTH, MAX_VM_FILE_BYTES, VM_ID_PATTERN
 from fastimds.imds.versions import INSTANCE_FIELD_KIND, child_pattern
 from tests.support.fakes import (
-    FakeTransport,
     Response,
     admin_api,
+    admin_connection,
     make_connection,
     new_plane,
     request,
@@ -157,9 +157,7 @@ class Sender:
             [response] = split_responses(w.api.handle(method, path, None, body, False))
             return check_answer(response)
         data = http_request(method, path.encode(), body, self.chunked)
-        protocol = AdminProtocol(w.api, over_tcp=False)
-        transport = FakeTransport()
-        protocol.connection_made(transport)
+        protocol, transport = admin_connection(w.api)
         points = sorted({cut % (len(data) + 1) for cut in self.cuts})
         for start, end in zip([0, *points], [*points, len(data)], strict=True):
             if not transport.ended:
@@ -723,9 +721,7 @@ def test_hostile_framing_of_a_write_gets_json_answers_and_changes_nothing(
         before = w.observed()
         outputs = []
         for reads in ([data], [data[a:b] for a, b in pairwise_cuts(data, cuts)]):
-            protocol = AdminProtocol(w.api, over_tcp=False)
-            transport = FakeTransport()
-            protocol.connection_made(transport)
+            protocol, transport = admin_connection(w.api)
             for read in reads:
                 if not transport.ended:
                     protocol.data_received(read)

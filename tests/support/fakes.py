@@ -15,6 +15,12 @@ from fastimds.bus.files import Bus
 from fastimds.bus.follower import Follower
 from fastimds.config import Limits
 from fastimds.control.admin_api import AdminApi
+from fastimds.control.admin_connection import (
+    MAX_ADMIN_TCP_CONNECTIONS,
+    MAX_ADMIN_UNIX_CONNECTIONS,
+    AdminListener,
+    AdminProtocol,
+)
 from fastimds.control.plane import ControlPlane
 from fastimds.control.writer import Control
 from fastimds.http.connection import HttpProtocol
@@ -85,6 +91,9 @@ class FakeTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # every write is taken at once
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -219,3 +228,16 @@ def serving(control: Control) -> VmRegistry:
 
 def admin_api(plane: ControlPlane, token: str | None = None, **extras: Any) -> AdminApi:
     return AdminApi(plane, token, Keys(), **extras)
+
+
+def admin_connection(
+    api: AdminApi, tcp: bool = False, listener: AdminListener | None = None
+) -> tuple[AdminProtocol, FakeTransport]:
+    """An admin connection on a fake transport, made by `listener` (default: a fresh one at loop time 0)."""
+    if listener is None:
+        cap = MAX_ADMIN_TCP_CONNECTIONS if tcp else MAX_ADMIN_UNIX_CONNECTIONS
+        listener = AdminListener(api, over_tcp=tcp, cap=cap, clock=lambda: 0.0)
+    protocol = listener.factory()()
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport

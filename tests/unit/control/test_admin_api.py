@@ -22,15 +22,23 @@ from fastimds.control.admin_api import (
     PARAM,
     REST,
     AdminApi,
-    AdminProtocol,
     Route,
     route,
 )
+from fastimds.control.admin_connection import AdminProtocol
 from fastimds.control.plane import ControlPlane
 from fastimds.control.writer import Control
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES
 from fastimds.imds.render import Reply
-from tests.support.fakes import FakeTransport, Response, admin_api, new_plane, serving, split_responses
+from tests.support.fakes import (
+    FakeTransport,
+    Response,
+    admin_api,
+    admin_connection,
+    new_plane,
+    serving,
+    split_responses,
+)
 from tests.support.server_process import vm_document, vm_uuid
 
 TOKEN = "s3cret-token-value"
@@ -355,10 +363,7 @@ def test_schema_errors_list_every_problem(api: AdminApi) -> None:
 
 
 def connection(api: AdminApi, tcp: bool = False) -> tuple[AdminProtocol, FakeTransport]:
-    protocol = AdminProtocol(api, over_tcp=tcp)
-    transport = FakeTransport()
-    protocol.connection_made(transport)
-    return protocol, transport
+    return admin_connection(api, tcp)
 
 
 def http_request(method: str, target: str, body: bytes = b"", *headers: str) -> bytes:
@@ -384,12 +389,17 @@ def test_protocol_keep_alive_and_split_bodies(api: AdminApi) -> None:
 
 
 def test_protocol_reads_the_authorization_header_over_tcp(api: AdminApi) -> None:
+    for headers in ((), ("Authorization: Bearer wrong",)):
+        protocol, transport = connection(api, tcp=True)
+        protocol.data_received(http_request("GET", "/vms", b"", *headers))
+        [refused] = split_responses(transport.output)
+        assert (refused.status, refused.headers["connection"]) == (401, "close")  # and the connection ends
+        assert transport.ended
     protocol, transport = connection(api, tcp=True)
-    protocol.data_received(http_request("GET", "/vms"))
-    protocol.data_received(http_request("GET", "/vms", b"", "Authorization: Bearer wrong"))
     protocol.data_received(http_request("GET", "/vms", b"", f"authorization: Bearer {TOKEN}"))
     protocol.data_received(http_request("GET", "/vms"))  # the header is per request, not per connection
-    assert [r.status for r in split_responses(transport.output)] == [401, 401, 200, 401]
+    assert [r.status for r in split_responses(transport.output)] == [200, 401]
+    assert transport.ended
 
 
 def test_protocol_refuses_a_body_over_the_limit(api: AdminApi, control: Control) -> None:
