@@ -43,6 +43,12 @@ MAX_CONNECTIONS_PER_WORKER = 64 * 1024
 # connection or two alive) stays under 512; one hostile VM can hold under 1%
 # of a worker's default allowance.
 MAX_CONNECTIONS_PER_CALLER = 512
+# Fresh RSA signatures (token mints, attested documents not in their caches)
+# one VM may cost a worker per second, with one second's worth at once: Azure's
+# managed-identity rate (spec §3.6). A signature costs ~0.4 ms of a core
+# (reliability.md, "High: one tenant stalling others"), so one VM at its budget
+# takes ~1% of a worker; a cached token costs nothing. Past it: a 429.
+SIGNATURES_PER_VM_PER_S = 20.0
 # SIGTERM waits this long for connections to finish before aborting them.
 SHUTDOWN_GRACE_S = 5.0
 # listen() backlog; the kernel caps it at net.core.somaxconn (tuning.md).
@@ -67,6 +73,7 @@ class Limits:
     send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
     max_connections_per_worker: int = MAX_CONNECTIONS_PER_WORKER
     max_connections_per_caller: int = MAX_CONNECTIONS_PER_CALLER
+    signatures_per_vm_per_s: float = SIGNATURES_PER_VM_PER_S
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

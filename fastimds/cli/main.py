@@ -38,6 +38,12 @@ LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
         "open connections per worker (503 over it; lowered to fit the open-files limit)",
     ),
     ("--max-connections-per-caller", "max_connections_per_caller", int, "open connections per caller address (503)"),
+    (
+        "--signatures-per-vm",
+        "signatures_per_vm_per_s",
+        float,
+        "fresh token mints and attested documents per second per VM and worker (429 past it; throttling aside)",
+    ),
 )
 
 
