@@ -133,12 +133,14 @@ class Latencies:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
     def summary(self) -> dict[str, float]:
+        """Count, p50, p99, max and mean, in milliseconds to the microsecond."""
+        samples = self.samples
         return {
-            "requests": len(self.samples),
-            "p50_ms": self.quantile(0.50) * 1000,
-            "p99_ms": self.quantile(0.99) * 1000,
-            "max_ms": max(self.samples, default=float("nan")) * 1000,
-            "mean_ms": statistics.fmean(self.samples) * 1000 if self.samples else float("nan"),
+            "requests": len(samples),
+            "p50_ms": round(self.quantile(0.50) * 1000, 3),
+            "p99_ms": round(self.quantile(0.99) * 1000, 3),
+            "max_ms": round(max(samples, default=float("nan")) * 1000, 3),
+            "mean_ms": round(statistics.fmean(samples) * 1000 if samples else float("nan"), 3),
         }
 
 
