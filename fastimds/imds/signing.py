@@ -11,16 +11,19 @@ Rules of this module:
   worker for 5.8 s before this budget.
 - Each VM has a token bucket per worker: `per_second` signatures a second,
   and up to one second's worth at once (the burst). A request that would
-  sign past it gets its family's 429 with `Retry-After: 1` (the caller's
-  choice: identity.ERRORS["throttled"] or render.ERRORS["signing_budget"]);
-  a cached token or document is answered as usual and costs nothing here.
+  sign past it gets its family's 429 with `Retry-After: 1` (`ERRORS
+  ["signing_budget"]` of fastimds.imds.identity or of fastimds.imds.render:
+  the same bytes as the throttle's 429 in that family), and nothing is
+  signed; a cached token or document is answered as usual and costs
+  nothing here.
 - The budget holds whether or not throttling (fastimds.http.throttle) is on:
   throttling emulates Azure's request rates, this protects the worker.
   With N workers a VM can get N times the budget (no state is shared
   between workers on the request path), as with throttling.
 - Pure: the time is an argument (the one the signature carries), nothing
   here reads a clock or does I/O. One `SigningBudgets` per worker, built
-  with its ServerState and handed to `routing.resolve` as `keys` is.
+  with its ServerState (`signing`); the answer path hands the caller's
+  VM's `SigningBudget` to `routing.resolve`, as it hands `keys`.
 - The table is bounded: past MAX_BUDGETED_VMS it starts over (every VM a
   full bucket), so junk cannot grow it; VM ids come from the registry.
 """
