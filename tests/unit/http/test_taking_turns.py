@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from fastimds.http import turns
 from fastimds.http.connection import FEED_SLICE_BYTES, HttpProtocol
 from fastimds.imds.datafile import describe_vm
+from fastimds.imds.faults import FaultTable, make_fault
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
 from tests.support.fakes import FakeTransport, make_connection, request, sample_vm, split_responses
@@ -158,6 +160,35 @@ async def until_fed_or_held(protocol: HttpProtocol) -> None:
     while protocol.hold is None and (protocol.backlog or protocol.giving_way):
         await asyncio.sleep(0)
     assert protocol.hold is not None
+
+
+def test_injected_latency_in_the_backlog_holds_the_rest_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turns, "MAX_WORK_PER_TURN_NS", 0)
+    faults = FaultTable()
+    now = time.time()
+    spec = {"latencyMs": 20, "path": "/metadata/versions", "count": 1}
+    faults.load([make_fault(spec, None, now, 0, faults.budgets)], now)
+    protocol, transport, _ = make_connection(faults=faults)
+    before = 3 * FEED_SLICE_BYTES // len(LEAVES[0]) // len(LEAVES) * len(LEAVES)  # whole cycles of the leaves
+
+    async def body() -> None:
+        protocol.data_received(flood(before) + VERSIONS + flood(1_000))
+        await until_fed_or_held(protocol)
+        # Held for 20 ms: nothing from it on (replies of its own slice before it wait with it).
+        assert len(split_responses(transport.output)) <= before and not transport.reading
+        while protocol.hold is not None:
+            await asyncio.sleep(0.005)
+        await until_fed(protocol)
+
+    run(body)
+    responses = split_responses(transport.output)
+    assert len(responses) == before + 1 + 1_000
+    assert "apiVersions" in responses[before].json()
+    rest = responses[:before] + responses[before + 1 :]
+    assert [r.body for r in rest] == [BODIES[i % len(BODIES)] for i in range(before)] + [
+        BODIES[i % len(BODIES)] for i in range(1_000)
+    ]
+    assert transport.reading
 
 
 def test_a_close_in_the_backlog_ends_it_and_later_turns_write_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
