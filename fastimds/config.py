@@ -52,6 +52,13 @@ MAX_CONNECTIONS_PER_CALLER = 512
 # reading, while a client that reads is paused for milliseconds. 16 MiB holds
 # ~150 paused connections at the ~110 KiB measured (reliability.md).
 MAX_STALLED_BUFFER_BYTES_PER_WORKER = 16 * 1024 * 1024
+
+# Fresh RSA signatures (token mints, attested documents not in their caches)
+# one VM may cost a worker per second, with one second's worth at once: Azure's
+# managed-identity rate (spec §3.6). A signature costs ~0.4 ms of a core
+# (reliability.md, "High: one tenant stalling others"), so one VM at its budget
+# takes ~1% of a worker; a cached token costs nothing. Past it: a 429.
+SIGNATURES_PER_VM_PER_S = 20.0
 # SIGTERM waits this long for connections to finish before aborting them.
 SHUTDOWN_GRACE_S = 5.0
 # listen() backlog; the kernel caps it at net.core.somaxconn (tuning.md).
@@ -77,6 +84,7 @@ class Limits:
     max_connections_per_worker: int = MAX_CONNECTIONS_PER_WORKER
     max_connections_per_caller: int = MAX_CONNECTIONS_PER_CALLER
     max_stalled_buffer_bytes_per_worker: int = MAX_STALLED_BUFFER_BYTES_PER_WORKER
+    signatures_per_vm_per_s: float = SIGNATURES_PER_VM_PER_S
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -44,6 +44,12 @@ LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
         int,
         "bytes a worker keeps for clients that stopped reading (past it the longest stalled are dropped)",
     ),
+    (
+        "--signatures-per-vm",
+        "signatures_per_vm_per_s",
+        float,
+        "fresh token mints and attested documents per second per VM and worker (429 past it; throttling aside)",
+    ),
 )
 
 

@@ -2,10 +2,13 @@
 
 Rules of this module:
 - One request, in this order: the caller's throttle window (a 429 before
-  any routing), then an injected fault (fastimds.imds.faults; the parser
-  path only: the request memo never holds what a fault could match), then
-  `routing.resolve`, which decides. Nothing is formatted or encoded here
-  per request: replies are pre-rendered, and this queues their bytes.
+  any routing, in the identity family's shape for identity requests), then
+  an injected fault (fastimds.imds.faults; the parser path only: the
+  request memo never holds what a fault could match), then
+  `routing.resolve`, which decides, and spends the VM's signing budget
+  (`state.signing`, fastimds.imds.signing) when it signs afresh. Nothing is
+  formatted or encoded here per request: replies are pre-rendered, and
+  this queues their bytes.
 - Effects leave the request path: a reply that carries one (an
   `Approval`, fastimds.imds.effects) goes with the approving VM's id to the
   worker's approval sink (`state.approvals`), which only notes it and says
@@ -35,6 +38,7 @@ from fastimds.http.memo import LogStub, MemoEntry, reply_slots
 from fastimds.http.phases import Phase
 from fastimds.imds.effects import Approval
 from fastimds.imds.faults import Fault
+from fastimds.imds.identity import ERRORS as IDENTITY_ERRORS
 from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply
 from fastimds.imds.routing import WAIT_MARK, category_of, etag_matches, resolve, wait_spec
 from fastimds.ops.request_log import MAX_BUFFERED_VALUES as _MAX_LOG_VALUES
@@ -42,6 +46,7 @@ from fastimds.ops.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOU
 
 _REMEMBERED_METHODS = frozenset({b"GET", b"HEAD"})
 _THROTTLED = ERRORS["throttled"]
+_THROTTLED_IDENTITY = IDENTITY_ERRORS["throttled"]  # the identity family's shape (spec §7)
 # SO_LINGER on, zero seconds: close() sends an RST instead of a FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -73,8 +78,8 @@ class AnswerPath(ConnectionFields):
         fault = None
         # The window is the wall-clock second the last tick fired in (ticks fire just after
         # each one); the loop clock's whole seconds are offset from ticks, so one could span two.
-        if window is not None and not window.allow(category_of(url) == "identity", int(state.now_unix)):
-            reply = _THROTTLED  # decided before any routing: cheaper than serving
+        if window is not None and not window.allow(identity := category_of(url) == "identity", int(state.now_unix)):
+            reply = _THROTTLED_IDENTITY if identity else _THROTTLED  # decided before any routing: cheaper
         elif state.faults.active and (fault := state.faults.match(self.vm.vm_id, url, time())) is not None:
             injected = self._inject(fault, method, url)
             if injected is None:
@@ -82,7 +87,14 @@ class AnswerPath(ConnectionFields):
             reply = injected
         else:
             reply = resolve(
-                self.vm.current, method, url, self.metadata_ok, self.forwarded, body=self.body, keys=state.keys
+                self.vm.current,
+                method,
+                url,
+                self.metadata_ok,
+                self.forwarded,
+                body=self.body,
+                keys=state.keys,
+                budget=state.signing.for_vm(self.vm.vm_id),  # a dict lookup (fastimds.imds.signing)
             )
             if reply.volatile and type(reply) is Approval:
                 reply = self._hand_off(reply)
@@ -149,7 +161,14 @@ class AnswerPath(ConnectionFields):
         if fault.latency_s:
             state = self.state
             reply = resolve(
-                self.vm.current, method, url, self.metadata_ok, self.forwarded, body=self.body, keys=state.keys
+                self.vm.current,
+                method,
+                url,
+                self.metadata_ok,
+                self.forwarded,
+                body=self.body,
+                keys=state.keys,
+                budget=state.signing.for_vm(self.vm.vm_id),
             )
             if type(reply) is Approval:
                 return self._hand_off(reply)

@@ -14,7 +14,10 @@ Rules of this module (its parts: fastimds.http.request_head, .memo, .answer,
   by one read goes out in one `transport.write` (house rule 5). Reads larger
   than `FEED_SLICE_BYTES` are fed in slices, and feeding stops while the
   transport is paused, so a client that never reads holds at most one slice
-  of replies plus the unread input, not an unbounded queue.
+  of replies plus the unread input, not an unbounded queue. Past
+  MAX_WORK_PER_TURN_NS of slices in one turn of the loop, the rest waits
+  for the loop's next turn, so other connections are answered in between
+  (fastimds.http.turns).
 - Limits are checked where the bytes arrive (fastimds.http.request_head),
   plus a cap on an unfinished head between reads (`_feed`). Breaking one
   gets its status and a close.
@@ -54,6 +57,7 @@ from fastimds.http.holds import Holds
 from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
 from fastimds.http.request_head import RequestHead
+from fastimds.http.turns import TakingTurns
 from fastimds.http.worker_state import EXPIRE_SLICE, ServerState
 from fastimds.imds.registry import caller_key
 from fastimds.imds.render import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, ERRORS, Reply
@@ -100,7 +104,7 @@ _OPENED_SLOT = LAYOUT.connections_opened
 _CLOSED_SLOT = LAYOUT.connections_closed
 
 
-class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asyncio.Protocol):
+class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, TakingTurns, asyncio.Protocol):
     __slots__ = ()  # the one layout is ConnectionFields'
 
     def __init__(self, state: ServerState) -> None:
@@ -115,6 +119,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asynci
         self.wait = None
         self.write_paused = False
         self.backlog = b""
+        self.giving_way = False
         self.deadline = 0.0
         self.remembering = None
         self.counters = state.counters
@@ -281,10 +286,14 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, asynci
         if self.hold is not None:
             self._keep_while_held(b"")  # input behind a held reply stays unparsed, within its bound
             return
+        turn_ends = self._turn_ends()  # a bounded turn, then the others' (fastimds.http.turns)
         while self.backlog and self.phase not in ENDED and not self.write_paused and self.hold is None:
             piece, self.backlog = self.backlog[:FEED_SLICE_BYTES], self.backlog[FEED_SLICE_BYTES:]
             self._feed(piece)
             self._flush()
+            if self.backlog and perf_counter_ns() >= turn_ends:  # at least one slice a turn
+                self._give_way()
+                return
 
     def _flush(self) -> None:
         if self.hold is not None:

@@ -43,6 +43,7 @@ class ConnectionFields(asyncio.Protocol):
         "wait",
         "write_paused",
         "backlog",
+        "giving_way",
         "deadline",
         "remembering",
         "counters",
@@ -80,6 +81,7 @@ class ConnectionFields(asyncio.Protocol):
     wait: Wait | None  # the held long-poll, while hold is LONG_POLL
     write_paused: bool
     backlog: bytes  # unread input held while the transport is paused
+    giving_way: bool  # the backlog's next turn is due (fastimds.http.turns)
     deadline: float  # when this connection must next have progressed
     remembering: list[MemoEntry] | None  # this read's memo entries, while it may still be remembered
     counters: list[int] | None

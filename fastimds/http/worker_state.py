@@ -37,6 +37,7 @@ from fastimds.imds.faults import FaultTable
 from fastimds.imds.keys import Keys
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import date_block
+from fastimds.imds.signing import SigningBudgets
 from fastimds.ops.event_log import EventLog
 from fastimds.ops.request_log import RequestLog
 
@@ -89,6 +90,7 @@ class ServerState:
         "faults",
         "approvals",
         "keys",
+        "signing",
         "event_log",
         "stalled",
         "stalled_bytes",
@@ -119,6 +121,7 @@ class ServerState:
         self.event_log = event_log if event_log is not None else EventLog()
         self.approvals: ApprovalSink = approvals if approvals is not None else DroppedApprovals(self.event_log)
         self.keys = keys if keys is not None else Keys()  # made on first use unless the server made them
+        self.signing = SigningBudgets(self.limits.signatures_per_vm_per_s)  # each VM's fresh signatures, this worker
         self.connections: set[HttpProtocol] = set()
         self.callers: dict[str, set[HttpProtocol]] = {}  # caller address -> its admitted connections open now
         self.refused: set[HttpProtocol] = set()  # refused connections lingering until their 503 is read

@@ -22,6 +22,10 @@ Rules of this module:
   the signed content itself (which holds the VM's fields, the nonce and the
   second), never by generation: VMs share generation numbers, and one VM's
   document must never answer another's request.
+- A document not in the cache costs a fresh signature, charged to the VM's
+  signing budget (fastimds.imds.signing) when one is given; past it the
+  request gets the instance family's 429 (render's ERRORS["signing_budget"])
+  and nothing is signed. A cached document costs nothing.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from fastimds.imds.render import Reply, json_body, make_reply
+from fastimds.imds.render import ERRORS, Reply, json_body, make_reply
+from fastimds.imds.signing import SigningBudget
 
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
 # How long the signed document says it is valid (Azure's examples show 5 s to 6 h).
 VALIDITY_S = 300
 # Replies kept for reuse within their second, per signed content.
 MAX_CACHED_DOCUMENTS = 1024
+
+_PAST_BUDGET = ERRORS["signing_budget"]
 
 _FIELDS_SINCE = (
     ("subscriptionId", "2019-04-30"),
@@ -92,11 +99,16 @@ class Attestor:
             raise ValueError("the attested-document key must be an RSA key")
         return cls(key, certificate)
 
-    def reply(self, vm: Any, version: str, nonce: str | None, now: float) -> Reply:
-        """The signed document for one request (from the cache when this content was signed before)."""
+    def reply(self, vm: Any, version: str, nonce: str | None, now: float, budget: SigningBudget | None = None) -> Reply:
+        """The signed document for one request (from the cache when this content was signed before).
+
+        A 429 instead when it is not cached and `budget` has no signature left.
+        """
         content = signed_content(vm, version, nonce, int(now))
         reply = self._cache.get(content)
         if reply is None:
+            if budget is not None and not budget.take(now):
+                return _PAST_BUDGET
             signature = (
                 pkcs7.PKCS7SignatureBuilder()
                 .set_data(content)

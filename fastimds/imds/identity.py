@@ -19,6 +19,11 @@ Rules of this module:
   until REMINT_BEFORE_S before it expires; every reply is rendered at
   request time (expires_in counts down) and is volatile: never memoised.
 - Every value in a token reply is a string, `resource` always present.
+- A token not in the cache costs a fresh signature, charged to the VM's
+  signing budget (fastimds.imds.signing) when one is given; past it the
+  request gets the identity family's 429 (ERRORS["signing_budget"], the
+  same bytes as the throttle's ERRORS["throttled"]), and nothing is signed.
+  A cached token costs nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fastimds.imds.render import Reply, json_reply
+from fastimds.imds.render import RETRY_AFTER_1, THROTTLED_MESSAGE, Reply, json_reply
+from fastimds.imds.signing import SigningBudget
 
 # Managed identity tokens live about a day (Azure's `expires_in` ≈ 86,300).
 TOKEN_LIFETIME_S = 86_400
@@ -50,6 +56,19 @@ ERRORS: dict[str, Reply] = {
     "not_found": identity_error("Identity not found"),
     "no_resource": identity_error("Required query variable 'resource' is missing"),
     "several_selectors": identity_error("Only one of client_id, object_id or msi_res_id may be given"),
+    # One 429 body for the family (the shape azure-identity and MSAL parse), counted apart by its cause.
+    "throttled": json_reply(
+        429,
+        {"error": "throttled", "error_description": THROTTLED_MESSAGE},
+        extra_headers=RETRY_AFTER_1,
+        reject="throttled",
+    ),
+    "signing_budget": json_reply(
+        429,
+        {"error": "throttled", "error_description": THROTTLED_MESSAGE},
+        extra_headers=RETRY_AFTER_1,
+        reject="signing_budget",
+    ),
 }
 
 
@@ -77,16 +96,22 @@ class TokenIssuer:
         }
         self._tokens: dict[tuple[Any, ...], tuple[str, int, int]] = {}  # -> (token, not_before, expires_on)
 
-    def token(self, key: tuple[Any, ...], claims: dict[str, Any], now: int) -> tuple[str, int, int]:
+    def token(
+        self, key: tuple[Any, ...], claims: dict[str, Any], now: float, budget: SigningBudget | None = None
+    ) -> tuple[str, int, int] | None:
+        """The token for these claims: cached, or signed now (None: `budget` has no signature left)."""
+        second = int(now)
         cached = self._tokens.get(key)
-        if cached is not None and cached[2] - now > REMINT_BEFORE_S:
+        if cached is not None and cached[2] - second > REMINT_BEFORE_S:
             return cached
-        expires_on = now + TOKEN_LIFETIME_S
-        payload = {**claims, "iat": now, "nbf": now, "exp": expires_on}
+        if budget is not None and not budget.take(now):
+            return None
+        expires_on = second + TOKEN_LIFETIME_S
+        payload = {**claims, "iat": second, "nbf": second, "exp": expires_on}
         token = jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": self.kid})
         if len(self._tokens) >= MAX_CACHED_TOKENS:
             self._tokens.clear()
-        self._tokens[key] = minted = (token, now, expires_on)
+        self._tokens[key] = minted = (token, second, expires_on)
         return minted
 
 
@@ -103,7 +128,9 @@ def find_identity(section: dict[str, Any], query: dict[str, str]) -> dict[str, A
     return system if isinstance(system, dict) else None
 
 
-def token_reply(issuer: TokenIssuer, vm: Any, query: dict[str, str], now: float) -> Reply:
+def token_reply(
+    issuer: TokenIssuer, vm: Any, query: dict[str, str], now: float, budget: SigningBudget | None = None
+) -> Reply:
     section = vm.reserved.get("identities") or {}
     if sum(selector in query for selector in SELECTORS) > 1:
         return ERRORS["several_selectors"]
@@ -128,7 +155,10 @@ def token_reply(issuer: TokenIssuer, vm: Any, query: dict[str, str], now: float)
     }
     second = int(now)
     # Keyed by every claim it signs: two VMs (or two versions of one) share a token only if it says the same.
-    token, not_before, expires_on = issuer.token(tuple(sorted(claims.items())), claims, second)
+    minted = issuer.token(tuple(sorted(claims.items())), claims, now, budget)
+    if minted is None:
+        return ERRORS["signing_budget"]
+    token, not_before, expires_on = minted
     return json_reply(
         200,
         {

@@ -190,6 +190,9 @@ BAD_API_VERSION_MESSAGE = (
     "Bad request. api-version is invalid or was not specified in the request. "
     "For more information refer to aka.ms/azureimds"
 )
+# A 429's words and header, shared by both families' bodies (identity's shape: fastimds.imds.identity).
+THROTTLED_MESSAGE = "Too many requests. Retry after the time in Retry-After"
+RETRY_AFTER_1 = b"Retry-After: 1\r\n"
 
 # Request-time failures, one pre-rendered reply per kind (house rule 10). A `reject`
 # is the telemetry reason the reply counts under (fastimds.ops.telemetry REJECT_REASONS).
@@ -222,11 +225,10 @@ ERRORS: dict[str, Reply] = {
         400, 'Bad request. The body must be JSON: {"StartRequests": [{"EventId": "<id>"}, ...]}'
     ),
     "unknown_event": error_reply(400, "Bad request. An EventId in StartRequests is not a scheduled event of this VM"),
-    "throttled": json_reply(
-        429,
-        {"error": "Too many requests. Retry after the time in Retry-After"},
-        extra_headers=b"Retry-After: 1\r\n",
-        reject="throttled",
+    "throttled": json_reply(429, {"error": THROTTLED_MESSAGE}, extra_headers=RETRY_AFTER_1, reject="throttled"),
+    # The same bytes, counted apart: a VM past its signing budget (fastimds.imds.signing).
+    "signing_budget": json_reply(
+        429, {"error": THROTTLED_MESSAGE}, extra_headers=RETRY_AFTER_1, reject="signing_budget"
     ),
     "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True, reject="parse_error"),
     "head_too_large": error_reply(431, "Request header fields too large", close=True, reject="too_large"),

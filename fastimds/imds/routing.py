@@ -4,8 +4,9 @@ Rules of this module:
 - Pure: no I/O, no asyncio, no globals, no clock except for the attested
   document and tokens, which carry their time (volatile Replies, never
   memoised). The connection hands over the method, the raw request target,
-  two header facts, the body (only an approval has one) and the `Keys` to
-  sign with; this returns a pre-rendered Reply. A request with an effect (a
+  two header facts, the body (only an approval has one), the `Keys` to
+  sign with and the caller's VM's `SigningBudget` (fastimds.imds.signing),
+  which a fresh signature spends; this returns a pre-rendered Reply. A request with an effect (a
   scheduled event's approval) gets an `Approval` reply that carries it
   (fastimds.imds.effects): recording it is the caller's job, never this
   module's.
@@ -31,6 +32,7 @@ from fastimds.imds.attested import NONCE_PATTERN
 from fastimds.imds.effects import Approval
 from fastimds.imds.keys import Keys
 from fastimds.imds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
+from fastimds.imds.signing import SigningBudget
 from fastimds.imds.snapshot import Snapshot, newest_view
 from fastimds.imds.versions import (
     ATTESTED_VERSIONS,
@@ -65,20 +67,23 @@ def resolve(
     *,
     body: bytes = b"",
     keys: Keys | None = None,
+    budget: SigningBudget | None = None,
 ) -> Reply:
     """The reply to one request against one VM's snapshot (None: the caller has no VM).
 
     An `Approval` (a Reply) when the request approves scheduled events.
     `keys` signs tokens and attested documents; without it those endpoints
-    raise LookupError (a wiring mistake, not a request's fault).
+    raise LookupError (a wiring mistake, not a request's fault). `budget`,
+    the VM's signing budget, is spent by a fresh signature; past it, a 429
+    (None: no budget, as for a long-poll's re-resolve of its own request).
     """
     if snapshot is not None and metadata_ok and not forwarded and method in READ_METHODS:
         reply = snapshot.url_replies.get(target)
         if reply is None:
-            reply = _resolve(snapshot, method, target, metadata_ok, forwarded, body=body, keys=keys)
+            reply = _resolve(snapshot, method, target, metadata_ok, forwarded, body=body, keys=keys, budget=budget)
             snapshot.remember(target, reply)
         return reply
-    return _resolve(snapshot, method, target, metadata_ok, forwarded, body=body, keys=keys)
+    return _resolve(snapshot, method, target, metadata_ok, forwarded, body=body, keys=keys, budget=budget)
 
 
 def _signing(keys: Keys | None) -> Keys:
@@ -96,6 +101,7 @@ def _resolve(
     *,
     body: bytes,
     keys: Keys | None,
+    budget: SigningBudget | None,
 ) -> Reply:
     if not metadata_ok:
         # The identity family answers in its own error shape (azure-identity reads it).
@@ -131,11 +137,11 @@ def _resolve(
         if route == ["info"]:
             return identity.info_reply(snapshot.vm)
         # Tokens count down (expires_in): rendered per request, volatile.
-        return identity.token_reply(_signing(keys).issuer, snapshot.vm, query, time.time())
+        return identity.token_reply(_signing(keys).issuer, snapshot.vm, query, time.time(), budget)
     if category == "attested" and route == ["document"]:
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
-        return _resolve_attested(snapshot, query, keys)
+        return _resolve_attested(snapshot, query, keys, budget)
     if category == "scheduledevents" and not route:
         if method not in READ_METHODS and method != b"POST":
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD_POST)
@@ -151,7 +157,9 @@ def _resolve(
     return _NOT_FOUND
 
 
-def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str], keys: Keys | None) -> Reply:
+def _resolve_attested(
+    snapshot: Snapshot | None, query: dict[str, str], keys: Keys | None, budget: SigningBudget | None
+) -> Reply:
     version = query.get("api-version")
     refused = _refusal(snapshot, version, ATTESTED_VERSIONS)
     if refused is not None:
@@ -161,7 +169,7 @@ def _resolve_attested(snapshot: Snapshot | None, query: dict[str, str], keys: Ke
     if nonce is not None and not NONCE_PATTERN.fullmatch(nonce):
         return ERRORS["bad_nonce"]
     # The one reply that reads the clock: the document is signed with its time.
-    return _signing(keys).attestor.reply(snapshot.vm, version, nonce, time.time())
+    return _signing(keys).attestor.reply(snapshot.vm, version, nonce, time.time(), budget)
 
 
 def _refusal(snapshot: Snapshot | None, version: str | None, valid: frozenset[str]) -> Reply | None:

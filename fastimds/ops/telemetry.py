@@ -49,6 +49,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "forwarded",
     "bad_version",
     "throttled",
+    "signing_budget",  # a 429: the VM is past its fresh signatures per second (fastimds.imds.signing)
     "too_large",
     "parse_error",
     "connection_limit",  # a connection refused: the worker holds its maximum

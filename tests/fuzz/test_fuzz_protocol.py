@@ -48,6 +48,7 @@ What must hold, for every input:
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 import time
@@ -731,6 +732,48 @@ def test_the_same_bytes_get_the_same_answers_however_they_are_split(
     assert run(data_bytes, store, limits, mode) == whole
     check_served_unchanged(store, before)
     check_memo_matches_parser(store, limits)
+
+
+async def _feed_taking_turns(connection: Connection, reads: list[bytes]) -> None:
+    """Connection.feed on a running loop: every turn a connection gives way is taken before the next read."""
+    protocol, transport = connection.protocol, connection.transport
+    for data in [*reads, None]:
+        while True:
+            connection.settle()
+            if not protocol.giving_way:
+                break
+            while protocol.giving_way:
+                await asyncio.sleep(0)
+        if data is None or transport.ended:
+            break
+        assert transport.reading, "reading left paused with nothing to resume it"
+        protocol.data_received(data)
+
+
+@budget(100)
+@given(
+    data_bytes=stream(),
+    mode=st.sampled_from(MODES),
+    limits=st.sampled_from(sorted(LIMITS)),
+    slice_bytes=st.sampled_from([1, 7, 64]),
+    data=st.data(),
+)
+def test_giving_way_between_slices_never_changes_the_answers(
+    data_bytes: bytes, mode: str, limits: str, slice_bytes: int, data: st.DataObject
+) -> None:
+    # fastimds.http.turns: every slice its own turn of a real loop, slices a few bytes long,
+    # so any read takes the backlog path and gives way between any two bytes.
+    if mode == "throttled":
+        data_bytes = data_bytes.replace(b"wait_for_change", b"wait_for_chang3")  # as above: no long-polls
+    whole = run(data_bytes, limits=limits, mode=mode)
+    reads = data.draw(cut(data_bytes))
+    connection = connect(SnapshotStore(VM), LIMITS[limits], mode)
+    with (
+        mock.patch("fastimds.http.connection.FEED_SLICE_BYTES", slice_bytes),
+        mock.patch("fastimds.http.turns.MAX_WORK_PER_TURN_NS", 0),
+    ):
+        asyncio.run(_feed_taking_turns(connection, reads))
+    assert_same_answers(connection.result, whole, f"{len(reads)} reads in {slice_bytes}-byte turns")
 
 
 @budget(25)

@@ -270,5 +270,7 @@ def test_a_waiter_costs_a_few_hundred_bytes() -> None:
     tracemalloc.stop()
     per_waiter = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / len(waiters)
     # The protocol object (parser included) plus the held request; no task, no timer, no buffer.
-    assert per_waiter < 2048, per_waiter
+    # ~2.0 KiB measured: issue 16 added a slot (giving_way) and a place in its caller's set of
+    # connections (for re-mapping on an owner change), ~10-20 bytes more than the 2 KiB bound before.
+    assert per_waiter < 2176, per_waiter
     assert len(store.watchers) == 1001
