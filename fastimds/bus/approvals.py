@@ -158,7 +158,10 @@ class BusApprovals:
         if error is not None:  # a full disk: the events still start at NotBefore
             self.log.event("approval_write_failed", error=repr(error))
         elif self.written is not None:
-            self.written()
+            try:
+                self.written()
+            except Exception as exc:  # the control's apply failed (a full disk): later approvals still go
+                self.log.event("approval_apply_failed", error=repr(exc))
         if self.pending:
             self._schedule()
 

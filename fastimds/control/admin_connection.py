@@ -81,6 +81,10 @@ _CONNECTIONS_FULL = json_reply(503, {"error": "too many admin connections"}, clo
 _REQUEST_TIMEOUT = json_reply(408, {"error": "the request took too long"}, close=True)
 _MALFORMED = json_reply(400, {"error": "malformed HTTP request"}, close=True)
 
+# Input fed while one request's head is still open, past which it gets a 431: the head's own
+# limit plus one feed slice (the slice that began the head may also hold earlier requests).
+MAX_UNFINISHED_HEAD_BYTES = MAX_ADMIN_HEAD_BYTES + ADMIN_FEED_SLICE_BYTES
+
 
 class AdminListener:
     """One admin listener's connections: the cap, the refusals that linger, the deadline sweep.
@@ -153,6 +157,10 @@ class AdminProtocol(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
         self.head_size = 0
+        # Bytes fed since this request's head began and before it completed: httptools keeps an
+        # unfinished header line itself (on_header sees it only whole), so an endless line is
+        # capped here, between slices, as the VM port caps it (fastimds.http.connection).
+        self.head_pending: int | None = None
         self.failure: bytes | None = None
 
     # ---- asyncio callbacks ----
@@ -192,8 +200,9 @@ class AdminProtocol(asyncio.Protocol):
                 self.backlog = data[start:]
                 self.transport.pause_reading()
                 return
+            piece = data[start : start + ADMIN_FEED_SLICE_BYTES]
             try:
-                self.parser.feed_data(data[start : start + ADMIN_FEED_SLICE_BYTES])
+                self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade:
                 self.transport.close()  # Upgrade or CONNECT: answered (on_message_complete); we speak nothing else
                 return
@@ -202,6 +211,11 @@ class AdminProtocol(asyncio.Protocol):
                 return
             if self.lingering or self.transport.is_closing():
                 return
+            if self.head_pending is not None:
+                self.head_pending += len(piece)
+                if self.head_pending > MAX_UNFINISHED_HEAD_BYTES:
+                    self.finish(self.api.counted(json_reply(431, {"error": "request head too large"}, close=True)))
+                    return
 
     # ---- ending a connection ----
 
@@ -243,6 +257,7 @@ class AdminProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_request = True
+        self.head_pending = 0
         self.deadline = self.listener.clock() + ADMIN_REQUEST_TIMEOUT_S
 
     def on_url(self, url: bytes) -> None:
@@ -261,6 +276,7 @@ class AdminProtocol(asyncio.Protocol):
             raise ValueError("head too large")
 
     def on_headers_complete(self) -> None:
+        self.head_pending = None
         # The token before the body: a request without it never has its body read.
         refused = self.api.refusal(self.url.decode("latin-1"), self.authorization, self.over_tcp)
         if refused is not None:

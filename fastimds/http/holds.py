@@ -99,7 +99,12 @@ class Holds(ConnectionFields):
         wait = self.wait
         if self.hold is not _LONG_POLL or wait is None:
             return
-        reply = resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded, keys=self.state.keys)
+        state = self.state
+        # Re-resolving signs afresh for clock-dependent views (an attested document): within the VM's budget.
+        budget = state.signing.for_vm(self.vm.vm_id)
+        reply = resolve(
+            self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded, keys=state.keys, budget=budget
+        )
         if reply.etag != wait.awaited:
             self._release(reply)
 
@@ -124,7 +129,15 @@ class Holds(ConnectionFields):
         wait = self.wait
         assert wait is not None
         self._release(
-            resolve(self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded, keys=self.state.keys)
+            resolve(
+                self.vm.current,
+                wait.method,
+                wait.url,
+                wait.metadata_ok,
+                wait.forwarded,
+                keys=self.state.keys,
+                budget=self.state.signing.for_vm(self.vm.vm_id),
+            )
         )
 
     # ---- injected latency ----
@@ -148,8 +161,13 @@ class Holds(ConnectionFields):
         if self.phase is Phase.HELD:
             self.phase = Phase.IDLE
         if self.phase not in ENDED:
-            self.deadline = self.state.now + self.limits.keep_alive_timeout_s
-            self.transport.resume_reading()
+            if self.write_paused:
+                # A client not reading stays unread, on the send-stall deadline (as pause_writing
+                # sets it); resume_writing reads on. Resuming here let its input pile up unbounded.
+                self.deadline = self.state.now + self.limits.send_stall_timeout_s
+            else:
+                self.deadline = self.state.now + self.limits.keep_alive_timeout_s
+                self.transport.resume_reading()
         self._flush()
         self._account(None)  # what the hold kept back: its latency is the wait, not ours
         if self.backlog:

@@ -63,11 +63,13 @@ ERRORS: dict[str, Reply] = {
         extra_headers=RETRY_AFTER_1,
         reject="throttled",
     ),
+    # Volatile: it depends on the clock (the budget refills), so no URL cache or memo may keep it.
     "signing_budget": json_reply(
         429,
         {"error": "throttled", "error_description": THROTTLED_MESSAGE},
         extra_headers=RETRY_AFTER_1,
         reject="signing_budget",
+        volatile=True,
     ),
 }
 

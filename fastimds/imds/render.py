@@ -226,9 +226,10 @@ ERRORS: dict[str, Reply] = {
     ),
     "unknown_event": error_reply(400, "Bad request. An EventId in StartRequests is not a scheduled event of this VM"),
     "throttled": json_reply(429, {"error": THROTTLED_MESSAGE}, extra_headers=RETRY_AFTER_1, reject="throttled"),
-    # The same bytes, counted apart: a VM past its signing budget (fastimds.imds.signing).
+    # The same bytes, counted apart: a VM past its signing budget (fastimds.imds.signing). Volatile:
+    # the budget refills with time, so no URL cache or memo may keep it.
     "signing_budget": json_reply(
-        429, {"error": THROTTLED_MESSAGE}, extra_headers=RETRY_AFTER_1, reject="signing_budget"
+        429, {"error": THROTTLED_MESSAGE}, extra_headers=RETRY_AFTER_1, reject="signing_budget", volatile=True
     ),
     "malformed": error_reply(400, "Bad request. Malformed HTTP request", close=True, reject="parse_error"),
     "head_too_large": error_reply(431, "Request header fields too large", close=True, reject="too_large"),

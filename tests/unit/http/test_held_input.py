@@ -109,3 +109,19 @@ def test_past_the_stalled_budget_the_longest_stalled_connections_are_aborted() -
     assert list(state.stalled) == [third, fourth]
     fourth.connection_lost(None)
     assert state.stalled_bytes == 120_000
+
+
+def test_a_hold_released_while_the_client_is_not_reading_leaves_reading_paused() -> None:
+    # Regression (review): the release resumed reading even with writing paused, so a client
+    # that stopped reading could push input into the backlog without bound until its deadline.
+    store = SnapshotStore(sample_vm())
+    protocol, transport, state = make_connection(store=store)
+    protocol.data_received(WAIT)
+    protocol.pause_writing()  # the client stopped reading
+    assert not transport.reading
+    publish_location(store, "eastus")  # the hold is answered into a full buffer
+    assert protocol.hold is None and protocol.write_paused
+    assert not transport.reading  # still paused: nothing more is read from it
+    assert protocol.deadline == state.now + state.limits.send_stall_timeout_s
+    protocol.resume_writing()
+    assert transport.reading

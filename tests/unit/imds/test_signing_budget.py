@@ -197,3 +197,17 @@ def test_the_budget_is_a_limit_with_a_flag() -> None:
     assert settings_from_args(args).limits.signatures_per_vm_per_s == 2.5
     with pytest.raises(ConfigError):
         Limits(signatures_per_vm_per_s=0)
+
+
+def test_a_budget_429_is_never_kept_for_its_url(clock: PinnedClock) -> None:
+    # The 429 depends on the clock (the budget refills): a URL refused once must be signed
+    # once the budget allows, not answered 429 from the snapshot's URL cache.
+    budget = SigningBudget(1.0)
+    keys = fresh_keys()
+    vm = snapshot()
+    assert get(TOKEN.format(f"{clock.now}-a"), budget, keys, vm).status == 200
+    late = TOKEN.format(f"{clock.now}-b")
+    assert get(late, budget, keys, vm).status == 429
+    clock.now += 2
+    assert get(late, budget, keys, vm).status == 200
+    assert IDENTITY_ERRORS["signing_budget"].volatile and ERRORS["signing_budget"].volatile
