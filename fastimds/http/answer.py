@@ -67,6 +67,21 @@ class AnswerPath(ConnectionFields):
 
     __slots__ = ()
 
+    def _resolve(self, method: bytes, url: bytes, metadata_ok: bool, forwarded: bool, body: bytes = b"") -> Reply:
+        """What this connection's VM answers now (imds.routing.resolve), with the worker's keys and the VM's
+        signing budget (a dict lookup, fastimds.imds.signing): the parser path, held long-polls and delays."""
+        state = self.state
+        return resolve(
+            self.vm.current,
+            method,
+            url,
+            metadata_ok,
+            forwarded,
+            body=body,
+            keys=state.keys,
+            budget=state.signing.for_vm(self.vm.vm_id),
+        )
+
     def on_message_complete(self) -> None:
         if self.phase is not _IN_BODY:
             return  # a request after one that closed the connection is not answered
@@ -86,16 +101,7 @@ class AnswerPath(ConnectionFields):
                 return  # the connection was reset
             reply = injected
         else:
-            reply = resolve(
-                self.vm.current,
-                method,
-                url,
-                self.metadata_ok,
-                self.forwarded,
-                body=self.body,
-                keys=state.keys,
-                budget=state.signing.for_vm(self.vm.vm_id),  # a dict lookup (fastimds.imds.signing)
-            )
+            reply = self._resolve(method, url, self.metadata_ok, self.forwarded, self.body)
             if reply.volatile and type(reply) is Approval:
                 reply = self._hand_off(reply)
         if (
@@ -159,17 +165,7 @@ class AnswerPath(ConnectionFields):
                 return fault.identity_reply
             return fault.reply
         if fault.latency_s:
-            state = self.state
-            reply = resolve(
-                self.vm.current,
-                method,
-                url,
-                self.metadata_ok,
-                self.forwarded,
-                body=self.body,
-                keys=state.keys,
-                budget=state.signing.for_vm(self.vm.vm_id),
-            )
+            reply = self._resolve(method, url, self.metadata_ok, self.forwarded, self.body)
             if type(reply) is Approval:
                 return self._hand_off(reply)
             return reply

@@ -31,7 +31,7 @@ from fastimds.http.fields import ConnectionFields
 from fastimds.http.memo import reply_slots
 from fastimds.http.phases import ENDED, Hold, Phase
 from fastimds.imds.render import CONNECTION_CLOSE, Reply
-from fastimds.imds.routing import category_of, resolve
+from fastimds.imds.routing import category_of
 
 _LONG_POLL = Hold.LONG_POLL
 _DELAYED = Hold.DELAYED
@@ -99,12 +99,8 @@ class Holds(ConnectionFields):
         wait = self.wait
         if self.hold is not _LONG_POLL or wait is None:
             return
-        state = self.state
         # Re-resolving signs afresh for clock-dependent views (an attested document): within the VM's budget.
-        budget = state.signing.for_vm(self.vm.vm_id)
-        reply = resolve(
-            self.vm.current, wait.method, wait.url, wait.metadata_ok, wait.forwarded, keys=state.keys, budget=budget
-        )
+        reply = self._resolve(wait.method, wait.url, wait.metadata_ok, wait.forwarded)
         if reply.etag != wait.awaited:
             self._release(reply)
 
@@ -128,17 +124,7 @@ class Holds(ConnectionFields):
     def _release_with_current(self) -> None:
         wait = self.wait
         assert wait is not None
-        self._release(
-            resolve(
-                self.vm.current,
-                wait.method,
-                wait.url,
-                wait.metadata_ok,
-                wait.forwarded,
-                keys=self.state.keys,
-                budget=self.state.signing.for_vm(self.vm.vm_id),
-            )
-        )
+        self._release(self._resolve(wait.method, wait.url, wait.metadata_ok, wait.forwarded))
 
     # ---- injected latency ----
 
