@@ -35,7 +35,7 @@ from time import perf_counter_ns, time
 from fastimds.http.fields import ConnectionFields
 from fastimds.http.holds import Wait
 from fastimds.http.memo import LogStub, MemoEntry, reply_slots
-from fastimds.http.phases import Phase
+from fastimds.http.phases import CLOSING, IDLE, IN_BODY, LINGERING
 from fastimds.imds.effects import Approval
 from fastimds.imds.faults import Fault
 from fastimds.imds.identity import ERRORS as IDENTITY_ERRORS
@@ -50,10 +50,6 @@ _THROTTLED_IDENTITY = IDENTITY_ERRORS["throttled"]  # the identity family's shap
 # SO_LINGER on, zero seconds: close() sends an RST instead of a FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-_IDLE = Phase.IDLE
-_IN_BODY = Phase.IN_BODY
-_CLOSING = Phase.CLOSING
-_LINGERING = Phase.LINGERING
 
 # Counter offsets the hot path uses, read once (fastimds.ops.telemetry.LAYOUT).
 _LATENCY_SLOT = LAYOUT.latency
@@ -83,9 +79,9 @@ class AnswerPath(ConnectionFields):
         )
 
     def on_message_complete(self) -> None:
-        if self.phase is not _IN_BODY:
+        if self.phase is not IN_BODY:
             return  # a request after one that closed the connection is not answered
-        self.phase = _IDLE
+        self.phase = IDLE
         state = self.state
         method = self.parser.get_method()
         url = self.url
@@ -119,7 +115,7 @@ class AnswerPath(ConnectionFields):
             closes = True
             # Lingering unless the client itself asked to close (see fastimds.http.connection).
             lingers = reply.close or state.draining or self.upgrade_asked or self.parser.should_keep_alive()
-            self.phase = _LINGERING if lingers else _CLOSING
+            self.phase = LINGERING if lingers else CLOSING
         if WAIT_MARK in url and reply.status == 200:
             self.rememberable = False  # its answer depends on time: never remembered
             wait = wait_spec(url)
@@ -170,7 +166,7 @@ class AnswerPath(ConnectionFields):
                 return self._hand_off(reply)
             return reply
         # A reset: what was answered before it goes out first (and may be lost to the RST, as on a real network).
-        self.phase = _CLOSING
+        self.phase = CLOSING
         self._reset_request()
         if self.out and self.hold is None:  # replies behind a held one (long-poll, latency) never overtake it
             self.write(b"".join(self.out))

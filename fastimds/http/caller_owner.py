@@ -20,10 +20,7 @@ Rules of this module:
 from __future__ import annotations
 
 from fastimds.http.fields import ConnectionFields
-from fastimds.http.phases import Hold, Phase
-
-_LONG_POLL = Hold.LONG_POLL
-_CLOSED = Phase.CLOSED
+from fastimds.http.phases import CLOSED, LONG_POLL
 
 
 class CallerOwner(ConnectionFields):
@@ -34,10 +31,10 @@ class CallerOwner(ConnectionFields):
     def remap(self) -> None:
         """The caller's address changed owner: answer as its new owner from the next request on."""
         store = self.state.registry.store_for(self.peer or None)
-        if store is self.vm or self.phase is _CLOSED:
+        if store is self.vm or self.phase is CLOSED:
             return
         self.vm.watchers.discard(self)
         self.vm = store
         self.log_head = ("", "", 0)  # generation 0 is never served: the next log record names the new VM
-        if self.hold is _LONG_POLL:
+        if self.hold is LONG_POLL:
             self._release_with_current()

@@ -55,7 +55,18 @@ from fastimds.http.answer import AnswerPath
 from fastimds.http.caller_owner import CallerOwner
 from fastimds.http.holds import Holds
 from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
-from fastimds.http.phases import ENDED, Hold, Phase
+from fastimds.http.phases import (
+    CLOSED,
+    CLOSING,
+    DELAYED,
+    ENDED,
+    HEAD_BEGUN,
+    HELD,
+    IDLE,
+    IN_HEAD,
+    LINGERING,
+    LONG_POLL,
+)
 from fastimds.http.request_head import RequestHead
 from fastimds.http.turns import TakingTurns
 from fastimds.http.worker_state import EXPIRE_SLICE, ServerState
@@ -88,18 +99,6 @@ MAX_LINGERING_REFUSALS = 256
 # How long a lingering close reads and drops input before closing (swept by the tick: 1-2 s).
 CLOSE_LINGER_S = 1.0
 
-# Members compared with `is` on hot paths, bound once (fastimds.http.phases).
-_IDLE = Phase.IDLE
-_HEAD_BEGUN = Phase.HEAD_BEGUN
-_IN_HEAD = Phase.IN_HEAD
-_IN_BODY = Phase.IN_BODY
-_HELD = Phase.HELD
-_CLOSING = Phase.CLOSING
-_LINGERING = Phase.LINGERING
-_CLOSED = Phase.CLOSED
-_DELAYED = Hold.DELAYED
-_LONG_POLL = Hold.LONG_POLL
-
 _OPENED_SLOT = LAYOUT.connections_opened
 _CLOSED_SLOT = LAYOUT.connections_closed
 
@@ -114,7 +113,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
         self.limits = state.limits
         self.parser = httptools.HttpRequestParser(self)
         self.out = []
-        self.phase = _IDLE
+        self.phase = IDLE
         self.hold = None
         self.wait = None
         self.write_paused = False
@@ -161,7 +160,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.phase = _CLOSED
+        self.phase = CLOSED
         self.backlog = b""
         state = self.state
         if self.write_paused:
@@ -183,7 +182,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
     def _refuse(self, reply: Reply, open_now: int, limit: int) -> None:
         """Over a connection limit: a 503 before any request, then shut our side and linger."""
         state = self.state
-        self.phase = _CLOSING  # whatever the client sends is read and discarded
+        self.phase = CLOSING  # whatever the client sends is read and discarded
         if self.counters is not None and reply.reject is not None:
             self.counters[LAYOUT.reject_slot(reply.reject)] += 1
         event_log = state.event_log
@@ -210,7 +209,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
-        if phase is not _IDLE and (phase is _CLOSING or phase is _LINGERING or phase is _CLOSED):
+        if phase is not IDLE and (phase is CLOSING or phase is LINGERING or phase is CLOSED):
             return  # the server is closing: input is read and dropped
         started = perf_counter_ns()
         if self.backlog or len(data) > FEED_SLICE_BYTES:
@@ -218,7 +217,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
             self._feed_backlog()
         else:
             # A throttled caller's requests take the parser, where the limit is checked.
-            if phase is not _IDLE or self.state.draining or self.window is not None or not data.endswith(END_OF_HEAD):
+            if phase is not IDLE or self.state.draining or self.window is not None or not data.endswith(END_OF_HEAD):
                 self._feed(data)
             elif not self._answer_known(data):
                 self._feed_and_remember(data)
@@ -255,7 +254,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # Requests before the upgrade were answered; we speak nothing else.
-            self.phase = _CLOSING
+            self.phase = CLOSING
             return
         except httptools.HttpParserError:
             # Also raised for bytes after a reply that closed the connection
@@ -264,18 +263,18 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
                 self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
             return
         if self.hold is not None:
-            if self.hold is _LONG_POLL and self.phase is _IDLE:
-                self.phase = _HELD  # later reads are kept unparsed, never answered by the memo
+            if self.hold is LONG_POLL and self.phase is IDLE:
+                self.phase = HELD  # later reads are kept unparsed, never answered by the memo
             return  # a held reply keeps its own deadline (timeout_sec, or the delay)
         phase = self.phase
-        if phase is _IDLE:
+        if phase is IDLE:
             self.deadline = self.state.now + self.limits.keep_alive_timeout_s
-        elif phase is _HEAD_BEGUN:
+        elif phase is HEAD_BEGUN:
             # Began during this read: its bytes are charged from the next read on,
             # so bytes of earlier pipelined requests in this read never are.
-            self.phase = _IN_HEAD
+            self.phase = IN_HEAD
             self.head_pending = 0
-        elif phase is _IN_HEAD:
+        elif phase is IN_HEAD:
             # httptools buffers a header until it is complete, so a head that never
             # ends must be capped here, between reads, not only in on_header.
             self.head_pending += len(data)
@@ -303,11 +302,11 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
             self.write(b"".join(out))
             out.clear()
         phase = self.phase
-        if phase is not _IDLE and (phase is _CLOSING or phase is _LINGERING or phase is _CLOSED):
+        if phase is not IDLE and (phase is CLOSING or phase is LINGERING or phase is CLOSED):
             self.backlog = b""
-            if phase is _LINGERING:
+            if phase is LINGERING:
                 self._linger()
-            elif phase is _CLOSING:
+            elif phase is CLOSING:
                 self._close()
 
     def _linger(self) -> None:
@@ -340,7 +339,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
         out.append(reply.head)
         if not keep_alive:
             out.append(CONNECTION_CLOSE)
-            self.phase = _LINGERING  # the server's decision: the client may still be sending
+            self.phase = LINGERING  # the server's decision: the client may still be sending
         elif self.keep_alive_asked:
             out.append(CONNECTION_KEEP_ALIVE)  # HTTP/1.0 keep-alive must be confirmed
         out.append(self.state.date_block)
@@ -351,25 +350,25 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
 
     def check_deadlines(self, now: float) -> None:
         hold = self.hold
-        if now < self.deadline or hold is _DELAYED:
+        if now < self.deadline or hold is DELAYED:
             return
         phase = self.phase
         if hold is None and phase in ENDED:
             if self.transport.is_closing():
                 self.transport.abort()  # closed, but its last replies never drained: the client stopped reading
-            elif phase is _LINGERING:
+            elif phase is LINGERING:
                 self._close()  # the linger is over
             return
-        if hold is _LONG_POLL:
+        if hold is LONG_POLL:
             self._release_with_current()  # timeout_sec passed: answer with the current value
         elif self.write_paused:
             self.transport.abort()  # the client stopped reading; drop what it did not take
-        elif phase is not _IDLE:
+        elif phase is not IDLE:
             self._respond(_REQUEST_TIMEOUT, head_only=False, keep_alive=False)
             self._flush()
             self._account(None)  # logged, but not a read's reply: no latency to record
         else:
-            self.phase = _LINGERING
+            self.phase = LINGERING
             self._linger()  # idle keep-alive: a request may be on its way
 
     def shutdown(self) -> None:
@@ -380,15 +379,15 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
         `finish_shutdown`. A request already on its way meets a clean end of
         stream, never a reset (a close with unread input sends RST).
         """
-        if self.hold is _DELAYED:
+        if self.hold is DELAYED:
             # Its delayed reply goes when the delay ends (the grace period caps it), then a lingering close.
-            self.phase = _LINGERING
+            self.phase = LINGERING
             return
-        if self.hold is _LONG_POLL:
+        if self.hold is LONG_POLL:
             self._release_with_current()
             return
-        if self.phase is _IDLE and not self.backlog:
-            self.phase = _CLOSING
+        if self.phase is IDLE and not self.backlog:
+            self.phase = CLOSING
             self.transport.write_eof()
 
     def finish_shutdown(self) -> None:

@@ -29,12 +29,9 @@ from time import perf_counter_ns
 
 from fastimds.http.fields import ConnectionFields
 from fastimds.http.memo import reply_slots
-from fastimds.http.phases import ENDED, Hold, Phase
+from fastimds.http.phases import DELAYED, ENDED, LONG_POLL, Phase
 from fastimds.imds.render import CONNECTION_CLOSE, Reply
 from fastimds.imds.routing import category_of
-
-_LONG_POLL = Hold.LONG_POLL
-_DELAYED = Hold.DELAYED
 
 # Input kept unparsed behind a held long-poll while reading goes on. A client
 # waiting on a long-poll sends nothing more, or a few requests (~200 bytes
@@ -68,7 +65,7 @@ class Holds(ConnectionFields):
         if self.out:  # replies to the requests before it go now; not _flush: if it closes, its reply must go first
             self.write(b"".join(self.out))
             self.out.clear()
-        self.hold = _LONG_POLL
+        self.hold = LONG_POLL
         self.wait = wait
         self.vm.watchers.add(self)
         # Reading goes on (the client's FIN must be seen), but nothing after it is parsed
@@ -86,7 +83,7 @@ class Holds(ConnectionFields):
         Returning None lets the transport close; connection_lost then frees
         the caller's connection slot. Without a hold this is asyncio's default.
         """
-        if self.hold is _LONG_POLL:
+        if self.hold is LONG_POLL:
             self.hold = self.wait = None
             self.vm.watchers.discard(self)
             self.out.clear()  # replies to requests behind it: nobody will read them
@@ -97,7 +94,7 @@ class Holds(ConnectionFields):
     def on_publish(self) -> None:
         """The VM changed: answer the held long-poll if its view did."""
         wait = self.wait
-        if self.hold is not _LONG_POLL or wait is None:
+        if self.hold is not LONG_POLL or wait is None:
             return
         # Re-resolving signs afresh for clock-dependent views (an attested document): within the VM's budget.
         reply = self._resolve(wait.method, wait.url, wait.metadata_ok, wait.forwarded)
@@ -132,12 +129,12 @@ class Holds(ConnectionFields):
         """Hold this reply, and any behind it, for `seconds` (injected latency)."""
         if self.hold is not None:
             return  # already held (a long-poll or an earlier delay): this reply waits behind it, in order
-        self.hold = _DELAYED
+        self.hold = DELAYED
         self.transport.pause_reading()
         asyncio.get_running_loop().call_later(seconds, self._end_delay)
 
     def _end_delay(self) -> None:
-        if self.hold is not _DELAYED:
+        if self.hold is not DELAYED:
             return  # the connection was lost meanwhile
         self.hold = None
         self._resume_after_hold()

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from fastimds.http.fields import ConnectionFields
-from fastimds.http.phases import Phase
+from fastimds.http.phases import CLOSING, IDLE
 from fastimds.imds.faults import FaultTable
 from fastimds.imds.snapshot import Snapshot
 from fastimds.ops.telemetry import LAYOUT
@@ -47,9 +47,6 @@ END_OF_HEAD = b"\r\n\r\n"
 
 # What the request log needs of a reply: (method, target, status), decoded once.
 LogStub = tuple[str, str, int]
-
-_IDLE = Phase.IDLE
-_CLOSING = Phase.CLOSING
 
 
 @lru_cache(maxsize=len(LAYOUT.categories) * (len(LAYOUT.codes) + 1) * (len(LAYOUT.reasons) + 1) * 2)
@@ -156,7 +153,7 @@ class MemoPath(ConnectionFields):
             if request_log is not None:
                 self.logged.append(entry.logged)
             if entry.closes:
-                self.phase = _CLOSING
+                self.phase = CLOSING
                 break  # the parser would refuse what follows a close
             if answered == count:
                 break
@@ -175,7 +172,7 @@ class MemoPath(ConnectionFields):
         if remembering is None or snapshot is None:
             return
         phase = self.phase
-        if phase is not _IDLE and not (phase is _CLOSING and remembering and remembering[-1].closes):
+        if phase is not IDLE and not (phase is CLOSING and remembering and remembering[-1].closes):
             return  # a request left unfinished, or closed by an error reply (never remembered)
         heads = data[:-4].split(END_OF_HEAD)
         # One reply per blank-line-separated piece proves the pieces are exactly

@@ -54,3 +54,16 @@ class Hold(Enum):
 
 
 ENDED = frozenset({Phase.CLOSING, Phase.LINGERING, Phase.CLOSED})
+
+# Members bound once as module names: the hot paths import these and compare with `is`
+# (a global load, not an attribute load on the enum class).
+IDLE = Phase.IDLE
+HEAD_BEGUN = Phase.HEAD_BEGUN
+IN_HEAD = Phase.IN_HEAD
+IN_BODY = Phase.IN_BODY
+HELD = Phase.HELD
+CLOSING = Phase.CLOSING
+LINGERING = Phase.LINGERING
+CLOSED = Phase.CLOSED
+DELAYED = Hold.DELAYED
+LONG_POLL = Hold.LONG_POLL

@@ -16,7 +16,7 @@ Rules of this module:
 from __future__ import annotations
 
 from fastimds.http.fields import ConnectionFields
-from fastimds.http.phases import ENDED, Phase
+from fastimds.http.phases import ENDED, HEAD_BEGUN, IDLE, IN_BODY, IN_HEAD
 from fastimds.imds.render import CONTINUE, ERRORS
 
 # Header names whose presence makes a request's bytes unfit to remember:
@@ -32,11 +32,6 @@ _WATCHED_HEADER_SIZES |= {len(name) for name in _BODY_FRAMING_HEADERS}
 _HEAD_TOO_LARGE = ERRORS["head_too_large"]
 _URI_TOO_LONG = ERRORS["uri_too_long"]
 _BODY_TOO_LARGE = ERRORS["body_too_large"]
-
-_IDLE = Phase.IDLE
-_HEAD_BEGUN = Phase.HEAD_BEGUN
-_IN_HEAD = Phase.IN_HEAD
-_IN_BODY = Phase.IN_BODY
 
 
 class _Reject(Exception):
@@ -61,8 +56,8 @@ class RequestHead(ConnectionFields):
         self.body = b""
 
     def on_message_begin(self) -> None:
-        if self.phase is _IDLE:  # after a close in the same read, the phase stays: it is not answered
-            self.phase = _HEAD_BEGUN
+        if self.phase is IDLE:  # after a close in the same read, the phase stays: it is not answered
+            self.phase = HEAD_BEGUN
         # Fixed when the request starts, so trickling bytes cannot extend it.
         self.deadline = self.state.now + self.limits.request_timeout_s
 
@@ -106,8 +101,8 @@ class RequestHead(ConnectionFields):
 
     def on_headers_complete(self) -> None:
         phase = self.phase
-        if phase is _HEAD_BEGUN or phase is _IN_HEAD:
-            self.phase = _IN_BODY
+        if phase is HEAD_BEGUN or phase is IN_HEAD:
+            self.phase = IN_BODY
 
     def on_body(self, body: bytes) -> None:
         if len(self.body) + len(body) > self.limits.max_body_bytes:
