@@ -20,13 +20,16 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 # curl is a real client in the end-to-end tests, and promtool (Debian's prometheus
-# package) checks contrib/'s alert rules, and openssl verifies attested documents;
+# package) checks contrib/'s alert rules, and openssl verifies attested documents,
+# and the fleet tests run real etcd members (etcd-server) and etcdctl (etcd-client);
 # install them if the machine lacks them.
 system-deps:
 	@missing=""; \
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	{ command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ]; } || missing="$$missing etcd-server"; \
+	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "install with apt-get:$$missing (needed by the tests)" >&2; exit 1; fi; \

@@ -67,9 +67,77 @@ LISTEN_BACKLOG = 4096
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 
+# Fleet mode (fastimds.sources.etcd). Where a host's VMs live in etcd: {prefix}/hosts/{host}/vms/{vm}.
+DEFAULT_ETCD_PREFIX = "/fastimds"
+# Reconnecting to etcd: the first wait, doubling per failure up to the cap, each
+# drawn between half and all of it (jitter: a fleet that lost etcd together does
+# not come back in step). The cap bounds how long after etcd's return a host
+# converges: the fleet simulation's target is 5 s (tuning.md).
+ETCD_RETRY_FIRST_S = 0.1
+ETCD_RETRY_CAP_S = 2.0
+# How often the source asks etcd for its revision when the watch is quiet: the
+# watch alone cannot tell a quiet store from a lost one. One small range read a
+# second per host is 1,000 reads/s for a thousand hosts, a fraction of what one
+# etcd member serves.
+ETCD_CONTACT_INTERVAL_S = 1.0
+# One request to etcd (a range read, a contact, a login) may take this long
+# before the member counts as unreachable and the client tries another.
+ETCD_REQUEST_TIMEOUT_S = 3.0
+
 
 class ConfigError(Exception):
     """A setting that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """How to reach etcd (fleet mode and `fastimds fleet`); the password is read from its file at start."""
+
+    endpoints: tuple[str, ...]  # "http://10.0.0.5:2379" or "https://..."; every member, for failover
+    prefix: str = DEFAULT_ETCD_PREFIX
+    host_id: str = ""  # the host whose VMs this server serves (serve only)
+    ca_file: Path | None = None  # TLS: the CA that signed etcd's certificates
+    cert_file: Path | None = None  # TLS client certificate (etcd --client-cert-auth)
+    key_file: Path | None = None  # its key
+    server_name: str | None = None  # the name every member's certificate is checked against (see etcd_client)
+    user: str | None = None  # etcd user/password authentication
+    password_file: Path | None = None  # the password's file (never a flag: ps shows flags)
+    password: str | None = field(default=None, repr=False)  # read from password_file at start; never logged
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigError("--etcd needs at least one endpoint (http://HOST:PORT, comma-separated)")
+        schemes = {endpoint.partition("://")[0] for endpoint in self.endpoints}
+        for endpoint in self.endpoints:
+            scheme, sep, rest = endpoint.partition("://")
+            host, colon, port = rest.rpartition(":")
+            if not sep or scheme not in ("http", "https") or not colon or not host or not port.isdigit():
+                raise ConfigError(f"--etcd endpoint {endpoint!r} is not http://HOST:PORT or https://HOST:PORT")
+        if len(schemes) > 1:
+            raise ConfigError("--etcd endpoints mix http and https: a cluster speaks one")
+        if self.tls and self.ca_file is None:
+            raise ConfigError("https etcd endpoints need --etcd-ca (the CA that signed etcd's certificates)")
+        if not self.tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ConfigError("--etcd-ca, --etcd-cert and --etcd-key need https:// etcd endpoints")
+        if self.server_name is not None and not self.tls:
+            raise ConfigError("--etcd-server-name needs https:// etcd endpoints")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("--etcd-cert and --etcd-key go together")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("--etcd-user and --etcd-password-file go together")
+        if not self.prefix.startswith("/") or self.prefix.endswith("/") or "//" in self.prefix:
+            raise ConfigError(f"--etcd-prefix {self.prefix!r} must start with / and not end with one")
+        if self.host_id and ("/" in self.host_id or self.host_id.strip() != self.host_id):
+            raise ConfigError(f"--host-id {self.host_id!r} cannot contain / or surrounding spaces")
+
+    @property
+    def tls(self) -> bool:
+        return self.endpoints[0].startswith("https://")
+
+    @property
+    def addresses(self) -> list[str]:
+        """HOST:PORT of every endpoint, as the gRPC client takes them."""
+        return [endpoint.partition("://")[2].rstrip("/") for endpoint in self.endpoints]
 
 
 @dataclass(frozen=True)
@@ -113,6 +181,7 @@ class Settings:
     throttle: tuple[int, int] | None = None  # (instance-family, identity) requests/s per caller; None: off
     attested_cert: Path | None = None  # PEM certificate signing attested documents (else self-signed)
     attested_key: Path | None = None  # its PEM RSA key
+    etcd: EtcdSettings | None = None  # fleet mode: this host's VMs from etcd (fastimds.sources.etcd)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -124,8 +193,10 @@ class Settings:
             raise ConfigError("--data and --data-dir exclude each other: one VM from a file, or many from a folder")
         if self.data_dir is not None and not self.data_dir.is_dir():
             raise ConfigError(f"--data-dir {self.data_dir} is not a directory")
-        if self.default_vm is not None and self.data_dir is None:
-            raise ConfigError("--default-vm needs --data-dir (with --data, the one VM answers everyone)")
+        if self.default_vm is not None and self.data_dir is None and self.etcd is None:
+            raise ConfigError("--default-vm needs --data-dir or --etcd (with --data, the one VM answers everyone)")
+        if self.etcd is not None and self.data_path is not None:
+            raise ConfigError("--data and --etcd exclude each other: --data answers every caller with one VM")
         if (self.attested_cert is None) != (self.attested_key is None):
             raise ConfigError("--attested-cert and --attested-key go together")
         if self.admin_port is not None and not self.admin_token:
@@ -133,7 +204,9 @@ class Settings:
 
     def describe(self) -> dict[str, object]:
         """The settings for the startup `config` log line (no secrets)."""
-        shown = {name: value for name, value in vars(self).items() if name not in ("admin_token", "limits")}
+        shown = {name: value for name, value in vars(self).items() if name not in ("admin_token", "limits", "etcd")}
+        if self.etcd is not None:
+            shown.update({f"etcd_{name}": value for name, value in vars(self.etcd).items() if name != "password"})
         shown["admin_token"] = "set" if self.admin_token else None
         shown.update({f"limit_{name}": value for name, value in vars(self.limits).items()})
         return {name: str(value) if isinstance(value, Path) else value for name, value in shown.items()}

@@ -7,6 +7,9 @@ Rules of this module:
     tombstone (fastimds.bus.files).
   - FAULTS_FILE: the injected faults (fastimds.control.faults); its name is
     no VM id, so VM scans pass it by.
+  - ETCD_MARK_FILE: what fleet mode last applied from etcd (its host,
+    prefix and revision: fastimds.sources.etcd), so a restart while etcd is
+    away knows the saved VMs are a synced view. Not a VM id either.
   - APPROVALS_FOLDER/: scheduled-event approvals, one file per batch (each
     naming the approving VMs), written by whoever served the approving requests and taken by the control plane
     (fastimds.bus.approvals). The bus is watched without recursing, so these
@@ -26,6 +29,7 @@ from fastimds.imds.datafile import VM_ID_PATTERN
 
 VM_SUFFIX: Final = ".json"
 FAULTS_FILE: Final = "_faults.json"
+ETCD_MARK_FILE: Final = "_etcd.json"
 APPROVALS_FOLDER: Final = "approvals"
 APPROVAL_SUFFIX: Final = ".json"
 TEMP_PREFIX: Final = "."

@@ -3,7 +3,8 @@
 Rules of this module:
 - A thin client: one HTTP request per command, the server's JSON printed
   as it came (pretty), exit 0 on 2xx, 1 on an error reply, 2 on bad usage or
-  no server. The server decides everything; nothing is validated here.
+  no server. `status` prints its report on stdout even when the server is
+  not ready (503, exit 1). The server decides everything; nothing is validated here.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("vm_id")
         command.add_argument("file", help="a JSON file, or - for standard input")
     commands.add_parser("health", help="GET /healthz")
+    commands.add_parser(
+        "status", help="readiness and where each source stands (etcd: connected, revision, last contact); GET /readyz"
+    )
     call = commands.add_parser(
         "call", help="any admin route, e.g. `call POST /vms/a/scheduledevents event.json` or `call GET /faults`"
     )
@@ -90,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
         text = orjson.dumps(shown, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     except orjson.JSONDecodeError:
         text = payload.decode("utf-8", "replace")
-    print(text, file=sys.stdout if 200 <= response.status < 300 else sys.stderr)
-    return 0 if 200 <= response.status < 300 else 1
+    ok = 200 <= response.status < 300
+    # status answers 503 when not ready: still the report asked for, so stdout (the exit code says not ready).
+    print(text, file=sys.stdout if ok or args.admin_command == "status" else sys.stderr)
+    return 0 if ok else 1
 
 
 def _request_of(args: argparse.Namespace) -> tuple[str, str, bytes | None]:
@@ -100,6 +106,8 @@ def _request_of(args: argparse.Namespace) -> tuple[str, str, bytes | None]:
         return "GET", "/vms", None
     if command == "health":
         return "GET", "/healthz", None
+    if command == "status":
+        return "GET", "/readyz", None
     if command in ("get", "delete"):
         return command.upper(), f"/vms/{args.vm_id}", None
     method, path = (args.method, args.path) if command == "call" else (command.upper(), f"/vms/{args.vm_id}")

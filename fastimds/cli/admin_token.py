@@ -41,32 +41,38 @@ def _token(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").strip()
 
 
-def exposure_problem(path: Path, mode: int) -> str | None:
-    """Why a file of `mode` at `path` is not private enough for a token, or None."""
+def exposure_problem(path: Path, mode: int, what: str = "the admin token") -> str | None:
+    """Why a file of `mode` at `path` is not private enough for a secret (`what`), or None."""
     if not mode & OTHERS_BITS:
         return None
-    return f"{path} is mode {mode:04o}: the admin token must be its owner's alone; run `chmod 600 {path}`"
+    return f"{path} is mode {mode:04o}: {what} must be its owner's alone; run `chmod 600 {path}`"
 
 
-def read_admin_token(path: Path) -> str:
-    """The token in `serve --admin-token-file PATH`, or ConfigError saying what is wrong and how to fix it."""
-    flag = "--admin-token-file"
+def read_secret(path: Path, flag: str, what: str) -> str:
+    """The one-line secret in `flag`'s file (the admin token, an etcd password), refused when others may
+    read it, when it is empty or over one line's bytes; ConfigError names the file and the fix."""
     try:
         raw, mode = _read(path)
     except OSError as exc:
         raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from None
-    exposed = exposure_problem(path, mode)
+    exposed = exposure_problem(path, mode, what)
     if exposed:
         raise ConfigError(f"{flag} {exposed}")
     if len(raw) > MAX_TOKEN_FILE_BYTES:
-        raise ConfigError(f"{flag} {path} is over {MAX_TOKEN_FILE_BYTES} bytes: a token file holds one token")
-    token = _token(raw)
-    if not token:
+        raise ConfigError(f"{flag} {path} is over {MAX_TOKEN_FILE_BYTES} bytes: it holds one line")
+    secret = _token(raw)
+    if not secret:
         raise ConfigError(f"{flag} {path} is empty")
+    return secret
+
+
+def read_admin_token(path: Path) -> str:
+    """The token in `serve --admin-token-file PATH`, or ConfigError saying what is wrong and how to fix it."""
+    token = read_secret(path, "--admin-token-file", "the admin token")
     if len(token) < MIN_ADMIN_TOKEN_CHARS:
         raise ConfigError(
-            f"{flag} {path}: the token is {len(token)} characters; at least {MIN_ADMIN_TOKEN_CHARS} are needed "
-            f"(128 bits as hex: `openssl rand -hex 16 > {path}`)"
+            f"--admin-token-file {path}: the token is {len(token)} characters; at least {MIN_ADMIN_TOKEN_CHARS} "
+            f"are needed (128 bits as hex: `openssl rand -hex 16 > {path}`)"
         )
     return token
 

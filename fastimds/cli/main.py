@@ -1,4 +1,4 @@
-"""The command line: `fastimds serve`, `validate`, `admin`, `logs` and `probe`.
+"""The command line: `fastimds serve`, `validate`, `admin`, `fleet`, `logs` and `probe`.
 
 Rules of this module:
 - Parse arguments, build frozen Settings, hand over; no serving logic here.
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from fastimds import __version__
 from fastimds.cli import admin as admin_client
+from fastimds.cli import fleet, probe
 from fastimds.cli import logs as logs_cli
-from fastimds.cli import probe
 from fastimds.cli.admin_token import read_admin_token
+from fastimds.cli.etcd_options import add_etcd_arguments, default_host_id, etcd_settings
 from fastimds.config import DEFAULT_HOST, DEFAULT_PORT, ConfigError, Limits, Settings
 from fastimds.http.throttle import AZURE_IDENTITY_RPS, AZURE_INSTANCE_RPS
 from fastimds.imds.datafile import DataError, load_vm
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count nothing and serve no /metrics (to measure what counting costs)",
     )
+    add_etcd_arguments(serve, required=False)
+    serve.add_argument(
+        "--host-id", help="fleet mode: the host whose VMs to serve from etcd (default: this machine's host name)"
+    )
     for flag, field_name, kind, help_text in LIMIT_FLAGS:
         serve.add_argument(
             flag, dest=field_name, type=kind, help=f"{help_text} (default {getattr(Limits(), field_name)})"
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", type=Path)
 
     admin_client.add_arguments(commands.add_parser("admin", help="read and change VMs through the admin API"))
+    fleet.add_arguments(commands.add_parser("fleet", help="read, put, move and delete the fleet's VMs in etcd"))
     logs_cli.add_arguments(commands.add_parser("logs", help="filter the request log (--request-log DIR)"))
     probe.add_arguments(commands.add_parser("probe", help="send real IMDS requests; report availability and latency"))
     return parser
@@ -150,6 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         throttle=_throttle(args),
         attested_cert=args.attested_cert,
         attested_key=args.attested_key,
+        etcd=etcd_settings(args, args.host_id or default_host_id()),
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return validate_file(args.file)
     if args.command == "admin":
         return admin_client.run(args)
+    if args.command == "fleet":
+        return fleet.run(args)
     if args.command == "logs":
         return logs_cli.run(args)
     if args.command == "probe":

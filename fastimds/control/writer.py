@@ -7,6 +7,10 @@ Rules of this module:
   (fastimds.control.model), numbered with the VM's next generation, written
   to the bus, and only then acknowledged. A refused update changes nothing
   anywhere and says why.
+- A VM that etcd holds (fleet mode, fastimds.sources.etcd: source
+  "etcd:<key>") is etcd's: a write or removal from any other source is
+  refused naming etcd as its owner, so the store stays the truth for the
+  fleet's VMs. etcd's own writes replace whatever a local source had.
 - A removal is numbered and written too (a tombstone), so generations never
   go back, even across a restart of the control process.
 - The control keeps its own model and never reads what is served. What
@@ -39,6 +43,7 @@ from fastimds.ops.event_log import EventLog
 
 ADMIN_SOURCE = "admin"
 DATA_DIR_SOURCE_PREFIX = "data-dir:"
+ETCD_SOURCE_PREFIX = "etcd:"
 
 
 class UpdateError(Exception):
@@ -52,9 +57,11 @@ class UpdateError(Exception):
 
 
 def source_kind(source: str) -> str:
-    """The telemetry label of an update's source: admin, data-dir or data-file."""
+    """The telemetry label of an update's source: admin, data-dir, etcd or data-file."""
     if source == ADMIN_SOURCE:
         return "admin"
+    if source.startswith(ETCD_SOURCE_PREFIX):
+        return "etcd"
     return "data-dir" if source.startswith(DATA_DIR_SOURCE_PREFIX) else "data-file"
 
 
@@ -150,7 +157,15 @@ class Control:
         self.updates["accepted", source_kind(source)] += 1
         return generation
 
+    def _check_owner(self, vm_id: str, source: str) -> None:
+        """UpdateError 409 when etcd holds `vm_id` and `source` is not etcd (see the module rules)."""
+        owner = self.source_of(vm_id)
+        if owner is not None and owner.startswith(ETCD_SOURCE_PREFIX) and not source.startswith(ETCD_SOURCE_PREFIX):
+            key = owner[len(ETCD_SOURCE_PREFIX) :]
+            raise UpdateError(409, f"VM {vm_id!r} is owned by etcd (key {key}): change it there, with `fastimds fleet`")
+
     def _put(self, vm_id: str, document: Any, source: str, replacing: frozenset[str]) -> int:
+        self._check_owner(vm_id, source)
         if not VM_ID_PATTERN.fullmatch(vm_id):
             raise UpdateError(400, f"{vm_id!r} is not a VM id (letters, digits, '.', '_', '-'; at most 128)")
         if isinstance(document, dict) and document.get("id", vm_id) != vm_id:
@@ -197,6 +212,11 @@ class Control:
     def patch(self, vm_id: str, patch: Any) -> int:
         """Apply an RFC 7396 merge patch; one that changes nothing keeps the generation (no write)."""
         current = self.document(vm_id)["vm"]
+        try:
+            self._check_owner(vm_id, ADMIN_SOURCE)  # even a patch that would change nothing
+        except UpdateError:
+            self.updates["refused", "admin"] += 1
+            raise
         encoded_size(patch)  # refuses nesting merge_patch could not recurse through
         merged = merge_patch(current, patch)
         if merged == current:
@@ -205,9 +225,13 @@ class Control:
 
     def delete(self, vm_id: str, source: str = ADMIN_SOURCE) -> int:
         """Remove a VM; returns the generation of the removal."""
-        if self.source_of(vm_id) is None:
+        try:
+            if self.source_of(vm_id) is None:
+                raise UpdateError(404, f"no VM {vm_id!r}")
+            self._check_owner(vm_id, source)
+        except UpdateError:
             self.updates["refused", source_kind(source)] += 1
-            raise UpdateError(404, f"no VM {vm_id!r}")
+            raise
         generation = self._write(vm_id, None, source)
         self.updates["accepted", source_kind(source)] += 1
         self.log.event("vm_removed", vm=vm_id, generation=generation)

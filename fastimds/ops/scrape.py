@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastimds.ops.source_status import SourceStatus
 from fastimds.ops.telemetry import LAYOUT, ScrapeSources, TelemetryArea, VmState, render_metrics
 
 # A worker whose region has not been published for this long counts as down.
@@ -38,6 +39,7 @@ class Telemetry:
         vms: Callable[[], list[VmState]],
         updates: Callable[[], dict[tuple[str, str], int]],
         vms_served: Callable[[], int],
+        sources: Callable[[], list[SourceStatus]] = list,
     ) -> bytes:
         self.publish(vms_served())  # this process's own counts, fresh
 
@@ -47,7 +49,9 @@ class Telemetry:
                 1 for index in range(self.workers) if now - self.area.read(index)[LAYOUT.tick_unix] <= WORKER_STALE_S
             )
 
-        return render_metrics(ScrapeSources(totals=self.area.total, vms=vms, updates=updates, workers=workers))
+        return render_metrics(
+            ScrapeSources(totals=self.area.total, vms=vms, updates=updates, workers=workers, sources=sources)
+        )
 
     def workers_serving(self) -> list[int | None]:
         """Each worker's count of VMs served, None for one that has not ticked lately."""

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import mmap
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # Imported here, not at the first scrape: that import alone took ~85 ms.
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from fastimds.ops.source_status import SourceStatus
 
 # ---- what is counted ----
 
@@ -198,6 +201,7 @@ class ScrapeSources:
     vms: Callable[[], list[VmState]]
     updates: Callable[[], dict[tuple[str, str], int]]  # (result, source kind) -> count
     workers: Callable[[], int]
+    sources: Callable[[], list[SourceStatus]] = list  # where each source of VM data stands
 
 
 class Collector:
@@ -278,6 +282,7 @@ class Collector:
         yield updates
 
         yield GaugeMetricFamily("fastimds_workers", "Worker processes serving VMs.", value=self.sources.workers())
+        yield from self._source_metrics(time.time())
         yield CounterMetricFamily(
             "fastimds_log_lines_suppressed",
             "Event log lines dropped by the log rate limit.",
@@ -289,6 +294,34 @@ class Collector:
         for kind in FAULT_KINDS:
             faults.add_metric([kind], totals[layout.fault_slot(kind)])
         yield faults
+
+    def _source_metrics(self, now: float) -> Iterator[object]:
+        labels = ["kind", "where"]
+        connected = GaugeMetricFamily(
+            "fastimds_source_connected", "1 while a source reaches its store (etcd); files always do.", labels=labels
+        )
+        synced = GaugeMetricFamily(
+            "fastimds_source_synced", "1 when a source has a whole view of its store to serve.", labels=labels
+        )
+        revision = GaugeMetricFamily(
+            "fastimds_source_revision", "The store revision a source applied last (etcd).", labels=labels
+        )
+        contact = GaugeMetricFamily(
+            "fastimds_source_seconds_since_contact", "Seconds since a source last heard from its store.", labels=labels
+        )
+        resyncs = CounterMetricFamily(
+            "fastimds_source_resyncs", "Full re-reads after the store compacted what a watch needed.", labels=labels
+        )
+        for status in self.sources.sources():
+            names = [status.kind, status.where]
+            connected.add_metric(names, int(status.connected))
+            synced.add_metric(names, int(status.synced))
+            if status.revision is not None:
+                revision.add_metric(names, status.revision)
+            if status.last_contact is not None:
+                contact.add_metric(names, max(0.0, now - status.last_contact))
+            resyncs.add_metric(names, status.resyncs)
+        yield from (connected, synced, revision, contact, resyncs)
 
 
 def render_metrics(sources: ScrapeSources) -> bytes:

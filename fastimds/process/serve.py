@@ -52,7 +52,7 @@ from fastimds.process.loop import run_process
 from fastimds.process.sockets import AdminSockets, fit_fd_limit, make_listen_socket, url
 from fastimds.process.supervisor import Supervisor
 from fastimds.process.worker import Worker
-from fastimds.sources.base import Source
+from fastimds.sources.base import Source, SourceStatus
 from fastimds.sources.data_dir import DataDirSource
 from fastimds.sources.data_file import DataFileSource
 
@@ -62,7 +62,7 @@ def serves_data_file(settings: Settings, bus: Bus) -> bool:
 
     A restart with only --state-dir serves what was saved, not the embedded sample.
     """
-    if settings.data_dir is not None:
+    if settings.data_dir is not None or settings.etcd is not None:
         return False
     return settings.data_path is not None or set(bus.ids()) <= {DEFAULT_VM_ID}
 
@@ -77,6 +77,10 @@ def prepare_control(
     single = serves_data_file(settings, bus)
     plane = ControlPlane.over(bus, log, default_vm_id, budgets)
     sources: list[Source] = []
+    if settings.etcd is not None:
+        from fastimds.sources.etcd import EtcdSource  # gRPC is loaded in fleet mode only
+
+        sources.append(EtcdSource(settings.etcd, plane.control, log))
     if settings.data_dir is not None:
         sources.append(DataDirSource(settings.data_dir, plane.control, log))
     elif single:
@@ -84,6 +88,13 @@ def prepare_control(
     for source in sources:
         source.load()
     return plane, sources
+
+
+# What fleet mode without --state-dir costs, said once at start.
+NO_STATE_DIR_WARNING = (
+    "fleet mode without --state-dir: nothing is saved, so a restart while etcd is unreachable serves no VMs "
+    "until etcd answers (with --state-dir it serves the last good data at once)"
+)
 
 
 def _ready_line(settings: Settings, port: int, control: Control, admin: str) -> str:
@@ -124,8 +135,24 @@ class Shared:
         *,
         watch_approvals: bool,
     ) -> ControlPart:
-        """The control plane's part, its admin API reading the control's own model for per-VM state."""
+        """The control plane's part, its admin API reading the control's own model for per-VM state.
+
+        Readiness also needs every source synced (a whole view of its store to serve), and says where
+        each stands; a source that lost its store but serves its last good data keeps it ready.
+        """
         control = plane.control
+
+        def source_statuses() -> list[SourceStatus]:
+            return [source.status() for source in sources]
+
+        def ready_with_sources() -> tuple[bool, dict[str, Any]]:
+            ready, detail = readiness()
+            statuses = source_statuses()
+            now = time.time()
+            return ready and all(status.synced for status in statuses), {
+                **detail,
+                "sources": [status.describe(now) for status in statuses],
+            }
 
         def vms() -> list[VmState]:
             now = time.time()
@@ -136,14 +163,14 @@ class Shared:
             ]
 
         def metrics() -> bytes:
-            return telemetry.metrics(vms, lambda: dict(control.updates), vms_served)
+            return telemetry.metrics(vms, lambda: dict(control.updates), vms_served, source_statuses)
 
         api = AdminApi(
             plane,
             self.settings.admin_token,
             self.keys,
             metrics=metrics if telemetry.counters is not None else None,
-            readiness=readiness,
+            readiness=ready_with_sources,
             counters=telemetry.counters,
         )
         return ControlPart(
@@ -243,6 +270,9 @@ def serve(settings: Settings) -> int:
         try:
             plane, sources = prepare_control(settings, bus, log, default_vm_id, budgets)
             plane.faults.rearm()
+            if settings.etcd is not None and settings.state_dir is None:
+                print(f"fastimds: warning: {NO_STATE_DIR_WARNING}", file=sys.stderr)
+                log.event("etcd_without_state_dir", cost=NO_STATE_DIR_WARNING)
         except DataError as exc:
             print(f"fastimds: cannot serve {exc.source}:", file=sys.stderr)
             for problem in exc.problems:

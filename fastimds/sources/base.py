@@ -9,25 +9,24 @@ Rules of this module:
   control's event loop, returning once it follows changes (a directory
   watch; a watch on a store's revision); `reload()` on SIGHUP; `stop()` at
   shutdown. A source with nothing to follow starts and stops at once.
-- `status()` is what readiness reports of it: whether it is connected (a
-  file or a directory always is), the revision it has applied when its
-  store numbers them, and when it last heard from its store.
+- `status()` is what readiness, /metrics and `fastimds admin status` report
+  of it: whether it is connected (a file or a directory always is), whether
+  what it serves is a whole view of its store (`synced`: loaded this run or
+  saved by a run that had loaded it), the revision it has applied when its
+  store numbers them, when it last heard from its store, how often it had to
+  resync, and the last error. A source that is not synced makes the server
+  not ready; a synced one that lost its store keeps it ready (availability
+  first: it serves its last good data).
 - The admin API is no source: its writes are the admin API calling Control.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
+from fastimds.ops.source_status import SourceStatus
 
-@dataclass(frozen=True)
-class SourceStatus:
-    kind: str  # "data-file", "data-dir", ...
-    where: str  # the file, folder or endpoint it reads
-    connected: bool = True  # False: it cannot reach its store now (serving what it last had)
-    revision: int | None = None  # the store's revision applied last, when the store numbers them
-    last_contact: float | None = None  # wall-clock time it last heard from its store, when it has one
+__all__ = ["Source", "SourceStatus"]
 
 
 class Source(Protocol):

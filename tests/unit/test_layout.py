@@ -24,6 +24,7 @@ TESTS = REPO_ROOT / "tests"
 PROCESS_STARTERS = {
     "tests.support.server_process": {"running_server", "ServerProcess", "serve_command"},
     "tests.support.hostile_clients": None,  # None: any name
+    "tests.support.etcd": {"EtcdCluster", "EtcdMember", "etcd", "etcd_cluster"},
 }
 
 
