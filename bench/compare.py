@@ -18,12 +18,17 @@ Content-Type and body as fastimds before it is measured. A reference that
 cannot start is skipped with the reason (and how to install it).
 
 Output in bench/results/<UTC time>/: results.json (every round), summary.md
-(medians, ratios with their spread, targets), throughput.png, latency.png.
+(medians, ratios with their spread, every target met or not: bench.compare_report),
+throughput.png, latency.png.
 
-What telemetry costs is also measured as server CPU time per request (from
-/proc, for the one-process fastimds variants): on this shared VM req/s swings
-by 10-20 % between rounds with the neighbours' load, while CPU per request
-only moves with the work the server itself does.
+Every server's CPU time per request (user + system from /proc, the process
+and its children, over the same run) is reported beside req/s: on this
+shared VM req/s swings by 10-20 % between rounds with the neighbours' load,
+while CPU per request only moves with the work the server itself does; and
+on two cores wrk's own core saturates near nginx's rate, so only CPU per
+request can show a server doing less work than nginx. wrk's own CPU share
+is reported too: at WRK_BOUND_SHARE and above, wrk was the bottleneck.
+The summary names the fastimds build measured (mypyc-compiled or pure Python).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,12 +79,18 @@ SCENARIOS: tuple[Scenario, ...] = (
 TARGETS: dict[tuple[str, str], float] = {
     ("keepalive-text-leaf", "nginx"): 1.0,
     ("keepalive-whole-document", "nginx"): 1.0,
-    ("pipeline-16", "nginx"): 4.0,
-    ("connection-close", "nginx"): 0.9,
+    ("pipeline-16", "nginx"): 6.0,
+    ("connection-close", "nginx"): 1.0,
     **{(s.name, "uvicorn"): 4.0 for s in SCENARIOS},
     **{(s.name, "granian"): 2.0 for s in SCENARIOS},
 }
-P99_TARGET_VS_NGINX = 1.5  # fastimds p99 <= 1.5 x nginx p99, keep-alive scenarios
+P99_TARGET_VS_NGINX = 1.3  # fastimds p99 <= 1.3 x nginx p99 at 50 connections, keep-alive scenarios
+# Server CPU (user + system, /proc) per request, fastimds ÷ nginx, keep-alive scenarios: on two cores
+# wrk's own core saturates near nginx's rate, so req/s cannot show a server beating nginx there.
+CPU_TARGETS_VS_NGINX = {"keepalive-text-leaf": 1.0, "keepalive-whole-document": 1.0}
+# The load generator counts as the bottleneck when its core is this busy: a req/s ratio then
+# says "at least", not "exactly".
+WRK_BOUND_SHARE = 0.95
 FLEET_TARGET = 0.9  # 1,000 resident VMs within 10 % of one VM
 
 
@@ -382,6 +392,19 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process and every live descendant (nginx's worker is its
+    master's child; fastimds with --workers forks its own)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError, ValueError):
+            total += process_cpu_s(current)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+    return total
+
+
 def wrk_command(port: int, target: str, script: Path, load: Load) -> list[str]:
     """One wrk thread driving `script` (wrk_script) at `port`, pinned to `load.cores`."""
     command = [*pin(load.cores), "wrk", "-t1", f"-c{load.connections}", f"-d{load.duration}s", "-s", str(script)]
@@ -397,9 +420,20 @@ def wrk_result(out: str) -> dict[str, Any]:
 
 
 def run_wrk(port: int, scenario: Scenario, script: Path, load: Load) -> dict[str, Any]:
+    """One wrk run; with `wrk_cpu_share`, the share of one core wrk itself used (its rusage over the run)."""
     command = wrk_command(port, scenario.target, script, load)
-    out = subprocess.run(command, capture_output=True, text=True, timeout=load.duration + 60, check=True).stdout
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.monotonic() - started
+        output.seek(0)
+        out = output.read().decode()
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, command, out)
     result = wrk_result(out)
+    result["wrk_cpu_share"] = (usage.ru_utime + usage.ru_stime) / max(elapsed, 1e-9)
     # wrk counts non-2xx as status errors; the error scenario expects them.
     result["unexpected_status"] = 0 if scenario.status != 200 else result["status"]
     result["socket_errors"] = result["connect"] + result["read"] + result["write"] + result["timeout"]
@@ -407,6 +441,13 @@ def run_wrk(port: int, scenario: Scenario, script: Path, load: Load) -> dict[str
 
 
 # ------------------------------------------------------------- reporting ----
+
+
+def fastimds_build() -> str:
+    """Which build of fastimds this tree runs: "mypyc" when its hot modules are compiled, else "python"."""
+    probe = "import fastimds.http.connection as c; print('mypyc' if c.__file__.endswith('.so') else 'python')"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, cwd=REPO)
+    return done.stdout.strip() or "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -429,206 +470,11 @@ def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,
+        "build": fastimds_build(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "tools": versions,
     }
-
-
-def summarise(rounds: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for scenario in SCENARIOS:
-        per_server: dict[str, Any] = {}
-        for server in servers:
-            runs = [r for r in rounds if r["server"] == server and r["scenario"] == scenario.name]
-            if not runs:
-                continue
-            per_server[server] = {
-                key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_us", "p99_us", "max_us")
-            }
-            if all("cpu_us_per_request" in r for r in runs):
-                per_server[server]["cpu_us_per_request"] = statistics.median(r["cpu_us_per_request"] for r in runs)
-            per_server[server]["unexpected_status"] = sum(r["unexpected_status"] for r in runs)
-            per_server[server]["socket_errors"] = sum(r["socket_errors"] for r in runs)
-        ratios: dict[str, Any] = {}
-        for reference in servers:
-            if reference.startswith("fastimds"):
-                continue  # fastimds variants are compared with fastimds in markdown()
-            by_round = []
-            for index in sorted({r["round"] for r in rounds}):
-                ours = [r for r in rounds if r["round"] == index and r["server"] == "fastimds"]
-                theirs = [r for r in rounds if r["round"] == index and r["server"] == reference]
-                ours = [r for r in ours if r["scenario"] == scenario.name]
-                theirs = [r for r in theirs if r["scenario"] == scenario.name]
-                if ours and theirs:
-                    by_round.append(ours[0]["rps"] / theirs[0]["rps"])
-            if by_round:
-                ratios[reference] = {
-                    "median": statistics.median(by_round),
-                    "min": min(by_round),
-                    "max": max(by_round),
-                    "rounds": by_round,
-                    "target": TARGETS.get((scenario.name, reference)),
-                }
-        telemetry = telemetry_cost(rounds, scenario)
-        summary[scenario.name] = {"servers": per_server, "ratios": ratios, "telemetry": telemetry}
-    return summary
-
-
-TELEMETRY_VARIANTS = ("fastimds", "fastimds-requestlog")  # each against fastimds-notelemetry
-
-
-def telemetry_cost(rounds: list[dict[str, Any]], scenario: Scenario) -> dict[str, Any]:
-    """Per variant, per round: req/s ÷ off and off's CPU per request ÷ the variant's (capacity), with medians."""
-    cost: dict[str, Any] = {}
-    for variant in TELEMETRY_VARIANTS:
-        rps_ratios, cpu_ratios = [], []
-        for index in sorted({r["round"] for r in rounds}):
-            pair = {
-                r["server"]: r
-                for r in rounds
-                if r["round"] == index and r["scenario"] == scenario.name and r["server"] in (variant, OFF)
-            }
-            if len(pair) == 2:
-                rps_ratios.append(pair[variant]["rps"] / pair[OFF]["rps"])
-                if "cpu_us_per_request" in pair[variant] and "cpu_us_per_request" in pair[OFF]:
-                    cpu_ratios.append(pair[OFF]["cpu_us_per_request"] / pair[variant]["cpu_us_per_request"])
-        if rps_ratios:
-            cost[variant] = {
-                "rps_ratio": statistics.median(rps_ratios),
-                "rps_ratios": rps_ratios,
-                "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
-                "cpu_ratios": cpu_ratios,
-            }
-    return cost
-
-
-OFF = "fastimds-notelemetry"
-
-
-def markdown(summary: dict[str, Any], info: dict[str, Any], args: argparse.Namespace, skipped: list[str]) -> str:
-    lines = [
-        f"# fastimds side-by-side ({dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')})",
-        "",
-        f"Machine: {info['cores']} cores, {info['cpu']}, kernel {info['kernel']}, Python {info['python']}.",
-        f"Tools: {', '.join(f'{k} {v}' for k, v in info['tools'].items())}.",
-        f"Command: `python -m bench.compare --rounds {args.rounds} --duration {args.duration} "
-        f"--connections {args.connections}`; wrk -t1 -c{args.connections}, {args.duration} s per run, "
-        f"rounds alternate servers; values are medians of {args.rounds} rounds.",
-        "",
-        "| scenario | server | req/s | p50 µs | p99 µs | max µs | bad status | socket errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for scenario, data in summary.items():
-        for server, values in data["servers"].items():
-            lines.append(
-                f"| {scenario} | {server} | {values['rps']:,.0f} | {values['p50_us']:,.0f} | {values['p99_us']:,.0f}"
-                f" | {values['max_us']:,.0f} | {values['unexpected_status']} | {values['socket_errors']} |"
-            )
-    lines += [
-        "",
-        "Ratios are per round (fastimds ÷ reference, same round), then the median and spread of rounds.",
-        "'nginx ÷ it' is the same ratio of medians for nginx: what a server doing no work in C reaches here.",
-        "",
-        "| scenario | fastimds ÷ | median | spread (min–max) | target | met | nginx ÷ it |",
-        "| --- | --- | ---: | --- | ---: | --- | ---: |",
-    ]
-    for scenario, data in summary.items():
-        servers = data["servers"]
-        for reference, ratio in data["ratios"].items():
-            target = ratio["target"]
-            met = "" if target is None else ("yes" if ratio["median"] >= target else "**no**")
-            ceiling = ""
-            if reference != "nginx" and "nginx" in servers:
-                ceiling = f"{servers['nginx']['rps'] / servers[reference]['rps']:.2f}"
-            lines.append(
-                f"| {scenario} | {reference} | {ratio['median']:.2f} | {ratio['min']:.2f}–{ratio['max']:.2f}"
-                f" | {'' if target is None else f'≥ {target}'} | {met} | {ceiling} |"
-            )
-    lines += [
-        "",
-        "What telemetry costs (targets: counters on ≥ 0.95 × off; request log on ≥ 0.85 × off), medians of",
-        "per-round ratios: req/s on ÷ off, and capacity = off's server CPU per request ÷ on's:",
-        "",
-        "| scenario | variant | req/s ratio (spread) | capacity ratio (spread) | CPU µs/request on, off |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for scenario, data in summary.items():
-        servers = data["servers"]
-        for variant, cost in data.get("telemetry", {}).items():
-            label = {"fastimds": "counters", "fastimds-requestlog": "counters + request log"}[variant]
-            rps = f"{cost['rps_ratio']:.2f} ({min(cost['rps_ratios']):.2f}–{max(cost['rps_ratios']):.2f})"
-            capacity = (
-                f"{cost['cpu_ratio']:.2f} ({min(cost['cpu_ratios']):.2f}–{max(cost['cpu_ratios']):.2f})"
-                if cost["cpu_ratio"] is not None
-                else "n/a"
-            )
-            cpu_on = servers.get(variant, {}).get("cpu_us_per_request")
-            cpu_off = servers.get(OFF, {}).get("cpu_us_per_request")
-            cpus = f"{cpu_on:.2f}, {cpu_off:.2f}" if cpu_on is not None and cpu_off is not None else "n/a"
-            lines.append(f"| {scenario} | {label} | {rps} | {capacity} | {cpus} |")
-    fleet = f"fastimds-{FLEET_SIZE}vms"
-    lines += ["", f"{FLEET_SIZE} resident VMs ÷ one VM, req/s (target ≥ 0.9):", ""]
-    for scenario, data in summary.items():
-        servers = data["servers"]
-        if "fastimds" in servers and fleet in servers:
-            ratio = servers[fleet]["rps"] / servers["fastimds"]["rps"]
-            lines.append(f"- {scenario}: {ratio:.2f} (met: {'yes' if ratio >= FLEET_TARGET else '**no**'})")
-    lines += ["", "p99 latency, fastimds ÷ nginx (target ≤ 1.5):", ""]
-    for scenario in ("keepalive-text-leaf", "keepalive-whole-document"):
-        servers = summary.get(scenario, {}).get("servers", {})
-        if "fastimds" in servers and "nginx" in servers:
-            ratio = servers["fastimds"]["p99_us"] / max(servers["nginx"]["p99_us"], 1)
-            met = "yes" if ratio <= P99_TARGET_VS_NGINX else "**no**"
-            lines.append(f"- {scenario}: {ratio:.2f} (met: {met})")
-    baseline_cpu = [
-        (scenario, data["servers"]["fastimds"]["cpu_us_per_request"], data["servers"]["baseline"]["cpu_us_per_request"])
-        for scenario, data in summary.items()
-        if "cpu_us_per_request" in data["servers"].get("fastimds", {})
-        and "cpu_us_per_request" in data["servers"].get("baseline", {})
-    ]
-    if baseline_cpu:
-        lines += ["", "Server CPU per request, this tree ÷ --baseline (medians of rounds, µs):", ""]
-        lines += [
-            f"- {scenario}: {ours:.2f} ÷ {theirs:.2f} = {ours / theirs:.3f}" for scenario, ours, theirs in baseline_cpu
-        ]
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(skipped)]
-    return "\n".join(lines) + "\n"
-
-
-def charts(summary: dict[str, Any], out: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("charts skipped: pip install -e '.[bench]' for matplotlib")
-        return []
-    scenarios = list(summary)
-    servers = sorted({s for data in summary.values() for s in data["servers"]}, key=lambda s: (s != "fastimds", s))
-    width = 0.8 / max(len(servers), 1)
-    written = []
-    for metric, label, filename, log in (
-        ("rps", "requests/s (median of rounds)", "throughput.png", False),
-        ("p99_us", "p99 latency, µs (median of rounds; log scale)", "latency.png", True),
-    ):
-        figure, axes = plt.subplots(figsize=(11, 5))
-        for index, server in enumerate(servers):
-            values = [summary[s]["servers"].get(server, {}).get(metric, 0) for s in scenarios]
-            axes.bar([i + index * width for i in range(len(scenarios))], values, width, label=server)
-        axes.set_xticks([i + width * (len(servers) - 1) / 2 for i in range(len(scenarios))], scenarios, fontsize=8)
-        axes.set_ylabel(label)
-        if log:
-            axes.set_yscale("log")
-        axes.legend()
-        figure.tight_layout()
-        path = out / filename
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
-    return written
 
 
 # ------------------------------------------------------------------ main ----
@@ -707,22 +553,24 @@ def main(argv: list[str] | None = None) -> int:
                 for scenario in scenarios:
                     order = live if index % 2 == 0 else list(reversed(live))
                     for server in order:
-                        measure_cpu = server.name.startswith(("fastimds", "baseline")) and server.proc is not None
-                        cpu_before = process_cpu_s(server.proc.pid) if measure_cpu and server.proc else 0.0
+                        assert server.proc is not None
+                        cpu_before = tree_cpu_s(server.proc.pid)
                         result = run_wrk(server.port, scenario, scripts[scenario.name], load)
-                        if measure_cpu and server.proc:
-                            cpu = process_cpu_s(server.proc.pid) - cpu_before
-                            result["cpu_us_per_request"] = cpu * 1e6 / max(result["requests"], 1)
+                        cpu = tree_cpu_s(server.proc.pid) - cpu_before
+                        result["cpu_us_per_request"] = cpu * 1e6 / max(result["requests"], 1)
                         result |= {"round": index, "server": server.name, "scenario": scenario.name}
                         rounds.append(result)
                         print(
                             f"round {index + 1}/{args.rounds} {scenario.name:26} {server.name:12} "
                             f"{result['rps']:>10,.0f} req/s  p50 {result['p50_us']:>6} µs  "
-                            f"p99 {result['p99_us']:>6} µs",
+                            f"p99 {result['p99_us']:>6} µs  cpu {result['cpu_us_per_request']:.2f} µs/req  "
+                            f"wrk {result['wrk_cpu_share']:.0%}",
                             flush=True,
                         )
         skipped = [f"{s.name} ({s.skipped})" for s in servers if s.skipped]
         names = [s.name for s in servers if not s.skipped]
+
+    from bench.compare_report import charts, markdown, summarise  # it reads this module's constants
 
     summary = summarise(rounds, names)
     (out / "results.json").write_text(
