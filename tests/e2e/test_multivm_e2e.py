@@ -345,7 +345,11 @@ def test_admin_over_tcp_needs_the_token(
         assert [vm["id"] for vm in response.json()["vms"]] == ["vm1", "vm2", "vm3"]
         for path in ("/healthz", "/readyz"):
             assert session.get(f"{url}{path}", timeout=5).status_code == 200
-        assert session.get(f"{url}/readyz", timeout=5).json() == {"status": "ready", "vms": 3}
+        assert session.get(f"{url}/readyz", timeout=5).json() == {
+            "status": "ready",
+            "vms": 3,
+            "sources": [{"kind": "data-dir", "where": str(data_dir), "connected": True, "synced": True, "resyncs": 0}],
+        }
 
         document = vm_document("vm4", callers=["127.0.0.5"])
         refused = session.put(f"{url}/vms/vm4", json=document, timeout=5)
