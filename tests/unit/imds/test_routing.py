@@ -152,7 +152,7 @@ def test_head_resolves_like_get(snapshot: Snapshot) -> None:
 
 
 def test_extended_adds_the_extended_section_from_its_version(snapshot: Snapshot) -> None:
-    extended = {"compute": {"hasCustomData": "false", "ppsType": "None"}}
+    extended = {"compute": {"hasCustomData": False, "ppsType": "None"}}
     status, body, _ = get(snapshot, "/metadata/instance?api-version=2021-08-01&extended=true")
     assert status == 200
     assert body["extended"] == extended
@@ -173,7 +173,8 @@ def test_extended_values_come_from_the_data_file() -> None:
     doc = {"instance": SAMPLE, "extended": {"compute": {"ppsType": "Running", "hasCustomData": True}}}
     snap = build_snapshot(parse_vm(orjson.dumps(doc), "test"), 1)
     _, body, _ = get(snap, "/metadata/instance?api-version=2023-11-15&extended=true")
-    assert body["extended"] == {"compute": {"hasCustomData": "true", "ppsType": "Running"}}
+    # Served with the types the file gives them (cloud-init reads hasCustomData as a boolean).
+    assert body["extended"] == {"compute": {"hasCustomData": True, "ppsType": "Running"}}
 
 
 def test_the_oldest_instance_version_shows_only_the_first_fields(snapshot: Snapshot) -> None:
