@@ -5,9 +5,14 @@ Rules of this module:
   up; a user fixing a file should see all of them at once.
 - Nothing half-valid leaves this module: `load_vm` either returns a complete
   normalised `VmDescription` or raises `DataError`.
-- Normalising turns every number and boolean into the string Azure would send
-  ("36", "true"), and null into "" (Azure's "missing value"). After it, the
-  instance tree holds only dicts, lists and strings.
+- Normalising turns every number and boolean of the instance document into
+  the string Azure would send ("36", "true"), and null into "" (Azure's
+  "missing value"). After it, the instance tree holds only dicts, lists and
+  strings.
+- `extended` is not normalised: its values keep the JSON types the file gives
+  them, because clients read them typed (cloud-init tests
+  `extended.compute.hasCustomData` as a JSON boolean; a string "false" would
+  be truthy: spec §3.7).
 
 File format: a JSON object with the key "instance" (the instance document at
 the latest schema) and optional reserved keys for other endpoints.
@@ -43,7 +48,8 @@ RESERVED_KEYS: dict[str, type] = {
 }
 TOP_LEVEL_KEYS = frozenset({"instance", "extended", *RESERVED_KEYS})
 
-EXTENDED_DEFAULTS: dict[str, str] = {"ppsType": "None", "hasCustomData": "false"}
+# `extended.compute` when the file leaves a key out: a boolean, as cloud-init reads it (spec §3.7).
+EXTENDED_DEFAULTS: dict[str, Any] = {"ppsType": "None", "hasCustomData": False}
 
 SAMPLE_NAME = "sample_vm.json"
 
@@ -302,7 +308,7 @@ def describe_vm(doc: Any, source: str) -> VmDescription:
     extended_compute.update((doc.get("extended") or {}).get("compute", {}))  # "extended": null is no extended
     return VmDescription(
         instance=normalise(doc["instance"]),
-        extended={"compute": normalise(extended_compute)},
+        extended={"compute": extended_compute},  # typed as given: leaves only, checked above
         source=source,
         reserved={key: doc[key] for key in RESERVED_KEYS if key in doc},
         document=doc,

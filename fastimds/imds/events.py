@@ -29,7 +29,8 @@ Rules of this module:
   event just vanishes.
 - Version gating (spec §8): Preempt events appear from 2017-11-01 and
   Terminate events from 2019-01-01; Description from 2019-04-01, EventSource
-  from 2019-08-01, DurationInSeconds from 2020-07-01.
+  from 2019-08-01, DurationInSeconds from 2020-07-01. Before 2017-08-01 (the
+  2017-03-01 preview) resource names carry a leading "_" (spec §4).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
+from fastimds.imds.preview import preview_resource
 from fastimds.imds.render import CONTENT_TYPE_JSON, SERVER_HEADER, STATUS_LINES, Reply, make_reply
 
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
@@ -69,6 +71,8 @@ FIELD_SINCE: dict[str, str] = {
     "EventSource": "2019-08-01",
     "DurationInSeconds": "2020-07-01",
 }
+# From this version on, resource names are served as they are; the preview before it prefixed "_".
+PLAIN_RESOURCES_SINCE = "2017-08-01"
 # Wire order, as Azure's documented sample sends it.
 WIRE_FIELDS = (
     "EventId",
@@ -408,6 +412,8 @@ def document_at(state: EventsState | None, version: str) -> EventsDocument:
         if EVENT_TYPE_SINCE.get(event["EventType"], "") > version:
             continue
         fields: dict[str, object] = {**event}
+        if version < PLAIN_RESOURCES_SINCE:
+            fields["Resources"] = [preview_resource(name) for name in event["Resources"]]
         events.append({key: fields[key] for key in WIRE_FIELDS if FIELD_SINCE.get(key, "") <= version})
     return {"DocumentIncarnation": state["DocumentIncarnation"], "Events": events}
 

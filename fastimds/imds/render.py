@@ -11,8 +11,9 @@ Rules of this module:
   constants it refreshes once a second (see `date_block`).
 - A `Reply` is immutable once made: everything it is (its reject reason,
   whether it is volatile) is given to the function that makes it.
-- JSON is compact and key-sorted, as real IMDS answers; values are already
-  strings when they reach here (fastimds.imds.datafile normalises them).
+- JSON is compact and key-sorted, as real IMDS answers; the instance
+  document's values are already strings when they reach here
+  (fastimds.imds.datafile normalises them; `extended` keeps its JSON types).
 - Every error body is JSON, because credential chains treat a non-JSON answer
   as "this is not IMDS" (spec §3.1).
 """
@@ -190,6 +191,13 @@ BAD_API_VERSION_MESSAGE = (
     "Bad request. api-version is invalid or was not specified in the request. "
     "For more information refer to aka.ms/azureimds"
 )
+
+
+def bad_version_reply(newest: tuple[str, ...]) -> Reply:
+    """The 400 for a missing or invalid api-version, listing `newest` (newest first) as Azure does (spec §3.3)."""
+    return error_reply(400, BAD_API_VERSION_MESSAGE, extra={"newest-versions": list(newest)}, reject="bad_version")
+
+
 # A 429's words and header, shared by both families' bodies (identity's shape: fastimds.imds.identity).
 THROTTLED_MESSAGE = "Too many requests. Retry after the time in Retry-After"
 RETRY_AFTER_1 = b"Retry-After: 1\r\n"
@@ -201,9 +209,9 @@ ERRORS: dict[str, Reply] = {
         400, "Bad request. Required metadata header not specified", reject="missing_header"
     ),
     "forwarded": error_reply(400, "Bad request. Requests with X-Forwarded-For are not accepted", reject="forwarded"),
-    "bad_api_version": error_reply(
-        400, BAD_API_VERSION_MESSAGE, extra={"newest-versions": list(NEWEST_VERSIONS)}, reject="bad_version"
-    ),
+    # Every listed version's three newest; an endpoint with versions of its own lists its own
+    # (fastimds.imds.routing `Versions`).
+    "bad_api_version": bad_version_reply(NEWEST_VERSIONS),
     "duplicate_parameter": error_reply(400, "Bad request. Duplicate query parameter names are not allowed"),
     "bad_format": error_reply(400, "Bad request. format must be json or text"),
     "bad_extended": error_reply(400, "Bad request. extended must be true or false"),

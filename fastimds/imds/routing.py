@@ -31,16 +31,27 @@ from fastimds.imds import events, identity
 from fastimds.imds.attested import NONCE_PATTERN
 from fastimds.imds.effects import Approval
 from fastimds.imds.keys import Keys
-from fastimds.imds.render import ERRORS, VERSIONS_REPLY, Reply, method_not_allowed
+from fastimds.imds.render import (
+    ERRORS,
+    VERSIONS_REPLY,
+    Reply,
+    bad_version_reply,
+    method_not_allowed,
+    render_listing,
+    text_reply,
+)
 from fastimds.imds.signing import SigningBudget
 from fastimds.imds.snapshot import Snapshot, newest_view
 from fastimds.imds.versions import (
+    API_VERSIONS,
     ATTESTED_VERSIONS,
     EXTENDED_FIRST_VERSION,
     IDENTITY_VERSIONS,
     INSTANCE_VERSIONS,
     LOADBALANCER_VERSIONS,
+    PREVIEW_VERSION,
     SCHEDULED_EVENTS_VERSIONS,
+    newest_of,
 )
 
 ALLOW_GET_HEAD = b"GET, HEAD"
@@ -55,7 +66,32 @@ READ_METHODS = frozenset({b"GET", b"HEAD"})
 _MISSING_HEADER = ERRORS["missing_metadata_header"]
 _FORWARDED = ERRORS["forwarded"]
 _NOT_FOUND = ERRORS["not_found"]
-_BAD_VERSION = ERRORS["bad_api_version"]
+
+
+class Versions:
+    """The api-versions one endpoint accepts, and its 400 for any other: that 400's
+    `newest-versions` lists this endpoint's own newest, so a client that retries with
+    `newest-versions[0]` (MSAL does) is answered (docs/azure-imds.md, "A version valid
+    only for another category")."""
+
+    __slots__ = ("valid", "refusal")
+
+    def __init__(self, valid: frozenset[str]) -> None:
+        self.valid = valid
+        self.refusal = bad_version_reply(newest_of(valid))
+
+
+# /metadata itself: every listed version (a real VM answered a bare GET with the
+# api-version 400 and the three newest of all: spec §3.3, azure-compute-docs PR 289).
+ROOT = Versions(frozenset(API_VERSIONS))
+INSTANCE = Versions(INSTANCE_VERSIONS)
+IDENTITY = Versions(IDENTITY_VERSIONS)
+ATTESTED = Versions(ATTESTED_VERSIONS)
+LOADBALANCER = Versions(LOADBALANCER_VERSIONS)
+SCHEDULED_EVENTS = Versions(SCHEDULED_EVENTS_VERSIONS)
+# `/metadata?api-version=...&format=text` lists the one category a 2017-era client's
+# mock saw there (docs/azure-imds.md, "GET /metadata").
+_ROOT_LISTING = text_reply(render_listing([("instance", True)]))
 
 
 def resolve(
@@ -119,8 +155,12 @@ def _resolve(
     if segments[-1] == "" and len(segments) > 2:
         segments.pop()  # a trailing "/" is ignored
     # segments[0] is "" (the path starts with "/"); "/metadata" is case-insensitive.
-    if len(segments) < 3 or segments[0] != "" or segments[1].lower() != "metadata":
+    if len(segments) < 2 or segments[0] != "" or segments[1].lower() != "metadata":
         return _NOT_FOUND
+    if len(segments) == 2:
+        if method not in READ_METHODS:
+            return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
+        return _resolve_root(snapshot, query)
     category, route = segments[2], segments[3:]
 
     if category == "versions" and not route:
@@ -130,7 +170,7 @@ def _resolve(
     if category == "identity" and route in (["oauth2", "token"], ["info"]):
         if method not in READ_METHODS:
             return method_not_allowed(raw_path, method.decode("latin-1"), ALLOW_GET_HEAD)
-        refused = _refusal(snapshot, query.get("api-version"), IDENTITY_VERSIONS)
+        refused = _refusal(snapshot, query.get("api-version"), IDENTITY)
         if refused is not None:
             return refused
         assert snapshot is not None  # _refusal checked it
@@ -161,7 +201,7 @@ def _resolve_attested(
     snapshot: Snapshot | None, query: dict[str, str], keys: Keys | None, budget: SigningBudget | None
 ) -> Reply:
     version = query.get("api-version")
-    refused = _refusal(snapshot, version, ATTESTED_VERSIONS)
+    refused = _refusal(snapshot, version, ATTESTED)
     if refused is not None:
         return refused
     assert snapshot is not None and version is not None  # _refusal checked both
@@ -172,21 +212,21 @@ def _resolve_attested(
     return _signing(keys).attestor.reply(snapshot.vm, version, nonce, time.time(), budget)
 
 
-def _refusal(snapshot: Snapshot | None, version: str | None, valid: frozenset[str]) -> Reply | None:
+def _refusal(snapshot: Snapshot | None, version: str | None, versions: Versions) -> Reply | None:
     """What every per-VM endpoint checks first, in this order: its api-version, then that the caller has a VM."""
-    if version not in valid:
-        return _BAD_VERSION
+    if version not in versions.valid:
+        return versions.refusal
     if snapshot is None:
         return ERRORS["no_vm"]
     return None
 
 
 def _checked(
-    snapshot: Snapshot | None, query: dict[str, str], valid: frozenset[str], json_only: bool = False
+    snapshot: Snapshot | None, query: dict[str, str], versions: Versions, json_only: bool = False
 ) -> tuple[Snapshot, str, bool] | Reply:
     """(snapshot, api-version, wants text) once `_refusal` and the format check pass; else the error."""
     version = query.get("api-version")
-    refused = _refusal(snapshot, version, valid)
+    refused = _refusal(snapshot, version, versions)
     if refused is not None:
         return refused
     assert snapshot is not None and version is not None  # _refusal checked both
@@ -199,7 +239,7 @@ def _checked(
 
 
 def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
-    checked = _checked(snapshot, query, LOADBALANCER_VERSIONS, json_only=True)
+    checked = _checked(snapshot, query, LOADBALANCER, json_only=True)
     if isinstance(checked, Reply):
         return checked
     reply = checked[0].loadbalancer
@@ -207,7 +247,7 @@ def _resolve_loadbalancer(snapshot: Snapshot | None, query: dict[str, str]) -> R
 
 
 def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: dict[str, str], body: bytes) -> Reply:
-    checked = _checked(snapshot, query, SCHEDULED_EVENTS_VERSIONS, json_only=True)
+    checked = _checked(snapshot, query, SCHEDULED_EVENTS, json_only=True)
     if isinstance(checked, Reply):
         return checked
     snapshot, version, _text = checked
@@ -228,7 +268,7 @@ def _resolve_scheduled_events(snapshot: Snapshot | None, method: bytes, query: d
 
 
 def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[str, str]) -> Reply:
-    checked = _checked(snapshot, query, INSTANCE_VERSIONS)
+    checked = _checked(snapshot, query, INSTANCE)
     if isinstance(checked, Reply):
         return checked
     snapshot, version, text = checked
@@ -240,7 +280,8 @@ def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[s
         view = newest_view(snapshot.extended_views, version)
         return view.text if text else view.json
 
-    node = snapshot.root
+    # The preview has its own shape (fastimds.imds.preview), so its own tree.
+    node = snapshot.preview_root if version == PREVIEW_VERSION else snapshot.root
     for segment in route:
         child = node.children.get(segment)
         if child is None or child.since > version:
@@ -248,6 +289,14 @@ def _resolve_instance(snapshot: Snapshot | None, route: list[str], query: dict[s
         node = child
     view = node.view_at(version)
     return view.text if text else view.json
+
+
+def _resolve_root(snapshot: Snapshot | None, query: dict[str, str]) -> Reply:
+    """GET /metadata: the api-version 400 without a good one; with one, a text listing, and no JSON document."""
+    checked = _checked(snapshot, query, ROOT)
+    if isinstance(checked, Reply):
+        return checked
+    return _ROOT_LISTING if checked[2] else _NOT_FOUND
 
 
 def _wants_text(fmt: str | None) -> bool | None:

@@ -32,7 +32,9 @@ Rules of this module:
   something in its subtree appears (from versions.INSTANCE_FIELD_SINCE), so a
   request at any version is a walk plus a short scan to the newest change
   point at or before it. Subtrees with no table field below them are never
-  scanned or copied.
+  scanned or copied. The 2017-03-01 preview is not a change point but a
+  second root (`Snapshot.preview_root`), made on its first request from the
+  2017-04-02 document in the preview's shape (fastimds.imds.preview).
 - No reference cycles: a view points at what it renders from, never back at
   its node, so a replaced snapshot is freed by reference counting alone
   (workers gc.freeze() their first snapshots; a cycle through a frozen
@@ -48,6 +50,7 @@ from typing import Any, Protocol
 
 from fastimds.imds import events
 from fastimds.imds.datafile import VmDescription
+from fastimds.imds.preview import preview_document
 from fastimds.imds.render import (
     CONTENT_TYPE_JSON,
     CONTENT_TYPE_TEXT,
@@ -57,7 +60,12 @@ from fastimds.imds.render import (
     make_reply,
     render_listing,
 )
-from fastimds.imds.versions import EXTENDED_FIRST_VERSION, INSTANCE_FIELD_SINCE, INSTANCE_FIRST_VERSION
+from fastimds.imds.versions import (
+    EXTENDED_FIRST_VERSION,
+    INSTANCE_FIELD_SINCE,
+    INSTANCE_FIRST_VERSION,
+    PREVIEW_VERSION,
+)
 
 # Distinct request targets remembered per snapshot. The sample VM has ~150
 # paths; a client uses a handful of spellings (api-version, format) of a few
@@ -360,6 +368,7 @@ class Snapshot:
         "generation",
         "vm",
         "root",
+        "_preview_root",
         "_extended_views",
         "_loadbalancer",
         "_scheduled_events",
@@ -371,12 +380,22 @@ class Snapshot:
         self.generation = generation
         self.vm = vm
         self.root = root
+        self._preview_root: Node | None = None
         self._extended_views: tuple[View, ...] | None = None
         self._loadbalancer: Reply | None = None
         self._scheduled_events: dict[str, Reply] = {}  # by api-version
         self.url_replies: dict[bytes, Reply] = {}
         # Opaque here: the HTTP layer's per-snapshot cache (fastimds.http.memo), dying with the snapshot.
         self.http_cache: Any = None
+
+    @property
+    def preview_root(self) -> Node:
+        """The document at the 2017-03-01 preview (fastimds.imds.preview), made on first use; nothing in it is gated."""
+        root = self._preview_root
+        if root is None:
+            first = _gated(self.root.value, _ROOT_FIELD, INSTANCE_FIRST_VERSION, INSTANCE_FIRST_VERSION)
+            root = self._preview_root = Node(PREVIEW_VERSION, preview_document(first), None)
+        return root
 
     @property
     def extended_views(self) -> tuple[View, ...]:

@@ -25,13 +25,27 @@ API_VERSIONS: tuple[str, ...] = (
     "2023-07-01", "2023-11-15", "2024-03-15", "2024-07-17", "2025-04-07",
 )  # fmt: skip
 
-# The three newest, newest first, as the 400 for a bad api-version lists them.
-NEWEST_VERSIONS: tuple[str, ...] = tuple(reversed(API_VERSIONS[-3:]))
+# How many versions a bad api-version's 400 lists under "newest-versions" (spec §3.3).
+NEWEST_LISTED = 3
 
-# The instance category was introduced in 2017-04-02 (2017-03-01 was a preview
-# whose text-by-default behaviour we do not reproduce), so it is not valid there.
+
+def newest_of(versions: frozenset[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The NEWEST_LISTED newest of `versions`, newest first, as a bad api-version's 400 lists them."""
+    return tuple(sorted(versions, reverse=True)[:NEWEST_LISTED])
+
+
+# The three newest of all, newest first: what a 400 lists where no endpoint narrows it (spec §3.3).
+NEWEST_VERSIONS: tuple[str, ...] = newest_of(API_VERSIONS)
+
+# The preview, listed by Azure and by /metadata/versions, so it is served: the
+# instance document in its preview shape (other network key names,
+# fastimds.imds.preview) and scheduled events with "_" before resource names.
+# Source: Microsoft's 2017 preview docs (docs/azure-imds.md, "api-version 2017-03-01").
+PREVIEW_VERSION = "2017-03-01"
+# The first generally available instance version: the version-gated document starts here.
 INSTANCE_FIRST_VERSION = "2017-04-02"
-INSTANCE_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= INSTANCE_FIRST_VERSION)
+# Every listed version answers /metadata/instance: the preview in its own shape, the rest gated.
+INSTANCE_VERSIONS: frozenset[str] = frozenset(API_VERSIONS)
 
 # /metadata/identity appeared in 2018-02-01 (every SDK sends exactly that).
 IDENTITY_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= "2018-02-01")
@@ -45,9 +59,10 @@ LOADBALANCER_FIRST_VERSION = "2020-10-01"
 LOADBALANCER_VERSIONS: frozenset[str] = frozenset(v for v in API_VERSIONS if v >= LOADBALANCER_FIRST_VERSION)
 
 # /metadata/scheduledevents has versions of its own, not all in API_VERSIONS
-# (spec §4); 2017-03-01 was a preview with other field names.
+# (spec §4), from the 2017-03-01 preview on (its fields are 2017-08-01's; only
+# IaaS resource names differ: fastimds.imds.events).
 SCHEDULED_EVENTS_VERSIONS: frozenset[str] = frozenset(
-    {"2017-08-01", "2017-11-01", "2019-01-01", "2019-04-01", "2019-08-01", "2020-07-01"}
+    {PREVIEW_VERSION, "2017-08-01", "2017-11-01", "2019-01-01", "2019-04-01", "2019-08-01", "2020-07-01"}
 )
 
 # `extended=true` is honoured from this version on; older versions ignore it.

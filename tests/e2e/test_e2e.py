@@ -293,9 +293,11 @@ def test_extended_true(session: requests.Session, server: ServerProcess) -> None
     # cloud-init's first request.
     response = imds(session, server, "/metadata/instance?api-version=2021-08-01&extended=true")
     assert response.status_code == 200
-    assert b'"extended":{"compute":{"hasCustomData":"false","ppsType":"None"}}' in response.content
+    # hasCustomData is a JSON boolean: cloud-init tests it for truth, and "false" would be true (spec §3.7).
+    assert b'"extended":{"compute":{"hasCustomData":false,"ppsType":"None"}}' in response.content
     document = response.json()
-    assert document["extended"] == {"compute": {"hasCustomData": "false", "ppsType": "None"}}
+    assert document["extended"] == {"compute": {"hasCustomData": False, "ppsType": "None"}}
+    assert not document["extended"]["compute"]["hasCustomData"]
     assert document["compute"]["vmId"] == VM_ID
     plain = imds(session, server, "/metadata/instance?api-version=2021-08-01").json()
     assert "extended" not in plain

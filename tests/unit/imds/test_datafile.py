@@ -23,7 +23,20 @@ def problems_of(doc: Any) -> list[str]:
 def test_the_embedded_sample_is_valid_and_all_strings() -> None:
     vm = load_vm(None)
     assert vm.instance["compute"]["vmId"] == "b1f2c3d4-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
-    assert vm.extended == {"compute": {"ppsType": "None", "hasCustomData": "false"}}
+    # hasCustomData is a JSON boolean, as cloud-init reads it (spec §3.7): the sample carries one.
+    assert vm.document["extended"]["compute"]["hasCustomData"] is False
+    assert vm.extended == {"compute": {"ppsType": "None", "hasCustomData": False}}
+
+
+def test_extended_values_keep_the_json_types_the_file_gives_them() -> None:
+    # cloud-init tests extended.compute.hasCustomData for truth: a string "false" would be true.
+    given = {"ppsType": "Running", "hasCustomData": True, "count": 3, "ratio": 0.5, "gone": None, "name": "x"}
+    vm = parse_vm(orjson.dumps({"instance": INSTANCE, "extended": {"compute": given}}), "t")
+    assert vm.extended == {"compute": given}
+    assert vm.extended["compute"]["hasCustomData"] is True
+    # A key the file leaves out gets its default, a boolean too.
+    vm = parse_vm(orjson.dumps({"instance": INSTANCE, "extended": {"compute": {"ppsType": "Savable"}}}), "t")
+    assert vm.extended["compute"]["hasCustomData"] is False
 
 
 def test_numbers_booleans_and_null_are_served_as_strings() -> None:
@@ -40,7 +53,7 @@ def test_a_null_extended_section_is_no_extended_section() -> None:
     # Regression (found by tests/fuzz/test_fuzz_admin.py): the validator let "extended": null
     # through as absent, then building the VM raised AttributeError (a 500 on the admin API).
     vm = parse_vm(orjson.dumps({"instance": INSTANCE, "extended": None}), "t")
-    assert vm.extended == {"compute": {"ppsType": "None", "hasCustomData": "false"}}
+    assert vm.extended == {"compute": {"ppsType": "None", "hasCustomData": False}}
 
 
 def test_every_problem_is_listed_with_its_path() -> None:

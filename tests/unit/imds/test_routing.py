@@ -51,7 +51,7 @@ TABLE: list[tuple[str, int, Any]] = [
     ("/metadata/instance?api-version=", 400, BAD_VERSION),
     ("/metadata/instance?api-version=2099-01-01", 400, BAD_VERSION),
     ("/metadata/instance?api-version=latest", 400, BAD_VERSION),
-    ("/metadata/instance?api-version=2017-03-01", 400, BAD_VERSION),  # preview, before the category
+    ("/metadata/instance?api-version=2017-07-01", 400, BAD_VERSION),  # well-formed, never published
     ("/metadata/instance/compute/location?format=json", 400, BAD_VERSION),  # MSAL region discovery
     ("/metadata/instance/compute/location?format=text", 400, BAD_VERSION),
     ("/metadata/instance/no/such/path", 400, BAD_VERSION),
@@ -93,7 +93,24 @@ TABLE: list[tuple[str, int, Any]] = [
     (f"/metadata/instance/compute/vmId/deeper?{V}&format=text", 404, NOT_FOUND),
     (f"/metadata/instance/Compute?{V}", 404, NOT_FOUND),  # keys are case-sensitive
     (f"/metadata/nosuchcategory?{V}", 404, NOT_FOUND),
-    ("/metadata", 404, NOT_FOUND),
+    # the bare root: the api-version 400 (a real VM, 2025: azure-compute-docs PR 289); with one, a listing
+    ("/metadata", 400, BAD_VERSION),
+    ("/metadata/", 400, BAD_VERSION),
+    ("/metadata?format=text", 400, BAD_VERSION),
+    ("/metadata?api-version=2099-01-01", 400, BAD_VERSION),
+    (f"/metadata?{V}&format=text", 200, "instance/"),
+    ("/metadata?api-version=2017-03-01&format=text", 200, "instance/"),
+    (f"/metadata?{V}", 404, NOT_FOUND),
+    (f"/metadata?{V}&format=xml", 400, {"error": "Bad request. format must be json or text"}),
+    # the 2017-03-01 preview: its own network key names (docs/azure-imds.md)
+    ("/metadata/instance/network/interface/0/ipv4/ipaddress/0/publicip?api-version=2017-03-01&format=text", 200, "20.61.15.7"),
+    ("/metadata/instance/network/interface/0/ipv4/ipaddress/0/ipaddress?api-version=2017-03-01&format=text", 200, "10.0.0.4"),
+    ("/metadata/instance/network/interface/0/mac?api-version=2017-03-01&format=text", 200, "6045BD8E1A2B"),
+    ("/metadata/instance/network/interface/0?api-version=2017-03-01&format=text", 200, "ipv4/\nipv6/\nmac"),
+    ("/metadata/instance/network/interface/0/ipv4/subnet/0?api-version=2017-03-01&format=text", 200, "address\ndnsservers/\nprefix"),
+    ("/metadata/instance/network/interface/0/macAddress?api-version=2017-03-01&format=text", 404, NOT_FOUND),
+    ("/metadata/instance/compute/tags?api-version=2017-03-01&format=text", 404, NOT_FOUND),
+    ("/metadata/instance/compute/vmId?api-version=2017-03-01", 400, LEAF_NEEDS_TEXT),
     ("/", 404, NOT_FOUND),
     ("/latest/meta-data/", 404, NOT_FOUND),
     # "/metadata" itself is case-insensitive; categories are not
@@ -152,7 +169,7 @@ def test_head_resolves_like_get(snapshot: Snapshot) -> None:
 
 
 def test_extended_adds_the_extended_section_from_its_version(snapshot: Snapshot) -> None:
-    extended = {"compute": {"hasCustomData": "false", "ppsType": "None"}}
+    extended = {"compute": {"hasCustomData": False, "ppsType": "None"}}
     status, body, _ = get(snapshot, "/metadata/instance?api-version=2021-08-01&extended=true")
     assert status == 200
     assert body["extended"] == extended
@@ -173,7 +190,8 @@ def test_extended_values_come_from_the_data_file() -> None:
     doc = {"instance": SAMPLE, "extended": {"compute": {"ppsType": "Running", "hasCustomData": True}}}
     snap = build_snapshot(parse_vm(orjson.dumps(doc), "test"), 1)
     _, body, _ = get(snap, "/metadata/instance?api-version=2023-11-15&extended=true")
-    assert body["extended"] == {"compute": {"hasCustomData": "true", "ppsType": "Running"}}
+    # Served with the types the file gives them (cloud-init reads hasCustomData as a boolean).
+    assert body["extended"] == {"compute": {"hasCustomData": True, "ppsType": "Running"}}
 
 
 def test_the_oldest_instance_version_shows_only_the_first_fields(snapshot: Snapshot) -> None:

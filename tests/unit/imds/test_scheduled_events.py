@@ -45,7 +45,8 @@ NOW = 2_000_000_000.0  # Wed, 18 May 2033 03:33:20 GMT: later than any real cloc
 NEWEST = "2020-07-01"
 TARGET = f"/metadata/scheduledevents?api-version={NEWEST}"
 EMPTY_DOCUMENT = {"DocumentIncarnation": 1, "Events": []}
-BAD_VERSION = {"error": BAD_API_VERSION_MESSAGE, "newest-versions": ["2025-04-07", "2024-07-17", "2024-03-15"]}
+# Scheduled events' own three newest: a bad version's 400 lists versions this endpoint accepts.
+BAD_VERSION = {"error": BAD_API_VERSION_MESSAGE, "newest-versions": ["2020-07-01", "2019-08-01", "2019-04-01"]}
 
 
 def date(unix: float) -> str:
@@ -382,6 +383,7 @@ ONE_OF_EACH = {
 BASE_FIELDS = ["EventId", "EventStatus", "EventType", "ResourceType", "Resources", "NotBefore"]
 # api-version -> (event types shown, fields shown), as spec §8 gates them
 GATING = {
+    "2017-03-01": (["Freeze", "Reboot", "Redeploy"], BASE_FIELDS),
     "2017-08-01": (["Freeze", "Reboot", "Redeploy"], BASE_FIELDS),
     "2017-11-01": (["Freeze", "Reboot", "Redeploy", "Preempt"], BASE_FIELDS),
     "2019-01-01": (["Freeze", "Reboot", "Redeploy", "Preempt", "Terminate"], BASE_FIELDS),
@@ -671,7 +673,7 @@ APPROVE_E1 = b'{"StartRequests":[{"EventId":"E1"}]}'
 # (method, target, body, metadata_ok, forwarded) -> (status, body)
 REFUSALS: dict[str, tuple[str, str, bytes, bool, bool, int, Any]] = {
     "no_version": ("GET", "/metadata/scheduledevents", b"", True, False, 400, BAD_VERSION),
-    "preview_version": ("GET", "/metadata/scheduledevents?api-version=2017-03-01", b"", True, False, 400, BAD_VERSION),
+    "unknown_version": ("GET", "/metadata/scheduledevents?api-version=2017-07-01", b"", True, False, 400, BAD_VERSION),
     "instance_version": ("GET", "/metadata/scheduledevents?api-version=2021-02-01", b"", True, False, 400, BAD_VERSION),
     "text": ("GET", TARGET + "&format=text", b"", True, False, 400, JSON_ONLY),
     "bad_format": ("GET", TARGET + "&format=xml", b"", True, False, 400, BAD_FORMAT),
