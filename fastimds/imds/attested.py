@@ -18,9 +18,10 @@ Rules of this module:
   "" when the VM has none (production signatures carry "licenseType":"").
 - A document is valid for VALIDITY_S (6 hours, as every production capture
   shows).
-- A nonce is 1 to 32 letters and digits (the Swagger's bound); anything else
-  is a 400. Without one the document carries its own expiry, YYYYMMDD-HHMMSS
-  (the expiresOn instant), as Azure's production documents do (spec §9).
+- A nonce is 1 to 32 letters, digits, "-" or "_" (the Swagger's bound, and
+  the base64url alphabet real clients send); anything else is a 400.
+  Without one the document carries its own expiry, YYYYMMDD-HHMMSS (the
+  expiresOn instant), as Azure's production documents do (spec §9).
 - The reply depends on the clock and the nonce, so it is never memoised (a
   volatile Reply). Signing costs ~1 ms (RSA 2048): this endpoint is for
   provisioning, not for load; replies are kept in a bounded cache keyed by
@@ -55,7 +56,9 @@ from cryptography.x509.oid import NameOID
 from fastimds.imds.render import ERRORS, Reply, json_body, make_reply
 from fastimds.imds.signing import SigningBudget
 
-NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
+# 1 to 32 (the Swagger's bound) letters, digits, "-" and "_": Teleport's Azure join sends
+# 24 random bytes as unpadded base64url (32 characters) to real IMDS (spec §9).
+NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # How long the signed document says it is valid: 6 hours, as in every production
 # signature found (2018 docs capture, 2022 metadata.azure.com, 2023 metadata.azure.us;
 # spec §9). The docs' 5 s and 45 s examples are from a test signer.

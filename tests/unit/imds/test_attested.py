@@ -120,7 +120,7 @@ def test_a_cached_document_is_never_served_past_its_expiry(tmp_path: Path) -> No
     assert MAX_LATENCY_MS / 1000 < VALIDITY_S / 10
 
 
-@pytest.mark.parametrize("nonce", ["", "12345678901234567890123456789012x", "abc-def", "a%20b"])
+@pytest.mark.parametrize("nonce", ["", "12345678901234567890123456789012x", "abc.def", "a%20b", "a%2Bb"])
 def test_a_bad_nonce_is_400(nonce: str) -> None:
     status, body = get(DOCUMENT + f"&nonce={nonce}")
     assert status == 400
@@ -150,3 +150,11 @@ def test_vms_at_the_same_generation_never_share_a_document(tmp_path: Path) -> No
         reply = signer.reply(vm, "2021-02-01", "1234", now)
         content = verified_content(orjson.loads(reply.body)["signature"], tmp_path)
         assert content["vmId"] == vm_uuid(name)
+
+
+def test_a_base64url_nonce_is_signed_as_given(tmp_path: Path) -> None:
+    # Teleport's Azure join sends 24 random bytes as unpadded base64url; real IMDS signs it
+    # (its RFD shows a production document with this nonce).
+    status, body = get(DOCUMENT + "&nonce=Yi09ymh-yIl4_zkmA6kIki4mDPpUlVxK")
+    assert status == 200
+    assert verified_content(body["signature"], tmp_path)["nonce"] == "Yi09ymh-yIl4_zkmA6kIki4mDPpUlVxK"
