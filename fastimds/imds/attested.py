@@ -8,20 +8,30 @@ Rules of this module:
   verify with `openssl smime -verify -noverify` and compare the nonce, as
   Microsoft's samples do, accept it; clients that check the chain up to
   DigiCert rightly do not.
+- The signer info carries no signed attributes (no authenticatedAttributes:
+  the RSA signature is over the content's digest itself), as in Azure's
+  production signatures and the docs' example (spec §9).
 - The signed content is compact JSON with the fields of the requested
   api-version: nonce, plan, timeStamp {createdOn, expiresOn} (format
   "MM/DD/YY HH:MM:SS -0000") and vmId from 2018-10-01, subscriptionId from
-  2019-04-30, sku from 2019-11-01, licenseType from 2020-09-01 when the VM
-  has one.
-- A nonce is 1 to 32 letters and digits (the Swagger's bound); anything else
-  is a 400. Without one the document carries the current UTC time,
-  YYYYMMDD-HHMMSS, as Azure does.
+  2019-04-30, sku from 2019-11-01, licenseType from 2020-09-01, always,
+  "" when the VM has none (production signatures carry "licenseType":"").
+- A document is valid for VALIDITY_S (6 hours, as every production capture
+  shows).
+- A nonce is 1 to 32 letters, digits, "-" or "_" (the Swagger's bound, and
+  the base64url alphabet real clients send); anything else is a 400.
+  Without one the document carries its own expiry, YYYYMMDD-HHMMSS (the
+  expiresOn instant), as Azure's production documents do (spec §9).
 - The reply depends on the clock and the nonce, so it is never memoised (a
   volatile Reply). Signing costs ~1 ms (RSA 2048): this endpoint is for
   provisioning, not for load; replies are kept in a bounded cache keyed by
   the signed content itself (which holds the VM's fields, the nonce and the
   second), never by generation: VMs share generation numbers, and one VM's
-  document must never answer another's request.
+  document must never answer another's request. Because the key holds the
+  second it was signed in, a cached document is reused only within that
+  second, and no reply waits longer than faults.MAX_LATENCY_MS (a fault's
+  injected latency) before it is sent: far inside VALIDITY_S, so no document
+  is ever served past its expiry.
 - A document not in the cache costs a fresh signature, charged to the VM's
   signing budget (fastimds.imds.signing) when one is given; past it the
   request gets the instance family's 429 (render's ERRORS["signing_budget"])
@@ -46,9 +56,16 @@ from cryptography.x509.oid import NameOID
 from fastimds.imds.render import ERRORS, Reply, json_body, make_reply
 from fastimds.imds.signing import SigningBudget
 
-NONCE_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
-# How long the signed document says it is valid (Azure's examples show 5 s to 6 h).
-VALIDITY_S = 300
+# 1 to 32 (the Swagger's bound) letters, digits, "-" and "_": Teleport's Azure join sends
+# 24 random bytes as unpadded base64url (32 characters) to real IMDS (spec §9).
+NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
+# How long the signed document says it is valid: 6 hours, as in every production
+# signature found (2018 docs capture, 2022 metadata.azure.com, 2023 metadata.azure.us;
+# spec §9). The docs' 5 s and 45 s examples are from a test signer.
+VALIDITY_S = 6 * 60 * 60
+# The nonce Azure fills in when none is given: the expiresOn instant, in this format.
+DEFAULT_NONCE_FORMAT = "%Y%m%d-%H%M%S"
+STAMP_FORMAT = "%m/%d/%y %H:%M:%S -0000"
 # Replies kept for reuse within their second, per signed content.
 MAX_CACHED_DOCUMENTS = 1024
 
@@ -113,7 +130,8 @@ class Attestor:
                 pkcs7.PKCS7SignatureBuilder()
                 .set_data(content)
                 .add_signer(self.certificate, self.key, hashes.SHA256())
-                .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+                # NoAttributes: no signed attributes, as Azure signs (spec §9).
+                .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary, pkcs7.PKCS7Options.NoAttributes])
             )
             body = json_body({"encoding": "pkcs7", "signature": base64.b64encode(signature).decode()})
             reply = make_reply(200, body, volatile=True)
@@ -128,17 +146,14 @@ def signed_content(vm: Any, version: str, nonce: str | None, now: int) -> bytes:
     compute = vm.instance.get("compute", {})
     plan = compute.get("plan", {}) if isinstance(compute.get("plan"), dict) else {}
     created = dt.datetime.fromtimestamp(now, dt.UTC)
+    expires = created + dt.timedelta(seconds=VALIDITY_S)
     content: dict[str, Any] = {
-        "nonce": nonce if nonce is not None else created.strftime("%Y%m%d-%H%M%S"),
+        "nonce": nonce if nonce is not None else expires.strftime(DEFAULT_NONCE_FORMAT),
         "plan": {key: str(plan.get(key, "")) for key in ("name", "product", "publisher")},
-        "timeStamp": {
-            "createdOn": created.strftime("%m/%d/%y %H:%M:%S -0000"),
-            "expiresOn": (created + dt.timedelta(seconds=VALIDITY_S)).strftime("%m/%d/%y %H:%M:%S -0000"),
-        },
+        "timeStamp": {"createdOn": created.strftime(STAMP_FORMAT), "expiresOn": expires.strftime(STAMP_FORMAT)},
         "vmId": str(compute.get("vmId", "")),
     }
     for field, since in _FIELDS_SINCE:
-        value = compute.get(field, "")
-        if version >= since and (field != "licenseType" or value):
-            content[field] = str(value)
+        if version >= since:
+            content[field] = str(compute.get(field, ""))  # "" when the VM has none, as Azure signs it
     return json_body(content)

@@ -11,14 +11,20 @@ Rules of this module:
   "error_description"}: "Identity not found" for an identity the VM does
   not have, as Azure answers and as azure-identity and MSAL recognise.
 - Tokens are real JWTs, RS256, signed with a key made at start (or given);
-  `aud` is the resource, with oid, appid, tid, sub and xms_mirid claims.
-  The public key is published as a JWKS on the admin listener (/jwks), so
-  a test service can validate them.
+  `aud` is the resource, with oid, appid, tid, sub and xms_mirid claims,
+  and the claims every managed-identity token carries (spec §7): ver "1.0",
+  idtyp "app", appidacr "2", and uti, a random id per token (22 base64url
+  characters, 16 random bytes). The public key is published as a JWKS on
+  the admin listener (/jwks), so a test service can validate them.
 - A token is minted once per set of claims (identity, tenant, resource,
   xms_mirid: never per VM or generation alone, which VMs share) and reused
   until REMINT_BEFORE_S before it expires; every reply is rendered at
-  request time (expires_in counts down) and is volatile: never memoised.
+  request time (expires_in counts down; ext_expires_in stays at the full
+  lifetime, as Azure's replies show) and is volatile: never memoised.
 - Every value in a token reply is a string, `resource` always present.
+- Every token reply carries its own `x-ms-request-id` (a random version-4
+  GUID), as Azure's replies do: made here, with the reply, which is
+  rendered per request anyway; the memo path never sees a token reply.
 - A token not in the cache costs a fresh signature, charged to the VM's
   signing budget (fastimds.imds.signing) when one is given; past it the
   request gets the identity family's 429 (ERRORS["signing_budget"], the
@@ -29,7 +35,9 @@ Rules of this module:
 from __future__ import annotations
 
 import base64
+import secrets
 import uuid
+from random import getrandbits
 from typing import Any
 
 import jwt
@@ -45,6 +53,30 @@ REMINT_BEFORE_S = 300
 MAX_CACHED_TOKENS = 4096
 
 SELECTORS = ("client_id", "object_id", "msi_res_id")
+
+# Claims every managed-identity token carries, whoever it is for (spec §7: a token
+# from a VM's IMDS, decoded): a v1 token, issued to an app, whose client
+# authenticated with a certificate (appidacr "2").
+MANAGED_IDENTITY_CLAIMS = {"ver": "1.0", "idtyp": "app", "appidacr": "2"}
+# Random bytes in a token's `uti` (Entra's are 22 base64url characters: 16 bytes).
+UTI_BYTES = 16
+
+# A version-4 GUID's fixed bits (version 4, RFC 4122 variant) over 128 random ones.
+_GUID_FIXED_BITS = (0x4 << 76) | (0x8 << 60)
+_GUID_RANDOM_BITS = ~((0xF << 76) | (0xC << 60)) & ((1 << 128) - 1)
+
+
+def request_id_header() -> bytes:
+    """`x-ms-request-id: <random version-4 GUID>`, for one reply.
+
+    random.getrandbits, not uuid4: a request id is a correlation id, not a
+    secret, and this costs ~0.8 µs against uuid4's ~3 µs (its urandom
+    syscall), timeit on the dev box. The random module reseeds itself in a
+    forked child, so workers never repeat each other's ids.
+    """
+    digits = b"%032x" % ((getrandbits(128) & _GUID_RANDOM_BITS) | _GUID_FIXED_BITS)
+    groups = (digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:])
+    return b"x-ms-request-id: %s-%s-%s-%s-%s\r\n" % groups
 
 
 def identity_error(description: str, error: str = "invalid_request", status: int = 400) -> Reply:
@@ -109,7 +141,8 @@ class TokenIssuer:
         if budget is not None and not budget.take(now):
             return None
         expires_on = second + TOKEN_LIFETIME_S
-        payload = {**claims, "iat": second, "nbf": second, "exp": expires_on}
+        uti = secrets.token_urlsafe(UTI_BYTES)  # per mint: every reply of a cached token shows the same one
+        payload = {**claims, "iat": second, "nbf": second, "exp": expires_on, "uti": uti}
         token = jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": self.kid})
         if len(self._tokens) >= MAX_CACHED_TOKENS:
             self._tokens.clear()
@@ -154,6 +187,7 @@ def token_reply(
         "appid": client_id,
         "tid": tenant,
         "xms_mirid": mirid,
+        **MANAGED_IDENTITY_CLAIMS,
     }
     second = int(now)
     # Keyed by every claim it signs: two VMs (or two versions of one) share a token only if it says the same.
@@ -168,11 +202,12 @@ def token_reply(
             "client_id": client_id,
             "expires_in": str(expires_on - second),
             "expires_on": str(expires_on),
-            "ext_expires_in": str(expires_on - second),
+            "ext_expires_in": str(expires_on - not_before),  # the full lifetime, while expires_in counts down
             "not_before": str(not_before),
             "resource": resource,
             "token_type": "Bearer",
         },
+        extra_headers=request_id_header(),
         volatile=True,
     )
 

@@ -228,7 +228,7 @@ ERRORS: dict[str, Reply] = {
         "and retry later.",
     ),
     "json_only": error_reply(400, "Bad request. This endpoint only serves format=json"),
-    "bad_nonce": error_reply(400, "Bad request. nonce must be 1 to 32 letters and digits"),
+    "bad_nonce": error_reply(400, "Bad request. nonce must be 1 to 32 letters, digits, - or _"),
     "bad_approval": error_reply(
         400, 'Bad request. The body must be JSON: {"StartRequests": [{"EventId": "<id>"}, ...]}'
     ),

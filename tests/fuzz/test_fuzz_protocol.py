@@ -4,7 +4,8 @@ Rules of this file:
 - Every input goes through `HttpProtocol.data_received` on the fake transport
   (tests.support.fakes), with the clock pinned: the Date block never moves, and the
   two replies that read the wall clock (identity tokens, attested documents)
-  see a fixed time, so equal inputs must give equal bytes.
+  see a fixed time, and a token reply's x-ms-request-id a fixed random draw,
+  so equal inputs must give equal bytes.
 - The budget is fixed and derandomised, sized for CI (a few seconds for the
   whole file on the 2-core machine). `FUZZ_EXAMPLES=N` gives every test N
   examples drawn at random instead, for the documented long run of both
@@ -67,7 +68,7 @@ from fastimds.config import Limits
 from fastimds.http.connection import FEED_SLICE_BYTES, HttpProtocol
 from fastimds.http.throttle import Throttle, ThrottleLimits
 from fastimds.http.worker_state import ServerState
-from fastimds.imds import routing
+from fastimds.imds import identity, routing
 from fastimds.imds.datafile import VmDescription, parse_vm
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.render import CONTINUE, ERRORS, SERVER_HEADER
@@ -78,6 +79,9 @@ from tests.support.fakes import remembered as memo_of
 from tests.support.fuzz import budget
 
 # ---- the budget ----
+
+
+PINNED_RANDOM_BITS = 0x0123456789ABCDEF0123456789ABCDEF
 
 
 class PinnedTime:
@@ -92,8 +96,14 @@ class PinnedTime:
 
 @pytest.fixture(autouse=True, scope="module")
 def pinned_clock() -> Iterator[None]:
-    """Identity tokens and attested documents are signed with the time: pin it (house rule 12)."""
-    with mock.patch.object(routing, "time", PinnedTime()):
+    """Identity tokens and attested documents are signed with the time: pin it (house rule 12).
+
+    A token reply's x-ms-request-id is random per reply: pinned to one draw here too.
+    """
+    with (
+        mock.patch.object(routing, "time", PinnedTime()),
+        mock.patch.object(identity, "getrandbits", lambda bits: PINNED_RANDOM_BITS),
+    ):
         yield
 
 
@@ -519,7 +529,17 @@ def closes_alone(name: str) -> bool:
 
 STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) [A-Za-z][A-Za-z -]*")
 KNOWN_HEADERS = frozenset(
-    {"server", "content-type", "content-length", "etag", "date", "connection", "allow", "retry-after"}
+    {
+        "server",
+        "content-type",
+        "content-length",
+        "etag",
+        "date",
+        "connection",
+        "allow",
+        "retry-after",
+        "x-ms-request-id",  # token replies (fastimds.imds.identity)
+    }
 )
 CONTENT_TYPES = frozenset({"application/json; charset=utf-8", "text/plain; charset=utf-8"})
 # Refusals decided by the protocol itself: each ends the connection.

@@ -6,11 +6,16 @@ Real azure-identity and MSAL clients against a real server are in tests/e2e/test
 from __future__ import annotations
 
 import copy
+import os
+import re
+import time
+import uuid
 from typing import Any
 
 import orjson
 import pytest
 
+from fastimds.imds import identity
 from fastimds.imds.datafile import DataError, parse_vm
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
@@ -127,3 +132,55 @@ def test_bad_identities_are_refused(identities: Any, problem: str) -> None:
     with pytest.raises(DataError) as caught:
         parse_vm(orjson.dumps(document_with(identities)), "t")
     assert any(found.startswith(problem) for found in caught.value.problems), caught.value.problems
+
+
+def test_tokens_carry_the_claims_of_a_managed_identity_token() -> None:
+    # From a token a VM's IMDS issued, decoded (spec §7): ver, idtyp, appidacr, and uti, a
+    # random per-token id of 22 base64url characters.
+    _, system = get(TOKEN)
+    _, user = get(f"{TOKEN}&client_id={UAMI['clientId']}")
+    first, second = claims(system["access_token"]), claims(user["access_token"])
+    for token in (first, second):
+        assert (token["ver"], token["idtyp"], token["appidacr"]) == ("1.0", "app", "2")
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", token["uti"])
+    assert first["uti"] != second["uti"]
+
+
+def test_ext_expires_in_stays_at_the_full_lifetime_while_expires_in_counts_down() -> None:
+    vm = parse_vm(orjson.dumps(document_with(IDENTITIES)), "t")
+    issuer = identity.TokenIssuer(KEYS.issuer.key)
+    query = {"resource": "https://vault.azure.net"}
+    minted_at = float(int(time.time()))
+    fresh = orjson.loads(identity.token_reply(issuer, vm, query, minted_at).body)
+    later = orjson.loads(identity.token_reply(issuer, vm, query, minted_at + 1000).body)
+    assert later["access_token"] == fresh["access_token"]  # the cached token
+    assert claims(later["access_token"])["uti"] == claims(fresh["access_token"])["uti"]
+    assert (fresh["expires_in"], fresh["ext_expires_in"]) == ("86400", "86400")
+    assert (later["expires_in"], later["ext_expires_in"]) == ("85400", "86400")
+
+
+def test_every_token_reply_has_its_own_request_id() -> None:
+    snapshot = build_snapshot(parse_vm(orjson.dumps(document_with(IDENTITIES)), "t"), 1)
+    ids = set()
+    for _ in range(3):  # one cached token, three replies
+        reply = resolve(snapshot, b"GET", TOKEN.encode(), True, False, keys=KEYS)
+        found = re.search(rb"\r\nx-ms-request-id: ([0-9a-f-]{36})\r\n", reply.head)
+        assert found, reply.head
+        assert uuid.UUID(found.group(1).decode()).version == 4
+        ids.add(found.group(1))
+    assert len(ids) == 3
+
+
+def test_a_forked_worker_never_repeats_its_parents_request_ids() -> None:
+    # Workers are forked from one process; the random module reseeds in a child, so ids differ.
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only writes its id and leaves
+        os.write(write_end, identity.request_id_header())
+        os._exit(0)
+    os.close(write_end)
+    mine = identity.request_id_header()
+    with os.fdopen(read_end, "rb") as pipe:
+        theirs = pipe.read()
+    os.waitpid(child, 0)
+    assert theirs.startswith(b"x-ms-request-id: ") and theirs != mine
