@@ -127,7 +127,8 @@ class AnswerPath(ConnectionFields):
                 and (wait.last_etag is None or wait.last_etag == reply.etag)
             ):
                 self._hold(Wait(method, url, self.metadata_ok, self.forwarded, reply.etag, connection, closes))
-                self.deadline = state.now + wait.timeout_s
+                # From a fresh clock, not the tick's `now`: a wait must never end early (worker_state's rules).
+                self.deadline = state.clock() + wait.timeout_s
                 self._reset_request()
                 return
         head, body = self._append_reply(reply, method, connection, self.if_none_match)

@@ -11,6 +11,14 @@ Rules of this module:
   next make progress; `tick` sweeps them once a second and also refreshes
   the Date block and `keep_alive_deadline`, so no request reads the wall
   clock for them.
+- `now` is as of the last tick, up to a sweep interval stale: fine for the
+  server's own limits, but a client's wait (a long-poll's timeout_sec) must
+  never end early (issue 15). Its deadline is taken from `clock`, a fresh
+  read of the loop's clock, when the hold starts (not per request). The
+  default, time.monotonic, is what the loop's clock reads: asyncio's
+  loop.time() is time.monotonic(), and uvloop's is the same CLOCK_MONOTONIC
+  in whole milliseconds, never ahead of it, so a deadline from it is reached
+  on the loop's clock no sooner than it is in fact.
 - Connection limits are counted here (`connections`, `callers`); refused
   connections linger in `refused` until the sweep aborts them
   (fastimds.http.connection).
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Set
+from collections.abc import Callable, Set
 from typing import TYPE_CHECKING, Protocol
 
 from fastimds.config import Limits
@@ -94,6 +102,7 @@ class ServerState:
         "event_log",
         "stalled",
         "stalled_bytes",
+        "clock",
     )
 
     def __init__(
@@ -110,8 +119,10 @@ class ServerState:
         approvals: ApprovalSink | None = None,
         keys: Keys | None = None,
         event_log: EventLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
+        self.clock = clock  # the loop's clock, read fresh (see the module rules); tests pin it with `now`
         self.limits = limits if limits is not None else Limits()
         # This worker's hot-path counters (fastimds.ops.telemetry.LAYOUT); None turns telemetry off.
         self.counters = counters

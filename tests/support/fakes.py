@@ -7,6 +7,7 @@ clock only through `ServerState.tick`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,12 @@ def make_connection(
     faults: FaultTable | None = None,
     throttle: Throttle | None = None,
     approvals: ApprovalSink | None = None,
+    clock: Callable[[], float] = lambda: 0.0,
 ) -> tuple[HttpProtocol, FakeTransport, ServerState]:
-    """A connection from `peer`; by default to a single-VM registry of the sample (or of `store`)."""
+    """A connection from `peer`; by default to a single-VM registry of the sample (or of `store`).
+
+    The state's clocks are pinned: the tick's `now` at 0.0 and its fresh `clock` at `clock`.
+    """
     if registry is None:
         registry = VmRegistry(default_vm_id=DEFAULT_VM_ID)
         registry.stores[DEFAULT_VM_ID] = store or SnapshotStore(sample_vm())
@@ -134,6 +139,7 @@ def make_connection(
         throttle=throttle,
         approvals=approvals,
         keys=KEYS,
+        clock=clock,
     )
     protocol = HttpProtocol(state)
     transport = FakeTransport(peer)

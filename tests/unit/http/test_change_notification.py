@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import tracemalloc
 from typing import Any
 
 import orjson
 import pytest
+import uvloop
 
 from fastimds.config import Limits
 from fastimds.http.connection import HttpProtocol
+from fastimds.http.worker_state import ServerState
 from fastimds.imds.datafile import VmDescription, parse_vm
 from fastimds.imds.registry import VmRegistry
 from fastimds.imds.store import DEFAULT_VM_ID, SnapshotStore
@@ -26,6 +29,9 @@ from tests.support.fakes import (
 
 LOCATION = "/metadata/instance/compute/location?api-version=2021-02-01&format=text"
 DOCUMENT = "/metadata/instance?api-version=2021-02-01"
+# How far behind time.monotonic() uvloop's loop.time() may read: its whole milliseconds and a coarse
+# clock's tick (1-4 ms), with room for a busy machine between the two reads.
+LOOP_CLOCK_SLACK_S = 0.05
 
 
 def vm_with(**compute: Any) -> VmDescription:
@@ -146,6 +152,46 @@ def test_timeout_sec_answers_with_the_current_value() -> None:
     (response,) = split_responses(transport.output)
     assert (response.status, response.body) == (200, b"westeurope")
     assert not transport.ended  # a long-poll outlives the keep-alive timeout, then the connection goes on
+
+
+def test_timeout_sec_counts_from_when_the_hold_starts_not_from_the_last_tick() -> None:
+    """Issue 15 item 9: the tick's `now` is up to a sweep interval stale; a wait must never end early.
+
+    The last tick was at 0.0; the long-poll arrives 0.9 s later (the clock
+    read fresh says so). On main its deadline was 0.0 + 1, so the tick at
+    1.5 answered it 0.6 s into a 1 s wait.
+    """
+    fresh = [0.9]
+    protocol, transport, state = make_connection(clock=lambda: fresh[0])
+    protocol.data_received(request(LOCATION + "&wait_for_change=true&timeout_sec=1"))
+    assert protocol.deadline == 1.9
+    state.tick(1.5, PINNED_UNIX_TIME + 1.5)
+    assert transport.output == b"", "answered before its timeout_sec"
+    state.tick(1.9, PINNED_UNIX_TIME + 1.9)
+    (response,) = split_responses(transport.output)
+    assert (response.status, response.body) == (200, b"westeurope")
+
+
+def test_the_default_fresh_clock_is_never_behind_the_loops() -> None:
+    """The hold's deadline comes from ServerState's default clock; the sweep compares uvloop's loop.time().
+
+    They must share an epoch, and the loop's (whole milliseconds) must never
+    be ahead: then a deadline is reached on the loop's clock no sooner than
+    it is in fact.
+    """
+    state = ServerState(VmRegistry(default_vm_id=None))
+    clock = state.clock
+
+    async def readings() -> list[tuple[float, float, float]]:
+        loop = asyncio.get_running_loop()
+        found = []
+        for _ in range(20):
+            found.append((clock(), loop.time(), clock()))
+            await asyncio.sleep(0.001)
+        return found
+
+    for before, loop_time, after in uvloop.run(readings()):
+        assert before - LOOP_CLOCK_SLACK_S < loop_time <= after
 
 
 def test_pipelined_requests_after_a_long_poll_are_answered_after_it() -> None:

@@ -187,19 +187,26 @@ def test_every_problem_is_collected_at_once() -> None:
 
 # ---- making an event: Azure's defaults per type ----
 
-# type -> (minimum notice in seconds, DurationInSeconds, seconds Started before removal), from spec §8
+# type -> (minimum notice in seconds, DurationInSeconds, seconds Started before removal, EventSource,
+# Description), Azure's per spec §8: a Started event stays minutes, whatever its impact's duration.
 DEFAULTS = {
-    "Freeze": (900, 5, 5.0),
-    "Reboot": (900, -1, 600.0),
-    "Redeploy": (600, -1, 600.0),
-    "Preempt": (30, -1, 600.0),
-    "Terminate": (600, -1, 600.0),
+    "Freeze": (
+        900,
+        5,
+        300.0,
+        "Platform",
+        "Virtual machine is being paused because of a memory-preserving Live Migration operation.",
+    ),
+    "Reboot": (900, -1, 600.0, "User", "Virtual machine is going to be restarted as requested by authorized user."),
+    "Redeploy": (600, -1, 600.0, "Platform", "Virtual machine has encountered a failure."),
+    "Preempt": (30, -1, 600.0, "Platform", ""),
+    "Terminate": (600, -1, 600.0, "User", "Virtual machine is going to be deleted as requested by authorized user."),
 }
 
 
 @pytest.mark.parametrize("event_type", DEFAULTS)
 def test_make_event_defaults_per_type(event_type: str) -> None:
-    notice, duration, started_for = DEFAULTS[event_type]
+    notice, duration, started_for, source, description = DEFAULTS[event_type]
     made = events.make_event({"EventType": event_type}, NOW, ["vm-name"])
     assert list(made) == [*events.WIRE_FIELDS, "startsAt", "startedFor", "endsAt"]
     assert made["EventStatus"] == "Scheduled"
@@ -211,18 +218,47 @@ def test_make_event_defaults_per_type(event_type: str) -> None:
     assert made["DurationInSeconds"] == duration
     assert made["startedFor"] == started_for
     assert made["endsAt"] is None
-    assert made["EventSource"] == "Platform"
-    assert made["Description"].startswith("Virtual machine is ")
+    assert made["EventSource"] == source
+    assert made["Description"] == description
     assert len(made["EventId"]) == 36 and made["EventId"] == made["EventId"].upper()
 
 
-def test_make_event_defaults_describe_each_type_and_ids_are_unique() -> None:
-    made = [events.make_event({"EventType": event_type}, NOW, ["n"]) for event_type in DEFAULTS]
-    assert len({event["Description"] for event in made}) == len(DEFAULTS)
-    assert made[0]["Description"] == (
-        "Virtual machine is being paused because of a memory-preserving Live Migration operation."
-    )
-    assert len({event["EventId"] for event in made}) == len(DEFAULTS)
+def test_default_descriptions_are_azures_text_and_ids_are_unique() -> None:
+    """Issue 15 item 8: Azure's documented Reboot text has no "an" before "authorized user"."""
+    made = {event_type: events.make_event({"EventType": event_type}, NOW, ["n"]) for event_type in DEFAULTS}
+    assert made["Reboot"]["Description"] == "Virtual machine is going to be restarted as requested by authorized user."
+    assert not any("by an authorized" in event["Description"] for event in made.values())
+    assert len({event["EventId"] for event in made.values()}) == len(DEFAULTS)
+
+
+def test_a_started_freeze_stays_started_for_minutes_not_its_impact() -> None:
+    """Issue 15 item 6: a client polling every minute still sees a Freeze as Started."""
+    state = events.add(None, events.make_event({"EventType": "Freeze", "EventId": "F"}, NOW, ["n"]))
+    started = events.advance(state, NOW + 900)
+    assert started is not None and started["Events"][0]["EventStatus"] == "Started"
+    assert started["Events"][0]["DurationInSeconds"] == 5  # the impact, as Azure's sample shows it
+    assert events.advance(started, NOW + 900 + 60) is started  # a minute later: still Started
+    assert events.advance(started, NOW + 900 + 300)["Events"] == []  # type: ignore[index]
+
+
+@pytest.mark.parametrize("event_type", DEFAULTS)
+def test_compress_time_by_divides_the_default_timings_only_when_asked(event_type: str) -> None:
+    notice, _duration, started_for, _source, _description = DEFAULTS[event_type]
+    made = events.make_event({"EventType": event_type, "CompressTimeBy": 60}, NOW, ["n"])
+    assert (made["startsAt"], made["startedFor"]) == (NOW + notice / 60, started_for / 60)
+    assert made["DurationInSeconds"] == _duration  # wire data: never compressed
+    given = {"EventType": event_type, "CompressTimeBy": 60, "NotBeforeSeconds": 7, "StartedForSeconds": 8}
+    made = events.make_event(given, NOW, ["n"])
+    assert (made["startsAt"], made["startedFor"]) == (NOW + 7, 8.0)  # a time given is taken as given
+    assert "CompressTimeBy" not in made
+
+
+@pytest.mark.parametrize("bad", [0, 0.5, -1, 3601, "60", True, None, float("nan")])
+def test_compress_time_by_must_be_a_number_from_1(bad: Any) -> None:
+    assert events.event_problems({"EventType": "Freeze", "CompressTimeBy": bad}, "$") == [
+        f"$.CompressTimeBy: a number from 1 to {events.MAX_TIME_COMPRESSION}"
+    ]
+    assert events.event_problems({"EventType": "Freeze", "CompressTimeBy": 1.5}, "$") == []
 
 
 def test_make_event_takes_what_is_given() -> None:
@@ -250,7 +286,8 @@ def test_make_event_takes_what_is_given() -> None:
     assert made["startsAt"] == 1776119218.0
     assert (made["DurationInSeconds"], made["startedFor"]) == (0, 600.0)
 
-    assert events.make_event({"EventType": "Reboot", "DurationInSeconds": 30}, NOW, ["n"])["startedFor"] == 30.0
+    # DurationInSeconds is the impact, not how long the event stays Started.
+    assert events.make_event({"EventType": "Reboot", "DurationInSeconds": 30}, NOW, ["n"])["startedFor"] == 600.0
     given = events.make_event({"EventType": "Reboot", "DurationInSeconds": 30, "StartedForSeconds": 2}, NOW, ["n"])
     assert given["startedFor"] == 2.0
     assert events.make_event({"EventType": "Reboot", "NotBeforeSeconds": 1.5}, NOW, ["n"])["startsAt"] == NOW + 1.5
