@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: serve test test-fast test-all lint typecheck bench bench-tools bench-compare loadtest fuzz-long clean system-deps
+.PHONY: serve test test-fast test-all test-python test-mypyc mypyc mypyc-clean lint typecheck bench bench-tools bench-compare loadtest fuzz-long clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,37 @@ typecheck: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test system-deps
 	$(BIN)/pytest
 
-test: lint typecheck test-all
+# Both builds (docs/architecture.md, "Two builds"): the whole suite on the pure-Python modules,
+# then again on the mypyc-compiled ones. FASTIMDS_EXPECT_BUILD makes tests/unit/test_build.py
+# fail if the build asked for is not the one imported (a stale or missing extension).
+test: lint typecheck test-python test-mypyc
+
+test-python: $(VENV)/.installed-test system-deps
+	FASTIMDS_EXPECT_BUILD=python $(BIN)/pytest
+
+# Builds the extensions in place, runs the whole suite on them, and removes them even when it fails.
+test-mypyc: $(VENV)/.installed-mypyc system-deps
+	$(MAKE) mypyc
+	FASTIMDS_EXPECT_BUILD=mypyc $(BIN)/pytest; status=$$?; $(MAKE) mypyc-clean; exit $$status
+
+# The optional compiled build: mypyc compiles setup.py's HOT_MODULES into C extensions beside
+# their .py files (fastimds/http/*.so, and the group's runtime fastimds/http/hot__mypyc.*.so), which
+# Python imports in their place until `make mypyc-clean`. Needs gcc and the Python headers; a
+# plain `pip install -e .` or `make serve` never compiles. Rebuild after editing a compiled module:
+# the extension, not the edited .py, is what runs.
+mypyc: $(VENV)/.installed-mypyc
+	FASTIMDS_MYPYC=1 $(BIN)/python setup.py --quiet build_ext --inplace
+	@test "$$($(BIN)/python -c 'import fastimds; print(fastimds.build_kind())')" = mypyc
+	@$(BIN)/fastimds --version
+
+mypyc-clean:
+	find fastimds -name '*.so' -delete
+	rm -rf build/fastimds build/temp.* build/lib.*
+
+# setup.py reads pyproject.toml's SPDX license, which setuptools reads from 77 on.
+$(VENV)/.installed-mypyc: $(VENV)/.installed-test pyproject.toml
+	$(BIN)/pip install --quiet 'setuptools>=77'
+	touch $@
 
 # The fast subset, for the edit-test loop: no server process (tests/unit/test_layout.py
 # checks), the fuzz suites at their fixed CI budget. About 35 s on two cores.
@@ -86,5 +116,5 @@ FUZZ_EXAMPLES ?= 20000
 fuzz-long: $(VENV)/.installed-test
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -p no:cacheprovider --hypothesis-show-statistics tests/fuzz
 
-clean:
+clean: mypyc-clean
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks .hypothesis

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastimds import __version__
+from fastimds import __version__, build_kind
 from fastimds.cli import admin as admin_client
 from fastimds.cli import fleet, probe
 from fastimds.cli import logs as logs_cli
@@ -56,7 +56,7 @@ LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastimds", description="Azure-compatible instance metadata server")
-    parser.add_argument("--version", action="version", version=f"fastimds {__version__}")
+    parser.add_argument("--version", action="version", version=f"fastimds {__version__} ({build_kind()} build)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a VM description over HTTP")

@@ -32,8 +32,7 @@ import socket
 import struct
 from time import perf_counter_ns, time
 
-from fastimds.http.fields import ConnectionFields
-from fastimds.http.holds import Wait
+from fastimds.http.holds import Holds, Wait
 from fastimds.http.memo import LogStub, MemoEntry, reply_slots
 from fastimds.http.phases import CLOSING, IDLE, IN_BODY, LINGERING
 from fastimds.imds.effects import Approval
@@ -58,8 +57,8 @@ _LATENCY_FIRST_BIT = LATENCY_FIRST_BIT
 _LATENCY_LAST_BUCKET = LATENCY_LAST_BUCKET
 
 
-class AnswerPath(ConnectionFields):
-    """HttpProtocol's answer methods (a mixin: one object, one __slots__ layout)."""
+class AnswerPath(Holds):
+    """HttpProtocol's answer methods (a part in its one chain, fastimds.http.fields)."""
 
     __slots__ = ()
 

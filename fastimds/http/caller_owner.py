@@ -19,12 +19,12 @@ Rules of this module:
 
 from __future__ import annotations
 
-from fastimds.http.fields import ConnectionFields
+from fastimds.http.answer import AnswerPath
 from fastimds.http.phases import CLOSED, LONG_POLL
 
 
-class CallerOwner(ConnectionFields):
-    """HttpProtocol's re-mapping (a mixin: one object, one __slots__ layout)."""
+class CallerOwner(AnswerPath):
+    """HttpProtocol's re-mapping (a part in its one chain, fastimds.http.fields)."""
 
     __slots__ = ()
 

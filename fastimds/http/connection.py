@@ -5,9 +5,10 @@ Rules of this module (its parts: fastimds.http.request_head, .memo, .answer,
 - Dumb transport: this package parses and writes; what to answer is decided
   by `routing.resolve`, which returns a pre-rendered Reply. Nothing is
   formatted or encoded here per request.
-- One connection is one `HttpProtocol` object: its parts are mixins over one
-  __slots__ layout, so the hot path reaches every field with one attribute
-  load and calls nothing to cross from one part to another.
+- One connection is one `HttpProtocol` object: its parts are one chain of
+  single inheritance over one __slots__ layout (fastimds.http.fields), so
+  the hot path reaches every field with one attribute load and calls
+  nothing to cross from one part to another.
 - Its state is explicit (fastimds.http.phases): `phase` (idle, in a request,
   or ending) and `hold` (nothing, a long-poll, injected latency).
 - Pipelined requests are answered inline, in order, and every reply produced
@@ -51,10 +52,7 @@ from typing import cast
 
 import httptools
 
-from fastimds.http.answer import AnswerPath
-from fastimds.http.caller_owner import CallerOwner
-from fastimds.http.holds import Holds
-from fastimds.http.memo import END_OF_HEAD, MemoPath, reply_slots
+from fastimds.http.memo import END_OF_HEAD, reply_slots
 from fastimds.http.phases import (
     CLOSED,
     CLOSING,
@@ -67,7 +65,6 @@ from fastimds.http.phases import (
     LINGERING,
     LONG_POLL,
 )
-from fastimds.http.request_head import RequestHead
 from fastimds.http.turns import TakingTurns
 from fastimds.http.worker_state import EXPIRE_SLICE, ServerState
 from fastimds.imds.registry import caller_key
@@ -103,8 +100,8 @@ _OPENED_SLOT = LAYOUT.connections_opened
 _CLOSED_SLOT = LAYOUT.connections_closed
 
 
-class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, TakingTurns, asyncio.Protocol):
-    __slots__ = ()  # the one layout is ConnectionFields'
+class HttpProtocol(TakingTurns):
+    __slots__ = ()  # the one layout is ConnectionFields', and the parts' chain ends here (fastimds.http.fields)
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -128,7 +125,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
         self.log_head = ("", "", 0)
         self.window = None
         self.head_pending = 0
-        self.reject: Reply | None = None
+        self.reject = None
         self._reset_request()
 
     # ---- asyncio callbacks ----
@@ -220,6 +217,7 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
             if phase is not IDLE or self.state.draining or self.window is not None or not data.endswith(END_OF_HEAD):
                 self._feed(data)
             elif not self._answer_known(data):
+                self.remembering = []  # set here: _feed_and_remember must not see it narrowed (mypyc)
                 self._feed_and_remember(data)
             self._flush()
         if self.replies_in_read:
@@ -247,7 +245,8 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
     # ---- feeding the parser ----
 
     def _feed(self, data: bytes) -> None:
-        if self.hold is not None:
+        hold = self.hold  # a local, not `self.hold` narrowed across the parser's callbacks (mypyc trusts it)
+        if hold is not None:
             self._keep_while_held(data)  # behind a held long-poll: not parsed until it is answered
             return
         try:
@@ -262,8 +261,9 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
             if self.phase not in ENDED:
                 self._respond(self.reject or _MALFORMED, head_only=False, keep_alive=False)
             return
-        if self.hold is not None:
-            if self.hold is LONG_POLL and self.phase is IDLE:
+        hold = self.hold
+        if hold is not None:
+            if hold is LONG_POLL and self.phase is IDLE:
                 self.phase = HELD  # later reads are kept unparsed, never answered by the memo
             return  # a held reply keeps its own deadline (timeout_sec, or the delay)
         phase = self.phase
@@ -282,7 +282,8 @@ class HttpProtocol(RequestHead, AnswerPath, MemoPath, Holds, CallerOwner, Taking
                 self._respond(_HEAD_TOO_LARGE, head_only=False, keep_alive=False)
 
     def _feed_backlog(self) -> None:
-        if self.hold is not None:
+        hold = self.hold  # a local: the loop below reads self.hold after _feed changes it (see _feed)
+        if hold is not None:
             self._keep_while_held(b"")  # input behind a held reply stays unparsed, within its bound
             return
         turn_ends = self._turn_ends()  # a bounded turn, then the others' (fastimds.http.turns)

@@ -2,11 +2,19 @@
 
 Rules of this module:
 - Every field of a connection is declared here, with its type, once. The
-  parts (fastimds.http.answer, .memo, .holds) are mixins over this class
-  and HttpProtocol (fastimds.http.connection) joins them: one object, one
-  layout, so a field is one specialised slot load wherever it is read.
-- Only declarations: the values are set in HttpProtocol.__init__, and the
-  methods one part calls in another are declared for the type checker alone.
+  parts are one chain of single inheritance over this class, each in its
+  module and each adding methods only (`__slots__ = ()`):
+  ConnectionFields < RequestHead (.request_head) < MemoPath (.memo) <
+  Holds (.holds) < AnswerPath (.answer) < CallerOwner (.caller_owner) <
+  TakingTurns (.turns) < HttpProtocol (.connection). One object, one
+  layout, so a field is one specialised slot load wherever it is read (a
+  struct field in the mypyc build, which refuses multiple inheritance:
+  docs/architecture.md, "Two builds").
+- Only declarations: the values are set in HttpProtocol.__init__. The
+  methods one part calls in another are declared here as stubs that the
+  part defining them overrides, so every part can call them whatever its
+  place in the chain (a method found through the type's cache in Python,
+  a vtable call in the mypyc build).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastimds.config import Limits
     from fastimds.http.holds import Wait
-    from fastimds.http.memo import LogStub, MemoEntry
+    from fastimds.http.memo import LoggedReply, LogHead, LogStub, MemoEntry
     from fastimds.http.phases import Hold, Phase
     from fastimds.http.throttle import CallerWindow
     from fastimds.http.worker_state import ServerState
@@ -87,8 +95,8 @@ class ConnectionFields(asyncio.Protocol):
     counters: list[int] | None
     replies_in_read: int  # replies produced by the current read, for the latency histogram
     request_log: RequestLog | None
-    logged: list[tuple[LogStub, int]]  # this read's replies, for the request log
-    log_head: tuple[str, str, int]  # (caller, vm, generation), the log's record head
+    logged: list[LoggedReply]  # this read's replies, for the request log
+    log_head: LogHead  # (caller, vm, generation), the log's record head
     window: CallerWindow | None  # the caller's throttle window, when throttling is on
     # ---- per request ----
     head_pending: int  # bytes of an unfinished head charged between reads
@@ -104,24 +112,46 @@ class ConnectionFields(asyncio.Protocol):
     body: bytes  # kept whole (up to max_body_bytes): only an approval POST has one
     reject: Reply | None  # the limit a parser callback broke
 
-    if TYPE_CHECKING:
-        # What one part calls in another, for the type checker only: at run time
-        # each resolves to its one definition (fastimds.http.connection, .answer, .holds).
-        def _feed(self, data: bytes) -> None: ...
-        def _feed_backlog(self) -> None: ...
-        def _flush(self) -> None: ...
-        def _reset_request(self) -> None: ...
-        def _account(self, started: int | None) -> None: ...
-        def _resolve(
-            self, method: bytes, url: bytes, metadata_ok: bool, forwarded: bool, body: bytes = b""
-        ) -> Reply: ...
-        def _note(self, slots: tuple[int, int, int], size: int, stub: LogStub) -> None: ...
-        def _sample_error(self, event: str, status: int, target: bytes) -> None: ...
-        def _append_reply(
-            self, reply: Reply, method: bytes, connection: bytes, if_none_match: bytes | None
-        ) -> tuple[bytes, bytes]:
-            raise NotImplementedError
+    # ---- what one part calls in another: stubs, each overridden by its one definition ----
+    # (fastimds.http.connection: _feed, _feed_backlog, _flush; .request_head: _reset_request;
+    # .answer: _account, _resolve, _note, _sample_error, _append_reply; .holds: _hold, _delay,
+    # _release_with_current). Real methods, not declarations under TYPE_CHECKING: mypyc
+    # compiles no statement but a declaration in a class body.
 
-        def _hold(self, wait: Wait) -> None: ...
-        def _delay(self, seconds: float) -> None: ...
-        def _release_with_current(self) -> None: ...
+    def _feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _feed_backlog(self) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _reset_request(self) -> None:
+        raise NotImplementedError
+
+    def _account(self, started: int | None) -> None:
+        raise NotImplementedError
+
+    def _resolve(self, method: bytes, url: bytes, metadata_ok: bool, forwarded: bool, body: bytes = b"") -> Reply:
+        raise NotImplementedError
+
+    def _note(self, slots: tuple[int, int, int], size: int, stub: LogStub) -> None:
+        raise NotImplementedError
+
+    def _sample_error(self, event: str, status: int, target: bytes) -> None:
+        raise NotImplementedError
+
+    def _append_reply(
+        self, reply: Reply, method: bytes, connection: bytes, if_none_match: bytes | None
+    ) -> tuple[bytes, bytes]:
+        raise NotImplementedError
+
+    def _hold(self, wait: Wait) -> None:
+        raise NotImplementedError
+
+    def _delay(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def _release_with_current(self) -> None:
+        raise NotImplementedError

@@ -27,8 +27,7 @@ import asyncio
 from dataclasses import dataclass
 from time import perf_counter_ns
 
-from fastimds.http.fields import ConnectionFields
-from fastimds.http.memo import reply_slots
+from fastimds.http.memo import MemoPath, reply_slots
 from fastimds.http.phases import DELAYED, ENDED, LONG_POLL, Phase
 from fastimds.imds.render import CONNECTION_CLOSE, Reply
 from fastimds.imds.routing import category_of
@@ -53,8 +52,8 @@ class Wait:
     closes: bool
 
 
-class Holds(ConnectionFields):
-    """HttpProtocol's held-reply methods (a mixin: one object, one __slots__ layout)."""
+class Holds(MemoPath):
+    """HttpProtocol's held-reply methods (a part in its one chain, fastimds.http.fields)."""
 
     __slots__ = ()
 

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
-from fastimds.http.fields import ConnectionFields
+from mypy_extensions import mypyc_attr
+
 from fastimds.http.phases import CLOSING, IDLE
+from fastimds.http.request_head import RequestHead
 from fastimds.imds.faults import FaultTable
 from fastimds.imds.snapshot import Snapshot
 from fastimds.ops.telemetry import LAYOUT
@@ -47,6 +50,12 @@ END_OF_HEAD = b"\r\n\r\n"
 
 # What the request log needs of a reply: (method, target, status), decoded once.
 LogStub = tuple[str, str, int]
+# What the request log keeps of a reply, (LogStub, body size), and a record's head, (caller, vm,
+# generation): the shapes are fastimds.ops.request_log_format's Sent and Head. Typed as variadic
+# tuples because the mypyc build unboxes fixed-length tuples into C structs and boxes them anew
+# wherever they are stored: the remembered ones would be copied on every logged request.
+LoggedReply = tuple[Any, ...]
+LogHead = tuple[Any, ...]
 
 
 @lru_cache(maxsize=len(LAYOUT.categories) * (len(LAYOUT.codes) + 1) * (len(LAYOUT.reasons) + 1) * 2)
@@ -70,7 +79,7 @@ class MemoEntry:
         body: bytes,
         closes: bool,
         slots: tuple[int, int, int],
-        logged: tuple[LogStub, int],
+        logged: LoggedReply,
     ) -> None:
         self.head = head  # status line and headers, its Connection header included
         self.body = body  # b"" for HEAD (and 304)
@@ -80,11 +89,16 @@ class MemoEntry:
         self.logged = logged  # what the request log keeps of it: (its stub, its body size), made once
 
 
+# A Python class in both builds: mypyc's native subclasses of dict never clear their weak
+# references when freed, and the fault table holds memos weakly (a memo freed with its
+# snapshot left a dangling weak reference, and the next collection crashed).
+@mypyc_attr(native_class=False)
 class RequestMemo(dict[bytes, MemoEntry]):
     """A snapshot's remembered request heads -> entries, emptied by every fault load.
 
     A dict itself, not a holder of one: the hot path calls `.get` on it with
-    no attribute load in between. Weakly referable, for the fault table.
+    no attribute load in between (typed as a dict there, so that the mypyc
+    build calls the dict's C lookup). Weakly referable, for the fault table.
     """
 
     __slots__ = ("__weakref__",)
@@ -107,8 +121,9 @@ def remember(snapshot: Snapshot, heads: list[bytes], entries: list[MemoEntry], f
             memo[head] = entry
 
 
-class MemoPath(ConnectionFields):
-    """HttpProtocol's memo methods (a mixin: one object, one __slots__ layout, no extra hop per request)."""
+class MemoPath(RequestHead):
+    """HttpProtocol's memo methods (a part in its one chain, fastimds.http.fields: one object, one layout,
+    no extra hop per request)."""
 
     __slots__ = ()
 
@@ -117,7 +132,7 @@ class MemoPath(ConnectionFields):
         snapshot = self.vm.current
         if snapshot is None:
             return False
-        memo: RequestMemo | None = snapshot.http_cache
+        memo: dict[bytes, MemoEntry] | None = snapshot.http_cache  # a RequestMemo
         if memo is None:
             return False  # nothing remembered yet
         heads = data[:-4]
@@ -164,9 +179,12 @@ class MemoPath(ConnectionFields):
         return True
 
     def _feed_and_remember(self, data: bytes) -> None:
-        """Parse a read that starts between requests; remember its replies if it may be."""
+        """Parse a read that starts between requests; remember its replies if it may be.
+
+        The caller has set `remembering` to an empty list: on_message_complete
+        adds each reply's entry to it, or sets it to None (not to be remembered).
+        """
         snapshot = self.vm.current
-        self.remembering = []
         self._feed(data)
         remembering, self.remembering = self.remembering, None
         if remembering is None or snapshot is None:

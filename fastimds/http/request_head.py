@@ -39,7 +39,7 @@ class _Reject(Exception):
 
 
 class RequestHead(ConnectionFields):
-    """HttpProtocol's httptools callbacks (a mixin: one object, one __slots__ layout)."""
+    """HttpProtocol's httptools callbacks (the chain's first part over ConnectionFields: one object, one layout)."""
 
     __slots__ = ()
 

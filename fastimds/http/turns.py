@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 from time import perf_counter_ns
 
-from fastimds.http.fields import ConnectionFields
+from fastimds.http.caller_owner import CallerOwner
 from fastimds.http.phases import ENDED
 
 # A connection's work per turn of the loop before it gives way, while input is
@@ -45,8 +45,8 @@ from fastimds.http.phases import ENDED
 MAX_WORK_PER_TURN_NS = 1_000_000
 
 
-class TakingTurns(ConnectionFields):
-    """HttpProtocol's turn-taking methods (a mixin: one object, one __slots__ layout)."""
+class TakingTurns(CallerOwner):
+    """HttpProtocol's turn-taking methods (a part in its one chain, fastimds.http.fields)."""
 
     __slots__ = ()
 
@@ -68,7 +68,8 @@ class TakingTurns(ConnectionFields):
     def _take_turn(self) -> None:
         """The loop's next turn: feed the backlog on, and read again once it is fed."""
         self.giving_way = False
-        if self.phase in ENDED or self.write_paused or self.hold is not None:
+        hold = self.hold  # a local: self.hold is read again after _feed_backlog changes it (mypyc narrowing)
+        if self.phase in ENDED or self.write_paused or hold is not None:
             return  # dropped with the connection, or fed by resume_writing or the released hold
         started = perf_counter_ns()
         self._feed_backlog()

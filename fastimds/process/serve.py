@@ -30,6 +30,7 @@ from typing import Any
 
 import uvloop
 
+from fastimds import build_kind
 from fastimds.bus.approvals import BusApprovals
 from fastimds.bus.files import Bus
 from fastimds.bus.follower import Follower
@@ -259,7 +260,7 @@ def serve(settings: Settings) -> int:
     log.configure(path=settings.log_file, role="server" if settings.workers == 1 else "supervisor")
     settings, fd_report = fit_fd_limit(settings)
     fix_mmap_threshold()  # before any fork: every process frees big buffers back to the system
-    log.event("config", **settings.describe())
+    log.event("config", build=build_kind(), **settings.describe())  # "mypyc" or "python" (docs/architecture.md)
     log.event("fd_limit", **fd_report)
     bus = Bus(settings.state_dir, durable=True, log=log) if settings.state_dir is not None else Bus.private(log)
     admin: AdminSockets | None = None  # bound below; only what was bound here is removed at exit

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fastimds
 from tests.support.server_process import running_server
 
 
@@ -20,3 +21,4 @@ def test_log_file_receives_the_events(tmp_path: Path) -> None:
     assert events[0] == "config"
     assert "worker_ready" in events and "worker_stopped" in events
     assert records[0]["workers"] == 1 and records[0]["admin_token"] is None
+    assert records[0]["build"] == fastimds.build_kind()  # "mypyc" or "python": a benchmark can say which it ran

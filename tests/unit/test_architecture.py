@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "process": 6,
     "cli": 7,
     "__main__": 8,
-    "__init__": -1,  # fastimds/__init__.py holds only __version__: anyone may read it
+    "__init__": -1,  # fastimds/__init__.py holds only __version__ and build_kind(): anyone may read it
 }
 MAX_FILE_LINES = 500
 MAX_CLASS_LINES = 300
