@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: serve test test-fast test-all test-python test-mypyc mypyc mypyc-clean lint typecheck bench bench-tools bench-compare loadtest fuzz-long clean system-deps
+.PHONY: serve test test-fast test-all test-python test-mypyc mypyc mypyc-clean lint typecheck bench bench-tools bench-compare fleet-sim loadtest fuzz-long clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,11 @@ bench-tools:
 # Side by side with nginx, uvicorn and granian on loopback (bench/compare.py).
 bench-compare: $(VENV)/.installed-bench bench-tools
 	$(BIN)/python -m bench.compare $(ARGS)
+
+# The fleet simulation (bench/fleet_sim.py): three etcd members and 50 fleet-mode hosts on loopback, timed from
+# sync through an etcd outage; needs Debian's etcd-server (system-deps). ARGS="--quick" is a smoke run under a minute.
+fleet-sim: $(VENV)/.installed-bench system-deps
+	$(BIN)/python -m bench.fleet_sim $(ARGS)
 
 # Locust at a fixed rate against latency SLOs (loadtest/run.py); non-zero when one is broken.
 loadtest: $(VENV)/.installed-test
