@@ -54,7 +54,7 @@ from fastimds.control.writer import UpdateError, encoded_size
 from fastimds.imds.datafile import MAX_VM_FILE_BYTES, VM_ID_PATTERN, DataError, VmDescription, parse_vm
 from fastimds.imds.registry import ConflictError
 from fastimds.sources.etcd_client import EtcdConnection, EtcdSetupError, connect, describe_error
-from fastimds.sources.etcd_layout import FleetLayout, prefix_end
+from fastimds.sources.etcd_layout import FleetLayout
 
 # Keys per page of a keys-only scan (a key and its revisions are ~100 bytes: far below gRPC's 4 MiB
 # message), and descriptions per page of a value read (a few KiB each), as fastimds.sources.etcd pages.
@@ -203,6 +203,7 @@ class Fleet:
     """The commands over one etcd client."""
 
     def __init__(self, connection: EtcdConnection, layout: FleetLayout) -> None:
+        self.connection = connection
         self.kv = connection.kv
         self.layout = layout
 
@@ -227,21 +228,9 @@ class Fleet:
 
     async def pages(self, start: bytes, *, keys_only: bool, revision: int = 0) -> AsyncIterator[tuple[int, Any]]:
         """(R, key-values) per page of every key under `start`, all at one revision R (the first page's)."""
-        end = prefix_end(start)
-        while True:
-            reply = await self.kv.get(
-                start,
-                end,
-                revision=revision,
-                limit=SCAN_PAGE_KEYS if keys_only else VALUE_PAGE_KEYS,
-                keys_only=keys_only,
-                timeout=ETCD_REQUEST_TIMEOUT_S,
-            )
-            revision = revision or reply.header.revision
-            yield revision, reply.kvs
-            if not reply.more or not reply.kvs:
-                return
-            start = reply.kvs[-1].key + b"\x00"  # the next key after the page's last
+        page_keys = SCAN_PAGE_KEYS if keys_only else VALUE_PAGE_KEYS
+        async for page in self.connection.pages(start, page_keys=page_keys, keys_only=keys_only, revision=revision):
+            yield page
 
     async def vm_keys(self, host: str | None = None) -> tuple[int, list[Found]]:
         """R and every VM key at R, of `host` or of the fleet, sorted by host and VM."""

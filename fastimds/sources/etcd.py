@@ -57,7 +57,7 @@ from fastimds.sources.etcd_layout import FleetLayout, prefix_end
 
 # Keys per page of a sync. A page must fit gRPC's 4 MiB default message: a
 # description is a few KiB (the sample is 4 KiB), and a page that does not fit
-# is read again at half the size.
+# is read again at half the size (EtcdConnection.pages).
 SYNC_PAGE_KEYS = 64
 PUT, DELETE = 0, 1  # etcd's event types (mvccpb.Event.EventType)
 
@@ -227,24 +227,15 @@ class EtcdSource:
     async def _sync(self, connection: EtcdConnection) -> None:
         """Read every key of the host at one revision, then make the etcd VMs match it."""
         values: dict[bytes, bytes] = {}
-        start, end, revision, page = self.prefix, prefix_end(self.prefix), 0, SYNC_PAGE_KEYS
-        while True:
-            try:
-                timeout = ETCD_REQUEST_TIMEOUT_S
-                reply = await connection.kv.get(start, end, revision=revision, limit=page, timeout=timeout)
-            except Exception as exc:
-                if "RESOURCE_EXHAUSTED" in describe_error(exc) and page > 1:
-                    page //= 2  # a page over gRPC's message limit: the same keys, fewer at a time
-                    continue
-                if "compacted" in describe_error(exc):
-                    raise ResyncNeeded(f"revision {revision} compacted during the sync") from None
-                raise
-            revision = revision or reply.header.revision
-            for kv in reply.kvs:
-                values[bytes(kv.key)] = bytes(kv.value)
-            if not reply.more or not reply.kvs:
-                break
-            start = bytes(reply.kvs[-1].key) + b"\x00"
+        revision = 0
+        try:
+            async for page_revision, kvs in connection.pages(self.prefix, page_keys=SYNC_PAGE_KEYS):
+                revision = page_revision  # every page's: the revision the whole read is at
+                values.update((bytes(kv.key), bytes(kv.value)) for kv in kvs)
+        except Exception as exc:
+            if "compacted" in describe_error(exc):
+                raise ResyncNeeded(f"revision {revision} compacted during the sync") from None
+            raise
         self._contact(revision)
         self._apply_sync(values)
         self.revision = revision

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastimds.config import ETCD_REQUEST_TIMEOUT_S, EtcdSettings
+from fastimds.sources.etcd_layout import prefix_end
 
 if TYPE_CHECKING:
     from etcd3aio import Etcd3Client
@@ -88,6 +89,28 @@ class EtcdConnection:
                 yield reply
         finally:
             call.cancel()
+
+    async def pages(
+        self, prefix: bytes, *, page_keys: int, keys_only: bool = False, revision: int = 0
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """(R, key-values) per page of every key under `prefix`, all at one revision R (the first page's,
+        unless `revision` is given). A page over gRPC's 4 MiB message limit is read again at half the size."""
+        start, end, page = prefix, prefix_end(prefix), page_keys
+        while True:
+            try:
+                reply = await self.kv.get(
+                    start, end, revision=revision, limit=page, keys_only=keys_only, timeout=ETCD_REQUEST_TIMEOUT_S
+                )
+            except Exception as exc:
+                if "RESOURCE_EXHAUSTED" in describe_error(exc) and page > 1:
+                    page //= 2  # the same keys, fewer at a time
+                    continue
+                raise
+            revision = revision or reply.header.revision
+            yield revision, reply.kvs
+            if not reply.more or not reply.kvs:
+                return
+            start = bytes(reply.kvs[-1].key) + b"\x00"  # the next key after the page's last
 
     async def close(self) -> None:
         await self.client.close()
