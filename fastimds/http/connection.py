@@ -108,7 +108,7 @@ class HttpProtocol(TakingTurns):
         self.vm = state.registry.nobody
         self.peer = ""
         self.limits = state.limits
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = None  # made by the first read the memo cannot answer (ConnectionFields.parser)
         self.out = []
         self.phase = IDLE
         self.hold = None
@@ -249,6 +249,8 @@ class HttpProtocol(TakingTurns):
         if hold is not None:
             self._keep_while_held(data)  # behind a held long-poll: not parsed until it is answered
             return
+        if self.parser is None:
+            self.parser = httptools.HttpRequestParser(self)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
