@@ -11,23 +11,28 @@ Rungs, cheapest first:
   4. parse + resolve    - one request through the protocol and httptools
                           (request memo emptied each time), fake transport
   5. request memo       - the same request, answered from the request memo
+                          (a text leaf; the whole document)
   6. pipelined x16      - 16 requests in one read, one write (parsed; memo)
   7. build + publish    - a new snapshot of the sample VM, swapped in (views
                           are rendered on first use, so this renders nothing)
      + first requests   - the same, then the whole document and a text leaf
                           asked once each: the rendering a build defers
+  8. connection life    - accept, one `Connection: close` request answered
+                          from the memo, close: what wrk's connection-close
+                          scenario costs in Python, per connection
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fastimds.http.connection import HttpProtocol
 from fastimds.http.memo import known_requests
 from fastimds.imds.render import VERSIONS_REPLY
 from fastimds.imds.routing import resolve
 from fastimds.imds.snapshot import build_snapshot
 from fastimds.imds.store import SnapshotStore
-from tests.support.fakes import make_connection, request, sample_vm
+from tests.support.fakes import FakeTransport, make_connection, request, sample_vm
 
 TEXT_LEAF = "/metadata/instance/compute/vmId?api-version=2017-04-02&format=text"
 WHOLE_DOCUMENT = "/metadata/instance?api-version=2021-02-01"
@@ -97,6 +102,14 @@ def test_rung5_request_memo_text_leaf(benchmark: Any) -> None:
     assert known_requests(protocol.vm.current)
 
 
+def test_rung5_request_memo_whole_document(benchmark: Any) -> None:
+    protocol = _discarding_connection()
+    data = request(WHOLE_DOCUMENT)
+    protocol.data_received(data)
+    benchmark(protocol.data_received, data)
+    assert known_requests(protocol.vm.current)
+
+
 def test_rung6_pipelined_16_parsed(benchmark: Any) -> None:
     protocol = _discarding_connection()
     benchmark(_parsed_every_time(protocol, request(TEXT_LEAF) * 16))
@@ -127,3 +140,20 @@ def test_rung7_build_publish_and_first_requests(benchmark: Any) -> None:
 
     replies = benchmark(publish_and_ask)
     assert [reply.status for reply in replies] == [200, 200]
+
+
+def test_rung8_connection_life_with_close(benchmark: Any) -> None:
+    _first, _transport, state = make_connection()
+    data = request(TEXT_LEAF, headers=(("Metadata", "true"), ("Connection", "close")))
+
+    def life() -> FakeTransport:
+        protocol = HttpProtocol(state)
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(data)
+        protocol.connection_lost(None)
+        return transport
+
+    life()  # the memo learns the request
+    transport = benchmark(life)
+    assert transport.closed and transport.writes[0].startswith(b"HTTP/1.1 200 OK")

@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from time import perf_counter_ns, time
+from time import time
+from typing import Final
 
+from fastimds.http.fields import CLOCK_NS
 from fastimds.http.holds import Holds, Wait
 from fastimds.http.memo import LogStub, MemoEntry, reply_slots
 from fastimds.http.phases import CLOSING, IDLE, IN_BODY, LINGERING
@@ -43,18 +45,18 @@ from fastimds.imds.routing import WAIT_MARK, category_of, etag_matches, resolve,
 from fastimds.ops.request_log import MAX_BUFFERED_VALUES as _MAX_LOG_VALUES
 from fastimds.ops.telemetry import LATENCY_FIRST_BIT, LATENCY_LAST_BUCKET, LAYOUT
 
-_REMEMBERED_METHODS = frozenset({b"GET", b"HEAD"})
-_THROTTLED = ERRORS["throttled"]
-_THROTTLED_IDENTITY = IDENTITY_ERRORS["throttled"]  # the identity family's shape (spec §7)
+_REMEMBERED_METHODS: Final = frozenset({b"GET", b"HEAD"})
+_THROTTLED: Final = ERRORS["throttled"]
+_THROTTLED_IDENTITY: Final = IDENTITY_ERRORS["throttled"]  # the identity family's shape (spec §7)
 # SO_LINGER on, zero seconds: close() sends an RST instead of a FIN.
-_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 # Counter offsets the hot path uses, read once (fastimds.ops.telemetry.LAYOUT).
-_LATENCY_SLOT = LAYOUT.latency
-_LATENCY_SUM_SLOT = LAYOUT.latency_sum_ns
-_LATENCY_FIRST_BIT = LATENCY_FIRST_BIT
-_LATENCY_LAST_BUCKET = LATENCY_LAST_BUCKET
+_LATENCY_SLOT: Final = LAYOUT.latency
+_LATENCY_SUM_SLOT: Final = LAYOUT.latency_sum_ns
+_LATENCY_FIRST_BIT: Final = LATENCY_FIRST_BIT
+_LATENCY_LAST_BUCKET: Final = LATENCY_LAST_BUCKET
 
 
 class AnswerPath(Holds):
@@ -234,7 +236,7 @@ class AnswerPath(Holds):
             self.replies_in_read = 0
             # One latency per read, for each reply it produced: two clock reads
             # per read, whatever the pipeline depth.
-            elapsed = perf_counter_ns() - started if started is not None else 0
+            elapsed = CLOCK_NS() - started if started is not None else 0
             counters = self.counters
             if counters is not None and started is not None:
                 # latency_bucket(), inlined (64 -> 41 ns)

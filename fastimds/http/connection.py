@@ -47,11 +47,11 @@ Rules of this module (its parts: fastimds.http.request_head, .memo, .answer,
 from __future__ import annotations
 
 import asyncio
-from time import perf_counter_ns
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
+from fastimds.http.fields import CLOCK_NS
 from fastimds.http.memo import END_OF_HEAD, reply_slots
 from fastimds.http.phases import (
     CLOSED,
@@ -77,13 +77,13 @@ __all__ = ["CLOSE_LINGER_S", "EXPIRE_SLICE", "FEED_SLICE_BYTES", "HttpProtocol",
 # Reads larger than this are fed to the parser in slices of this size, so one
 # read of tiny pipelined requests cannot produce an unbounded reply batch. A
 # normal request (~200 bytes) or a 16-deep pipeline (~3 KiB) is one slice.
-FEED_SLICE_BYTES = 8 * 1024
+FEED_SLICE_BYTES: Final = 8 * 1024
 
-_MALFORMED = ERRORS["malformed"]
-_HEAD_TOO_LARGE = ERRORS["head_too_large"]
-_REQUEST_TIMEOUT = ERRORS["request_timeout"]
-_WORKER_CONNECTIONS_FULL = ERRORS["worker_connections_full"]
-_CALLER_CONNECTIONS_FULL = ERRORS["caller_connections_full"]
+_MALFORMED: Final = ERRORS["malformed"]
+_HEAD_TOO_LARGE: Final = ERRORS["head_too_large"]
+_REQUEST_TIMEOUT: Final = ERRORS["request_timeout"]
+_WORKER_CONNECTIONS_FULL: Final = ERRORS["worker_connections_full"]
+_CALLER_CONNECTIONS_FULL: Final = ERRORS["caller_connections_full"]
 
 # A refused connection is kept this long (swept by the tick, so 1-2 s more)
 # for its client to read the 503 and close first: closing a socket with
@@ -91,13 +91,13 @@ _CALLER_CONNECTIONS_FULL = ERRORS["caller_connections_full"]
 # client reads it. At most MAX_LINGERING_REFUSALS linger per worker; past
 # that a refusal closes at once (a flood of refusals must not take every
 # file descriptor), which fastimds.process.serve keeps free of the connection limit.
-REFUSED_LINGER_S = 1.0
-MAX_LINGERING_REFUSALS = 256
+REFUSED_LINGER_S: Final = 1.0
+MAX_LINGERING_REFUSALS: Final = 256
 # How long a lingering close reads and drops input before closing (swept by the tick: 1-2 s).
-CLOSE_LINGER_S = 1.0
+CLOSE_LINGER_S: Final = 1.0
 
-_OPENED_SLOT = LAYOUT.connections_opened
-_CLOSED_SLOT = LAYOUT.connections_closed
+_OPENED_SLOT: Final = LAYOUT.connections_opened
+_CLOSED_SLOT: Final = LAYOUT.connections_closed
 
 
 class HttpProtocol(TakingTurns):
@@ -108,7 +108,7 @@ class HttpProtocol(TakingTurns):
         self.vm = state.registry.nobody
         self.peer = ""
         self.limits = state.limits
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = None  # made by the first read the memo cannot answer (ConnectionFields.parser)
         self.out = []
         self.phase = IDLE
         self.hold = None
@@ -208,7 +208,7 @@ class HttpProtocol(TakingTurns):
         phase = self.phase
         if phase is not IDLE and (phase is CLOSING or phase is LINGERING or phase is CLOSED):
             return  # the server is closing: input is read and dropped
-        started = perf_counter_ns()
+        started = CLOCK_NS()
         if self.backlog or len(data) > FEED_SLICE_BYTES:
             self.backlog += data
             self._feed_backlog()
@@ -238,7 +238,7 @@ class HttpProtocol(TakingTurns):
         self.deadline = self.state.now + self.limits.keep_alive_timeout_s
         self.transport.resume_reading()
         if self.backlog:
-            started = perf_counter_ns()
+            started = CLOCK_NS()
             self._feed_backlog()
             self._account(started)
 
@@ -249,6 +249,8 @@ class HttpProtocol(TakingTurns):
         if hold is not None:
             self._keep_while_held(data)  # behind a held long-poll: not parsed until it is answered
             return
+        if self.parser is None:
+            self.parser = httptools.HttpRequestParser(self)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -291,7 +293,7 @@ class HttpProtocol(TakingTurns):
             piece, self.backlog = self.backlog[:FEED_SLICE_BYTES], self.backlog[FEED_SLICE_BYTES:]
             self._feed(piece)
             self._flush()
-            if self.backlog and perf_counter_ns() >= turn_ends:  # at least one slice a turn
+            if self.backlog and CLOCK_NS() >= turn_ends:  # at least one slice a turn
                 self._give_way()
                 return
 

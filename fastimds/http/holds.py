@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from time import perf_counter_ns
+from typing import Final
 
+from fastimds.http.fields import CLOCK_NS
 from fastimds.http.memo import MemoPath, reply_slots
 from fastimds.http.phases import DELAYED, ENDED, LONG_POLL, Phase
 from fastimds.imds.render import CONNECTION_CLOSE, Reply
@@ -36,7 +37,7 @@ from fastimds.imds.routing import category_of
 # waiting on a long-poll sends nothing more, or a few requests (~200 bytes
 # each) pipelined behind it: one feed slice (8 KiB) is ample. Past it reading
 # pauses until the hold ends, so a client cannot park unbounded input here.
-MAX_HELD_INPUT_BYTES = 8 * 1024
+MAX_HELD_INPUT_BYTES: Final = 8 * 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -153,6 +154,6 @@ class Holds(MemoPath):
         self._flush()
         self._account(None)  # what the hold kept back: its latency is the wait, not ours
         if self.backlog:
-            started = perf_counter_ns()
+            started = CLOCK_NS()
             self._feed_backlog()
             self._account(started)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -43,10 +43,10 @@ from fastimds.ops.telemetry import LAYOUT
 
 # Whole request heads remembered per snapshot, and the longest one kept: a
 # real client sends a handful of distinct heads of ~100-300 bytes.
-MAX_REQUEST_MEMO_ENTRIES = 1024
-MAX_REQUEST_MEMO_KEY_BYTES = 1024
+MAX_REQUEST_MEMO_ENTRIES: Final = 1024
+MAX_REQUEST_MEMO_KEY_BYTES: Final = 1024
 
-END_OF_HEAD = b"\r\n\r\n"
+END_OF_HEAD: Final = b"\r\n\r\n"
 
 # What the request log needs of a reply: (method, target, status), decoded once.
 LogStub = tuple[str, str, int]
@@ -71,7 +71,7 @@ def reply_slots(category: str, status: int, reject: str | None) -> tuple[int, in
 class MemoEntry:
     """One remembered reply, finished but for its Date block."""
 
-    __slots__ = ("head", "body", "closes", "requests_slot", "bytes_slot", "reject_slot", "logged")
+    __slots__ = ("head", "body", "closes", "requests_slot", "bytes_slot", "reject_slot", "logged", "joined", "dated")
 
     def __init__(
         self,
@@ -87,6 +87,19 @@ class MemoEntry:
         # Its telemetry slots (fastimds.ops.telemetry.LAYOUT): requests by category and code, bytes, reject or 0.
         self.requests_slot, self.bytes_slot, self.reject_slot = slots
         self.logged = logged  # what the request log keeps of it: (its stub, its body size), made once
+        # head + Date block + body as one object, for the Date block `dated` (see `with_date`).
+        self.joined = b""
+        self.dated: bytes | None = None
+
+    def with_date(self, date: bytes) -> bytes:
+        """The whole reply with `date` as its Date block, kept until the block changes (once a second).
+
+        A read of one known request then writes this one object: bytes.join of
+        a single bytes returns it as is, so no body is copied per request.
+        """
+        joined = self.joined = b"".join((self.head, date, self.body))
+        self.dated = date
+        return joined
 
 
 # A Python class in both builds: mypyc's native subclasses of dict never clear their weak
@@ -156,9 +169,7 @@ class MemoPath(RequestHead):
         answered = 1
         while True:  # once per request of the read, in order
             body = entry.body
-            out.append(entry.head)
-            out.append(date)
-            out.append(body)
+            out.append(entry.joined if entry.dated is date else entry.with_date(date))
             if counters is not None:
                 counters[entry.requests_slot] += 1
                 counters[entry.bytes_slot] += len(body)

@@ -33,6 +33,7 @@ Rules of this module:
 from __future__ import annotations
 
 from enum import Enum
+from typing import Final
 
 
 class Phase(Enum):
@@ -53,17 +54,17 @@ class Hold(Enum):
     DELAYED = "delayed"  # injected latency: a timer sends the held reply
 
 
-ENDED = frozenset({Phase.CLOSING, Phase.LINGERING, Phase.CLOSED})
+ENDED: Final = frozenset({Phase.CLOSING, Phase.LINGERING, Phase.CLOSED})
 
 # Members bound once as module names: the hot paths import these and compare with `is`
 # (a global load, not an attribute load on the enum class).
-IDLE = Phase.IDLE
-HEAD_BEGUN = Phase.HEAD_BEGUN
-IN_HEAD = Phase.IN_HEAD
-IN_BODY = Phase.IN_BODY
-HELD = Phase.HELD
-CLOSING = Phase.CLOSING
-LINGERING = Phase.LINGERING
-CLOSED = Phase.CLOSED
-DELAYED = Hold.DELAYED
-LONG_POLL = Hold.LONG_POLL
+IDLE: Final = Phase.IDLE
+HEAD_BEGUN: Final = Phase.HEAD_BEGUN
+IN_HEAD: Final = Phase.IN_HEAD
+IN_BODY: Final = Phase.IN_BODY
+HELD: Final = Phase.HELD
+CLOSING: Final = Phase.CLOSING
+LINGERING: Final = Phase.LINGERING
+CLOSED: Final = Phase.CLOSED
+DELAYED: Final = Hold.DELAYED
+LONG_POLL: Final = Hold.LONG_POLL

@@ -15,23 +15,25 @@ Rules of this module:
 
 from __future__ import annotations
 
+from typing import Final
+
 from fastimds.http.fields import ConnectionFields
 from fastimds.http.phases import ENDED, HEAD_BEGUN, IDLE, IN_BODY, IN_HEAD
 from fastimds.imds.render import CONTINUE, ERRORS
 
 # Header names whose presence makes a request's bytes unfit to remember:
 # a body may follow them, or a 100 Continue must precede the reply.
-_BODY_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
+_BODY_FRAMING_HEADERS: Final = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 # Lengths of every header name on_header looks at, so that most names are
 # passed over after one set lookup.
-_WATCHED_HEADER_SIZES = frozenset(
+_WATCHED_HEADER_SIZES: Final = frozenset(
     {len(name) for name in (b"metadata", b"x-forwarded-for", b"connection", b"upgrade", b"if-none-match")}
+    | {len(name) for name in _BODY_FRAMING_HEADERS}
 )
-_WATCHED_HEADER_SIZES |= {len(name) for name in _BODY_FRAMING_HEADERS}
 
-_HEAD_TOO_LARGE = ERRORS["head_too_large"]
-_URI_TOO_LONG = ERRORS["uri_too_long"]
-_BODY_TOO_LARGE = ERRORS["body_too_large"]
+_HEAD_TOO_LARGE: Final = ERRORS["head_too_large"]
+_URI_TOO_LONG: Final = ERRORS["uri_too_long"]
+_BODY_TOO_LARGE: Final = ERRORS["body_too_large"]
 
 
 class _Reject(Exception):

@@ -20,12 +20,13 @@ Rules of this module:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 # Azure's documented per-VM limits, requests per second.
-AZURE_INSTANCE_RPS = 5
-AZURE_IDENTITY_RPS = 20
+AZURE_INSTANCE_RPS: Final = 5
+AZURE_IDENTITY_RPS: Final = 20
 # Callers tracked per worker before the table starts over.
-MAX_CALLERS = 100_000
+MAX_CALLERS: Final = 100_000
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
-from time import perf_counter_ns
 
 from fastimds.http.caller_owner import CallerOwner
+from fastimds.http.fields import CLOCK_NS
 from fastimds.http.phases import ENDED
 
 # A connection's work per turn of the loop before it gives way, while input is
@@ -56,7 +56,7 @@ class TakingTurns(CallerOwner):
             asyncio.get_running_loop()
         except RuntimeError:
             return 1 << 62
-        return perf_counter_ns() + MAX_WORK_PER_TURN_NS
+        return CLOCK_NS() + MAX_WORK_PER_TURN_NS
 
     def _give_way(self) -> None:
         """This turn's work is done and input is left: stop reading, feed the rest on the next turn."""
@@ -71,7 +71,7 @@ class TakingTurns(CallerOwner):
         hold = self.hold  # a local: self.hold is read again after _feed_backlog changes it (mypyc narrowing)
         if self.phase in ENDED or self.write_paused or hold is not None:
             return  # dropped with the connection, or fed by resume_writing or the released hold
-        started = perf_counter_ns()
+        started = CLOCK_NS()
         self._feed_backlog()
         self._account(started)
         if not self.giving_way and not self.write_paused and self.hold is None and self.phase not in ENDED:

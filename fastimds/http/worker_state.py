@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Set
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from fastimds.config import Limits
 from fastimds.http.throttle import Throttle
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from fastimds.http.connection import HttpProtocol
 
 # Connections whose deadline passed handled per loop iteration (see ServerState._expire).
-EXPIRE_SLICE = 100
+EXPIRE_SLICE: Final = 100
 
 
 class ApprovalSink(Protocol):
